@@ -1,0 +1,50 @@
+"""Answer a few chat dialogs. Runs as `python example_chat_completion.py --ckpt_dir ...`
+or under `torchrun --nproc_per_node N example_chat_completion.py ...`."""
+
+from typing import List, Optional
+
+from llama import Dialog, Llama
+from llama.cli import run
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,
+    model_parallel_size: Optional[int] = None,
+):
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        model_parallel_size=model_parallel_size,
+    )
+    dialogs: List[Dialog] = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [
+            {"role": "system", "content": "You are a concise assistant. Answer in one sentence."},
+            {"role": "user", "content": "How do plants make their food?"},
+        ],
+        [
+            {"role": "user", "content": "Suggest a name for a grey cat."},
+            {"role": "assistant", "content": "How about Smoky?"},
+            {"role": "user", "content": "Another one, please."},
+        ],
+    ]
+    results = generator.chat_completion(
+        dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+    )
+    for dialog, result in zip(dialogs, results):
+        for msg in dialog:
+            print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+        print(f"> {result['generation']['role'].capitalize()}: {result['generation']['content']}")
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,45 @@
+"""Complete a few text prompts. Runs as `python example_text_completion.py --ckpt_dir ...`
+or under `torchrun --nproc_per_node N example_text_completion.py ...`."""
+
+from typing import List, Optional
+
+from llama import Llama
+from llama.cli import run
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: str,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 128,
+    max_gen_len: int = 64,
+    max_batch_size: int = 4,
+    model_parallel_size: Optional[int] = None,
+):
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        model_parallel_size=model_parallel_size,
+    )
+    prompts: List[str] = [
+        # Plain continuation
+        "The three most useful things to pack for a week of hiking are",
+        # Few-shot pattern
+        "Opposites:\nhot => cold\nearly => late\nloud =>",
+        # A question
+        "Q: Why is the sky blue?\nA:",
+    ]
+    results = generator.text_completion(
+        prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
+    )
+    for prompt, result in zip(prompts, results):
+        print(prompt)
+        print(f"> {result['generation']}")
+        print("\n==================================\n")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,171 @@
+"""Meta-layout checkpoints: finding shards, reading params.json, and loading this rank's
+slice of every weight from any number of shards (memory-mapped, weights only).
+
+A checkpoint saved for model-parallel size N is split along each weight's parallel
+axis; this module rebuilds each full weight from the N pieces and cuts the piece for
+rank r of M, so N and M need not match.
+"""
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from .errors import LlamaError
+
+SHARD_PATTERN = "consolidated.*.pth"
+
+# Axis along which Meta splits each weight across model-parallel ranks (None: replicated).
+_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3")
+_ROW_PARALLEL = ("wo", "w2")
+# Keys Meta's checkpoints carry that the model does not use.
+_IGNORED_KEYS = ("rope.freqs",)
+
+
+def find_shards(ckpt_dir: str) -> List[Path]:
+    """The consolidated.NN.pth files of ckpt_dir, in rank order."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        raise LlamaError(f"checkpoint directory not found: {ckpt_dir!r}; pass --ckpt_dir "
+                         f"pointing at a folder with consolidated.NN.pth and params.json")
+    shards = sorted(root.glob(SHARD_PATTERN), key=lambda p: _shard_number(p))
+    if not shards:
+        raise LlamaError(f"no checkpoint shards ({SHARD_PATTERN}) in {ckpt_dir!r}; download the "
+                         f"model there or convert one with `python -m llama.convert`")
+    numbers = [_shard_number(p) for p in shards]
+    if numbers != list(range(len(shards))):
+        raise LlamaError(f"shards in {ckpt_dir!r} are numbered {numbers}; expected "
+                         f"consolidated.00.pth up to consolidated.{len(shards) - 1:02d}.pth with none missing")
+    return shards
+
+
+def _shard_number(path: Path) -> int:
+    match = re.fullmatch(r"consolidated\.(\d+)\.pth", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def load_params(ckpt_dir: str) -> dict:
+    """params.json as a dict, with required keys checked."""
+    path = Path(ckpt_dir) / "params.json"
+    if not path.is_file():
+        raise LlamaError(f"{str(path)!r} is missing; a Meta checkpoint directory holds params.json "
+                         f"beside its consolidated.NN.pth shards")
+    try:
+        params = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LlamaError(f"{str(path)!r} is not valid JSON ({exc}); restore it from the download") from None
+    if not isinstance(params, dict):
+        raise LlamaError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:
+        raise LlamaError(f"{str(path)!r} lacks required keys {missing}")
+    return params
+
+
+def parallel_axis(name: str) -> Optional[int]:
+    """The axis along which our model (and Meta's Llama 2) splits `name`; None: replicated."""
+    if name in ("output.weight", "tok_embeddings.weight"):
+        return 0 if name == "output.weight" else 1
+    leaf = name.split(".")[-2] if name.endswith(".weight") else name
+    if leaf in _COLUMN_PARALLEL:
+        return 0
+    if leaf in _ROW_PARALLEL:
+        return 1
+    return None
+
+
+def checkpoint_axis(name: str, shard_shape: torch.Size, dim: int, n_shards: int) -> Optional[int]:
+    """The axis along which a checkpoint with n_shards split `name`."""
+    if name == "tok_embeddings.weight" and n_shards > 1:
+        # Llama 1/2 split the embedding dim (ParallelEmbedding), Llama 3 the vocabulary
+        # (VocabParallelEmbedding); the shard's width tells which.
+        return 0 if shard_shape[1] == dim else 1
+    return parallel_axis(name)
+
+
+def _open_shard(path: Path) -> Dict[str, torch.Tensor]:
+    """Memory-map one shard; refuses anything but plain tensors (no code can run)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise LlamaError(f"refusing to load {str(path)!r}: it contains objects other than tensors "
+                         f"(possibly code); only plain weight files are accepted ({exc})") from None
+    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise LlamaError(f"cannot read checkpoint shard {str(path)!r}: it is truncated or corrupted "
+                         f"({exc}); download it again") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LlamaError(f"{str(path)!r} does not hold a dict of tensors; is it a Meta checkpoint shard?")
+    return state
+
+
+def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], dim: int,
+                         mp_rank: int, mp_size: int, device: torch.device,
+                         dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """This rank's slice of every weight, on `device` in `dtype`.
+
+    expected: the model's own parameter shapes on this rank (its state_dict shapes);
+    every key must be found and fit, with a clear error naming the shard otherwise.
+    """
+    states = [_open_shard(p) for p in shards]
+    names = set(states[0]) - set(_IGNORED_KEYS)
+    unknown = sorted(names - set(expected))
+    missing = sorted(set(expected) - names)
+    if unknown or missing:
+        raise LlamaError(f"checkpoint {str(shards[0].parent)!r} does not fit params.json: "
+                         f"missing weights {missing[:5]}, unexpected weights {unknown[:5]}")
+
+    result: Dict[str, torch.Tensor] = {}
+    for name, shape in expected.items():
+        pieces = []
+        for path, state in zip(shards, states):
+            if name not in state:
+                raise LlamaError(f"shard {str(path)!r} lacks weight {name!r}; the download is incomplete")
+            pieces.append(state[name])
+        axis = checkpoint_axis(name, pieces[0].shape, dim, len(pieces))
+        full = pieces[0] if axis is None or len(pieces) == 1 else torch.cat(pieces, dim=axis)
+        ours = full
+        our_axis = parallel_axis(name)
+        if mp_size > 1 and our_axis is not None and full.shape[our_axis] == shape[our_axis] * mp_size:
+            ours = full.narrow(our_axis, mp_rank * shape[our_axis], shape[our_axis])
+        if ours.shape != shape:
+            raise LlamaError(f"weight {name!r} in {str(shards[0].parent)!r} has shape "
+                             f"{tuple(full.shape)} (merged from {len(shards)} shard(s)), which does "
+                             f"not fit params.json (this rank expects {tuple(shape)})")
+        result[name] = ours.to(device=device, dtype=dtype).contiguous()
+    return result
+
+
+
+def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int,
+                     vocab_split_embedding: bool = False) -> List[Dict[str, torch.Tensor]]:
+    """Cut a full (unsharded) state dict into n_shards Meta-layout shards.
+
+    vocab_split_embedding: split tok_embeddings on the vocabulary (Llama 3 style)
+    instead of the embedding dim (Llama 1/2 style).
+    """
+    shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(n_shards)]
+    for name, tensor in full.items():
+        axis = parallel_axis(name)
+        if name == "tok_embeddings.weight" and vocab_split_embedding:
+            axis = 0
+        if axis is not None and n_shards > 1 and tensor.shape[axis] % n_shards:
+            raise LlamaError(f"cannot split {name!r} of shape {tuple(tensor.shape)} into {n_shards} "
+                             f"shards; choose a model-parallel size that divides it")
+        pieces = [tensor] * n_shards if axis is None or n_shards == 1 else tensor.chunk(n_shards, dim=axis)
+        for shard, piece in zip(shards, pieces):
+            shard[name] = piece.clone()
+    return shards
+
+
+def save_checkpoint(full: Dict[str, torch.Tensor], params: dict, dst: str, n_shards: int = 1,
+                    vocab_split_embedding: bool = False) -> None:
+    """Write full weights as consolidated.NN.pth shards plus params.json into dst."""
+    root = Path(dst)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, shard in enumerate(split_state_dict(full, n_shards, vocab_split_embedding)):
+        torch.save(shard, root / f"consolidated.{i:02d}.pth")
+    (root / "params.json").write_text(json.dumps(params, indent=2) + "\n")

@@ -1,0 +1,119 @@
+"""Device and backend choice, process-group set-up with or without torchrun, seeding,
+and rank-0-only printing. Everything that knows about ranks and hardware lives here."""
+
+import contextlib
+import io
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+
+from .errors import LlamaError
+
+# Bounded so that a dead rank ends the job instead of leaving the others waiting forever.
+DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA_DIST_TIMEOUT", "300"))
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    model_parallel_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def model_parallel_rank(self) -> int:
+        return fs_init.get_model_parallel_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def choose_device(local_rank: int, world_size: int,
+                  requested: Union[str, torch.device, None] = None) -> torch.device:
+    """The accelerator for this local rank if there is one, else MPS (one process only), else CPU."""
+    if requested is not None:
+        device = torch.device(requested)
+        if device.index is None and device.type not in ("cpu", "mps"):
+            device = torch.device(device.type, local_rank)
+        return device
+    if torch.accelerator.is_available():
+        accel = torch.accelerator.current_accelerator()
+        if accel is not None and accel.type != "mps":
+            return torch.device(accel.type, local_rank % torch.accelerator.device_count())
+        if accel is not None and world_size == 1:
+            return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_backend(device: torch.device) -> str:
+    """NCCL (or the accelerator's own backend) only where it exists; gloo everywhere else."""
+    backend = dist.Backend.default_device_backend_map.get(device.type, "gloo")
+    if backend == "nccl" and not dist.is_nccl_available():
+        return "gloo"
+    return backend
+
+
+def init_distributed(model_parallel_size: Optional[int] = None,
+                     device: Union[str, torch.device, None] = None,
+                     seed: int = 1) -> DistContext:
+    """Join (or create) the process group and fairscale's model-parallel groups.
+
+    Under torchrun the environment names rank and world; as plain `python script.py`
+    this sets up a world of one by itself. Safe to call more than once.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+
+    chosen = choose_device(local_rank, world_size, device)
+    backend = choose_backend(chosen)
+    if chosen.type not in ("cpu", "mps"):
+        torch.accelerator.set_device_index(chosen.index or 0)
+
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
+        if "MASTER_ADDR" in os.environ and world_size > 1:
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            # A world of one needs no rendezvous: an in-memory store is enough.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+
+    mp = world_size if model_parallel_size is None else model_parallel_size
+    if mp < 1 or world_size % mp != 0:
+        raise LlamaError(f"model_parallel_size={mp} must be a positive divisor of the world size "
+                         f"{world_size} (the number of processes torchrun started)")
+    if not fs_init.model_parallel_is_initialized():
+        with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces its groups
+            fs_init.initialize_model_parallel(mp)
+    elif fs_init.get_model_parallel_world_size() != mp:
+        raise LlamaError(f"model parallelism is already set up with size "
+                         f"{fs_init.get_model_parallel_world_size()}; cannot switch to {mp} "
+                         f"in the same process")
+
+    # The same seed everywhere, so every rank samples the same tokens.
+    torch.manual_seed(seed)
+    return DistContext(rank, world_size, local_rank, mp, chosen, backend)
+
+
+def silence_non_main_ranks(ctx: DistContext) -> None:
+    """Only rank 0 prints; other ranks keep stderr for their errors."""
+    if not ctx.is_main:
+        sys.stdout = open(os.devnull, "w")
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs)

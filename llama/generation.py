@@ -1,0 +1,370 @@
+"""Llama: build a generator from a checkpoint, then prompt -> tokens -> prefill -> decode
+-> sample -> text. Signatures and return shapes follow Meta's reference code."""
+
+import time
+from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+
+import torch
+import torch.nn.functional as F
+
+from .chat_format import ChatFormat, Dialog, Message, check_dialog
+from .checkpoint import find_shards, load_params, load_rank_state_dict
+from .distributed import DistContext, init_distributed, print0, silence_non_main_ranks
+from .errors import LlamaError
+from .model import ModelArgs, Transformer
+from .tokenizer import Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on accelerators (bf16 where supported), fp32 on the CPU."""
+    if device.type == "cpu":
+        return torch.float32
+    if device.type == "mps":
+        return torch.float16
+    module = getattr(torch, device.type, None)
+    supports_bf16 = getattr(module, "is_bf16_supported", lambda: False)()
+    return torch.bfloat16 if supports_bf16 else torch.float16
+
+
+def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise LlamaError(f"dtype={dtype!r} is not supported; use one of fp32, bf16, fp16")
+    return _DTYPES[dtype]
+
+
+class _DefaultDtype:
+    """Context manager: fairscale allocates its weights with the default dtype."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc) -> None:
+        torch.set_default_dtype(self.saved)
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: Optional[int] = None,
+        seed: int = 1,
+        device: Union[str, torch.device, None] = None,
+        dtype: Union[str, torch.dtype, None] = None,
+    ) -> "Llama":
+        """Load a Meta-layout checkpoint onto this process's share of the model.
+
+        Works under torchrun (one process per model-parallel rank) and as plain python
+        (a world of one). The checkpoint may have any number of shards.
+
+        Args:
+            ckpt_dir: folder with consolidated.NN.pth shards and params.json.
+            tokenizer_path: the model's tokenizer file.
+            max_seq_len: longest prompt + generation, in tokens.
+            max_batch_size: most sequences decoded at once (more are processed in chunks).
+            model_parallel_size: ranks the model is split over; default: the world size.
+            seed: the same on every rank, so every rank samples the same tokens.
+            device: override the automatic choice (accelerator, else MPS, else CPU).
+            dtype: fp32, bf16 or fp16; default bf16/fp16 on accelerators, fp32 on CPU.
+        """
+        if not isinstance(max_seq_len, int) or max_seq_len < 2:
+            raise LlamaError(f"max_seq_len={max_seq_len!r} must be an integer of at least 2")
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise LlamaError(f"max_batch_size={max_batch_size!r} must be a positive integer")
+        start = time.time()
+        shards = find_shards(ckpt_dir)
+        params = load_params(ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path)
+        ctx = init_distributed(model_parallel_size, device, seed)
+        silence_non_main_ranks(ctx)
+
+        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if args.vocab_size <= 0:
+            args.vocab_size = tokenizer.n_words
+        if tokenizer.n_words != args.vocab_size:
+            raise LlamaError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the model "
+                             f"in {ckpt_dir!r} has vocab_size {args.vocab_size}; use the tokenizer that "
+                             f"came with this checkpoint")
+        _check_divisible(args, ctx.model_parallel_size)
+
+        model_dtype = _resolve_dtype(dtype, ctx.device)
+        with _DefaultDtype(model_dtype):
+            model = Transformer(args)
+        # fairscale allocated (untouched) CPU storage; drop it before the real weights arrive.
+        model.to_empty(device="meta")
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        state = load_rank_state_dict(shards, expected, args.dim, ctx.model_parallel_rank,
+                                     ctx.model_parallel_size, ctx.device, model_dtype)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.eval()
+        model.setup_caches(max_batch_size, max_seq_len)
+        print0(f"Loaded in {time.time() - start:.2f} seconds")
+        return Llama(model, tokenizer, ctx)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.formatter = ChatFormat(tokenizer)
+        self.ctx = ctx
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.output.weight.device
+
+    # ---- the decode loop -------------------------------------------------------------
+
+    def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int,
+                       temperature: float, top_p: float) -> None:
+        params = self.model.params
+        if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
+            raise LlamaError("no prompts given: pass a non-empty list")
+        if not isinstance(max_gen_len, int) or max_gen_len < 1:
+            raise LlamaError(f"max_gen_len={max_gen_len!r} must be a positive integer")
+        if not temperature >= 0:
+            raise LlamaError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
+        if not 0 < top_p <= 1:
+            raise LlamaError(f"top_p={top_p!r} must be in (0, 1]")
+        for i, tokens in enumerate(prompt_tokens):
+            if len(tokens) == 0:
+                raise LlamaError(f"prompt {i} is empty; give at least one token")
+            if len(tokens) >= params.max_seq_len:
+                raise LlamaError(f"prompt {i} has {len(tokens)} tokens, {len(tokens) - params.max_seq_len + 1} "
+                                 f"too many for max_seq_len={params.max_seq_len} (which must also leave "
+                                 f"room for one generated token); shorten it or build with a larger max_seq_len")
+            bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < params.vocab_size)]
+            if bad:
+                raise LlamaError(f"prompt {i} holds token ids outside [0, {params.vocab_size}): {bad[:5]}")
+
+    @torch.inference_mode()
+    def stream_tokens(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        stop_tokens: Optional[Sequence[int]] = None,
+    ) -> Iterator[List[Optional[Tuple[int, float]]]]:
+        """Decode one batch (at most max_batch_size prompts), a step at a time.
+
+        Each step yields, per prompt, (token, logprob) or None once that prompt has
+        finished (stop token or budget). Stop tokens are not yielded. logprob is 0.0
+        unless logprobs=True. The whole prompt is prefilled in one forward pass; each
+        row keeps its own positions, so ragged prompts decode exactly as they would alone.
+        """
+        params = self.model.params
+        batch = len(prompt_tokens)
+        assert batch <= params.max_batch_size, "generate() splits larger inputs into chunks"
+        stops = torch.tensor(sorted(stop_tokens if stop_tokens is not None else self.tokenizer.stop_tokens),
+                             device=self.device)
+        lengths = [len(t) for t in prompt_tokens]
+        # Each row may grow to max_seq_len; a row's budget is what it can still generate.
+        budgets = [min(max_gen_len, params.max_seq_len - n) for n in lengths]
+        longest = max(lengths)
+
+        pad = 0
+        tokens = torch.full((batch, longest), pad, dtype=torch.long, device=self.device)
+        for row, t in enumerate(prompt_tokens):
+            tokens[row, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model(tokens, 0, last_index=last)  # [B, V]
+
+        positions = last + 1  # where each row's next token goes
+        live = [True] * batch
+        for step in range(max(budgets)):
+            next_tokens = _sample(logits, temperature, top_p)
+            token_logprobs = _token_logprobs(logits, next_tokens) if logprobs else torch.zeros_like(logits[:, 0])
+            is_stop = torch.isin(next_tokens, stops)
+            out: List[Optional[Tuple[int, float]]] = []
+            for row, (tok, lp, stop) in enumerate(zip(next_tokens.tolist(), token_logprobs.tolist(),
+                                                      is_stop.tolist())):
+                live[row] = live[row] and not stop and step < budgets[row]
+                out.append((tok, lp) if live[row] else None)
+            if not any(live):
+                return
+            yield out
+            if step + 1 == max(budgets):
+                return
+            # Finished rows keep decoding (cheaply, in the batch) at a clamped position.
+            feed_positions = positions.clamp(max=params.max_seq_len - 1)
+            kv_len = min(longest + step + 1, params.max_seq_len)
+            logits = self.model(next_tokens.unsqueeze(1), feed_positions, kv_len=kv_len,
+                                last_index=torch.zeros_like(last))
+            positions = positions + 1
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """Generate continuations of token prompts.
+
+        Any number of prompts: they run in chunks of max_batch_size, results in order.
+        Returns (tokens per prompt, logprobs per prompt or None). With echo, the prompt
+        tokens lead each result (their logprobs, if asked, score each prompt token given
+        the ones before it; the first is 0.0).
+        """
+        self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
+        prompt_tokens = [list(t) for t in prompt_tokens]
+        out_tokens: List[List[int]] = []
+        out_logprobs: List[List[float]] = []
+        size = self.model.params.max_batch_size
+        for begin in range(0, len(prompt_tokens), size):
+            chunk = prompt_tokens[begin: begin + size]
+            gen_tokens: List[List[int]] = [[] for _ in chunk]
+            gen_logprobs: List[List[float]] = [[] for _ in chunk]
+            for step in self.stream_tokens(chunk, max_gen_len, temperature, top_p, logprobs):
+                for row, item in enumerate(step):
+                    if item is not None:
+                        gen_tokens[row].append(item[0])
+                        gen_logprobs[row].append(item[1])
+            if echo:
+                prompt_lps = self._prompt_logprobs(chunk) if logprobs else [[0.0] * len(t) for t in chunk]
+                gen_tokens = [p + g for p, g in zip(chunk, gen_tokens)]
+                gen_logprobs = [p + g for p, g in zip(prompt_lps, gen_logprobs)]
+            out_tokens += gen_tokens
+            out_logprobs += gen_logprobs
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def _prompt_logprobs(self, prompt_tokens: List[List[int]]) -> List[List[float]]:
+        """Log-probability of each prompt token given those before it (first: 0.0)."""
+        result = []
+        for t in prompt_tokens:
+            tokens = torch.tensor([t], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, 0)[0, :-1]  # [S-1, V]
+            lps = _token_logprobs(logits, tokens[0, 1:])
+            result.append([0.0] + lps.tolist())
+        return result
+
+    # ---- text in, text out -------------------------------------------------------------
+
+    def text_completion(
+        self,
+        prompts: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> List[CompletionPrediction]:
+        """Complete each text prompt. max_gen_len defaults to max_seq_len - 1."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise LlamaError("prompts must be a non-empty list of strings")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise LlamaError(f"prompt {i} must be a str, got {type(p).__name__}: {p!r:.80}")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        return [self._prediction(self.tokenizer.decode(t), t, lps[i] if lps else None)
+                for i, t in enumerate(tokens)]
+
+    def chat_completion(
+        self,
+        dialogs: List[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+    ) -> List[ChatPrediction]:
+        """Answer each dialog as the assistant. Dialogs holding the chat format's control
+        tags are not run; their answer is the format's error message, as in Meta's code."""
+        if not isinstance(dialogs, (list, tuple)) or not dialogs:
+            raise LlamaError("dialogs must be a non-empty list of dialogs")
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        for i, dialog in enumerate(dialogs):
+            check_dialog(dialog, i)
+        unsafe = [self.formatter.is_unsafe(d) for d in dialogs]
+        safe_prompts = [self.formatter.encode_dialog_prompt(d) for d, bad in zip(dialogs, unsafe) if not bad]
+        tokens, lps = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs) \
+            if safe_prompts else ([], None)
+
+        results: List[ChatPrediction] = []
+        answers = iter(range(len(tokens)))
+        for bad in unsafe:
+            if bad:
+                content, t, lp = self.formatter.UNSAFE_ERROR, [], [] if logprobs else None
+            else:
+                i = next(answers)
+                content, t, lp = self.tokenizer.decode(tokens[i]), tokens[i], lps[i] if lps else None
+            pred = self._prediction(content, t, lp)
+            results.append({**pred, "generation": {"role": "assistant", "content": content}})
+        return results
+
+    def _prediction(self, text: str, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
+        if logprobs is None:
+            return {"generation": text}
+        return {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in tokens],
+                "logprobs": logprobs}
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under logits [N, V] (temperature-free, as in Meta's code) -> [N]."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Next token per row from logits [B, V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return sample_top_p(probs, top_p).squeeze(-1)
+
+
+def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Sample from the nucleus: the smallest set of most likely tokens whose mass reaches p.
+
+    probs: [B, V] probabilities. Returns [B, 1] token ids.
+    """
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    # A token belongs to the nucleus if the more likely tokens have not yet reached p.
+    if p < 1.0:
+        sorted_probs = sorted_probs.masked_fill(mass_before >= p, 0.0)
+        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, num_samples=1)
+    return torch.gather(order, -1, choice)
+
+
+def _check_divisible(args: ModelArgs, mp: int) -> None:
+    """Every split dimension must divide by the model-parallel size."""
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim,
+             "vocab_size": args.vocab_size, "feed-forward hidden size": args.ffn_hidden_dim}
+    bad = [f"{name}={value}" for name, value in sizes.items() if value % mp]
+    if bad:
+        raise LlamaError(f"this model cannot be split over {mp} model-parallel ranks: "
+                         f"{', '.join(bad)} not divisible by {mp}; run with fewer processes "
+                         f"(a divisor of n_kv_heads={args.kv_heads})")

@@ -1,0 +1,262 @@
+"""The LLaMA transformer: RMSNorm, rotary embedding, grouped-query attention with a
+KV cache, SwiGLU feed-forward. Linear layers are fairscale's model-parallel layers, so
+each rank holds only its shard; the model knows nothing else about ranks or devices.
+
+Shapes: B batch, S tokens in this call, L cached length, H query heads, K key/value
+heads (both local to this rank), D head dim.
+"""
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import initialize as fs_init
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1: take it from the tokenizer
+    multiple_of: int = 256  # feed-forward hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    use_scaled_rope: bool = False  # Llama 3.1 long-context frequency scaling
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
+        """Build from a params.json dict; keys this engine does not know are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in params.items() if k in known and v is not None}
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Meta's rule: 2/3 of 4*dim, times the optional multiplier, rounded up."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def _no_init(tensor: torch.Tensor) -> torch.Tensor:
+    """Weights come from the checkpoint, so skip random initialisation."""
+    return tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability, then return to the activation dtype.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Rotation frequency of each of the D/2 pairs, shape [D/2], fp32."""
+    dim = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    if args.use_scaled_rope:
+        freqs = _llama31_scale(freqs, args)
+    return freqs
+
+
+def _llama31_scale(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Llama 3.1 scaling: keep short wavelengths, divide long ones by the factor, blend between."""
+    factor, low, high = args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    context = float(args.rope_original_context)
+    wavelen = 2 * math.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * freqs / factor + smooth * freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, blended)
+    return torch.where(wavelen < context / high, freqs, scaled)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (Meta's complex-number layout) in fp32.
+
+    x: [B, S, H, D]; cos, sin: [B, S, 1, D/2].
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Static per-layer cache; row b's token at position p lives in slot p."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, S, K, D] at `positions` [B, S]; return the first kv_len slots [B, L, K, D]."""
+        batch = k.shape[0]
+        rows = torch.arange(batch, device=k.device).unsqueeze(1)
+        self.k[rows, positions] = k
+        self.v[rows, positions] = v
+        return self.k[:batch, :kv_len], self.v[:batch, :kv_len]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.kv_heads // mp
+        self.head_dim = args.head_dim
+        q_dim, kv_dim = args.n_heads * self.head_dim, args.kv_heads * self.head_dim
+        self.wq = ColumnParallelLinear(args.dim, q_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.wk = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_no_init)
+        self.wo = RowParallelLinear(q_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, seqlen, _ = x.shape
+        q = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
+        k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = self.wv(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        assert self.cache is not None, "call Transformer.setup_caches() before forward()"
+        keys, values = self.cache.update(positions, k, v, kv_len)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, enable_gqa=True,
+        )
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_no_init)
+        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_no_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
+                cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, kv_len, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Meta's Transformer. Parameter names match Meta's consolidated.*.pth files."""
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_no_init)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate KV caches and rotary tables on the weights' device, in their dtype."""
+        weight = self.output.weight
+        device, dtype = weight.device, weight.dtype
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
+                             rope_frequencies(self.params)).to(device)
+        self.rope_cos, self.rope_sin = torch.cos(angles), torch.sin(angles)
+        for layer in self.layers:
+            attn = layer.attention
+            attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
+                                 dtype, device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                kv_len: Optional[int] = None, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run tokens [B, S] through the model, appending them to the KV cache.
+
+        start_pos: position of tokens[:, 0], an int shared by all rows (Meta's signature)
+            or a tensor [B] with one position per row.
+        kv_len: how many cache slots attention reads; defaults to max(start_pos) + S.
+        last_index: optional [B] index into S; if given, return logits only there, [B, V].
+        Returns fp32 logits [B, S, V] (or [B, V]).
+        """
+        batch, seqlen = tokens.shape
+        offsets = torch.arange(seqlen, device=tokens.device)
+        if isinstance(start_pos, int):
+            if start_pos + seqlen > self.rope_cos.shape[0]:
+                raise ValueError(f"positions up to {start_pos + seqlen} do not fit max_seq_len "
+                                 f"{self.rope_cos.shape[0]} given to setup_caches()")
+            positions = (start_pos + offsets).expand(batch, seqlen)
+            kv_len = kv_len or start_pos + seqlen
+        else:  # the caller keeps every row's position below max_seq_len
+            positions = start_pos.to(tokens.device).unsqueeze(1) + offsets
+            kv_len = kv_len or int(positions.max()) + 1
+
+        cos = self.rope_cos[positions].unsqueeze(2)
+        sin = self.rope_sin[positions].unsqueeze(2)
+        # Plain causal masking works when every row starts at 0 and fills the cache
+        # (prefill); otherwise each row masks keys past its own position.
+        if isinstance(start_pos, int) and start_pos == 0 and kv_len == seqlen:
+            mask = None
+        else:
+            slots = torch.arange(kv_len, device=tokens.device)
+            mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
+
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, kv_len, cos, sin, mask)
+        h = self.norm(h)
+        if last_index is not None:
+            h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
+        return self.output(h).float()

@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llama",
+    version="0.1.0",
+    description="A PyTorch engine for LLaMA-family models with Meta's Llama API, on any hardware",
+    packages=find_packages(include=["llama", "llama.*"]),
+    python_requires=">=3.9",
+    # Loose on purpose: GPU users need their own CUDA build of torch.
+    install_requires=[
+        "torch>=2.6",
+        "fairscale",
+        "fire",
+        "sentencepiece",
+        "tiktoken",
+        "tokenizers",
+        "safetensors",
+        "gguf",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        # transformers/accelerate are references for parity tests, never runtime deps.
+        "test": ["pytest", "hypothesis", "transformers", "accelerate"],
+    },
+)

@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from llama.testing import write_tiny_checkpoint
+from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer() -> str:
+    """Mistral's real 32k sentencepiece model, of the Llama 2 kind."""
+    return str(fetch_wheel_file(*SENTENCEPIECE_32K))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random model in Meta's layout, one shard."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny1"), n_shards=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_mp2(tmp_path_factory) -> Path:
+    """The same weights split into two shards along Meta's axes."""
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny2"), n_shards=2)
+
+
+@pytest.fixture(scope="session")
+def generator(tiny_ckpt, sp_tokenizer):
+    from llama import Llama
+    return Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=64, max_batch_size=4, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _no_tokenizer_threads_warning():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    yield
