@@ -11,7 +11,8 @@ set -euo pipefail
 # `./download.sh demo ARGS...` hands over to the demo CLI (module llama.demo).
 # Add further subcommands here, before any download logic runs.
 if [[ "${1:-}" == "demo" ]]; then
-  exec python3 -m llama.demo "${@:2}"
+  # Works from a checkout without installing: the package sits beside this script.
+  PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}" exec python3 -m llama.demo "${@:2}"
 fi
 # -----------------------------------------------------------------------------
 

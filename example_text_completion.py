@@ -5,11 +5,12 @@ from typing import List, Optional
 
 from llama import Llama
 from llama.cli import run
+from llama.demo import ensure_demo
 
 
 def main(
-    ckpt_dir: str,
-    tokenizer_path: str,
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 128,
@@ -17,8 +18,9 @@ def main(
     max_batch_size: int = 4,
     model_parallel_size: Optional[int] = None,
 ):
+    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use)."""
     generator = Llama.build(
-        ckpt_dir=ckpt_dir,
+        ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,

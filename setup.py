@@ -20,7 +20,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # transformers/accelerate are references for parity tests, never runtime deps.
-        "test": ["pytest", "hypothesis", "transformers", "accelerate"],
+        # References for parity tests, never runtime deps: transformers/accelerate, and
+        # pillow/pydantic so Meta's own llama_models chat format can be imported.
+        "test": ["pytest", "hypothesis", "transformers", "accelerate", "pillow", "pydantic"],
     },
 )

@@ -1,9 +1,15 @@
-"""Dialog types and chat prompt formats: a dialog becomes the token ids of one prompt."""
+"""Dialog types and chat prompt formats: a dialog becomes the token ids of one prompt.
 
-from typing import List, Literal, Sequence, TypedDict
+Formats: Llama2ChatFormat ([INST]), Llama3ChatFormat (header ids), ChatMLFormat (<|im_start|>).
+`ChatFormat(tokenizer)` and `make_chat_format(tokenizer, name)` pick one.
+"""
+
+from typing import TYPE_CHECKING, AbstractSet, List, Literal, Optional, Sequence, TypedDict
 
 from .errors import LlamaError
-from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # tokenizer.py imports this module; nothing is needed from it at run time
+    from .tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant"]
 
@@ -43,21 +49,53 @@ def check_dialog(dialog: Sequence[Message], index: int = 0) -> None:
         raise LlamaError(f"{where} must end with a 'user' message for the model to answer")
 
 
-class Llama2ChatFormat:
+class ChatFormat:
+    """Base of the chat formats, and Meta's entry point: `ChatFormat(tokenizer)` returns the
+    format the tokenizer's vocabulary implies. To choose by name, call make_chat_format."""
+
+    UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+    def __new__(cls, tokenizer: "Tokenizer", *args, **kwargs) -> "ChatFormat":
+        # Python then runs __init__(tokenizer) on the result, which make_chat_format built alike.
+        return make_chat_format(tokenizer) if cls is ChatFormat else super().__new__(cls)
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+
+    @property
+    def stop_tokens(self) -> AbstractSet[int]:
+        """Ids that end the assistant's answer."""
+        return frozenset({self.tokenizer.eos_id})
+
+    def is_unsafe(self, dialog: Sequence[Message]) -> bool:
+        """True if the dialog must be refused (answered with UNSAFE_ERROR) instead of run."""
+        return False
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+        """Token ids of the prompt asking the assistant to answer `dialog`."""
+        raise NotImplementedError
+
+    def _special(self, text: str) -> int:
+        """The id of control token `text`; LlamaError if the vocabulary lacks it."""
+        special = getattr(self.tokenizer, "special_tokens", {})
+        if text not in special:
+            raise LlamaError(f"the {type(self).__name__} chat format needs the control token {text!r}, "
+                             f"which this tokenizer lacks; choose the chat format that matches the model "
+                             f"(params.json key 'chat_format': llama2, llama3 or chatml)")
+        return special[text]
+
+    def _text(self, s: str) -> List[int]:
+        """`s` as plain text: control-token text in it never becomes a control token."""
+        return self.tokenizer.encode(s, bos=False, eos=False, allow_special=False)
+
+
+class Llama2ChatFormat(ChatFormat):
     """Meta's Llama 2 chat format: each exchange is `[INST] user [/INST] answer ` between
     BOS and EOS; the system prompt is merged into the first user turn in a <<SYS>> block."""
 
     B_INST, E_INST = "[INST]", "[/INST]"
     B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
     SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
-    UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-
-    @property
-    def stop_tokens(self) -> frozenset:
-        return frozenset({self.tokenizer.eos_id})
 
     def is_unsafe(self, dialog: Sequence[Message]) -> bool:
         """True if any message contains the format's control tags (Meta refuses these)."""
@@ -77,4 +115,84 @@ class Llama2ChatFormat:
         return tokens
 
 
-ChatFormat = Llama2ChatFormat
+class Llama3ChatFormat(ChatFormat):
+    """Meta's Llama 3 chat format: <|begin_of_text|>, then per message
+    `<|start_header_id|>role<|end_header_id|>\\n\\n` + stripped content + `<|eot_id|>`, then an
+    open assistant header. Content is encoded as plain text, so text such as "<|eot_id|>"
+    cannot inject control tokens; is_unsafe is therefore always False."""
+
+    @property
+    def stop_tokens(self) -> AbstractSet[int]:
+        """<|eot_id|> and <|end_of_text|>, plus <|eom_id|> (Llama 3.1 tool calls) as in Meta's code."""
+        names = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
+        return frozenset(self.tokenizer.special_tokens[n] for n in names if n in self.tokenizer.special_tokens)
+
+    def _header(self, role: str) -> List[int]:
+        return ([self._special("<|start_header_id|>")] + self._text(role)
+                + [self._special("<|end_header_id|>")] + self._text("\n\n"))
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+        check_dialog(dialog)
+        tokens = [self._special("<|begin_of_text|>")]
+        for msg in dialog:
+            tokens += self._header(msg["role"]) + self._text(msg["content"].strip())
+            tokens.append(self._special("<|eot_id|>"))
+        return tokens + self._header("assistant")
+
+
+class ChatMLFormat(ChatFormat):
+    """ChatML as in SmolLM2's HF chat template: per message `<|im_start|>role\\n` + content
+    (not stripped) + `<|im_end|>\\n`, then `<|im_start|>assistant\\n`. With a
+    default_system_prompt, a dialog without a system message gets one first. Text between
+    control tokens is encoded in one piece, as HF does, but as plain text: "<|im_end|>" in
+    content cannot inject a control token (HF's template would), so is_unsafe is always False."""
+
+    def __init__(self, tokenizer: "Tokenizer", default_system_prompt: Optional[str] = None):
+        super().__init__(tokenizer)
+        self.default_system_prompt = default_system_prompt
+        self.im_start, self.im_end = self._special("<|im_start|>"), self._special("<|im_end|>")
+
+    @property
+    def stop_tokens(self) -> AbstractSet[int]:
+        """<|im_end|>, <|endoftext|> when the vocabulary has it, and the tokenizer's eos."""
+        special = self.tokenizer.special_tokens
+        extra = {special["<|endoftext|>"]} if "<|endoftext|>" in special else set()
+        return frozenset({self.im_end, self.tokenizer.eos_id} | extra)
+
+    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+        check_dialog(dialog)
+        if self.default_system_prompt is not None and dialog[0]["role"] != "system":
+            dialog = [{"role": "system", "content": self.default_system_prompt}, *dialog]
+        tokens: List[int] = []
+        for msg in dialog:
+            tokens += [self.im_start] + self._text(f"{msg['role']}\n{msg['content']}")
+            tokens += [self.im_end] + self._text("\n")
+        return tokens + [self.im_start] + self._text("assistant\n")
+
+
+CHAT_FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat, "chatml": ChatMLFormat}
+
+
+def infer_chat_format_name(tokenizer: "Tokenizer") -> str:
+    """"llama3" if the vocabulary has <|start_header_id|>, "chatml" if it has <|im_start|>,
+    else "llama2"."""
+    special = getattr(tokenizer, "special_tokens", {})
+    if "<|start_header_id|>" in special and "<|eot_id|>" in special:
+        return "llama3"
+    if "<|im_start|>" in special and "<|im_end|>" in special:
+        return "chatml"
+    return "llama2"
+
+
+def make_chat_format(tokenizer: "Tokenizer", name: Optional[str] = None,
+                     default_system_prompt: Optional[str] = None) -> ChatFormat:
+    """The chat format `name` ("llama2", "llama3", "chatml"; params.json key "chat_format"),
+    or the one the tokenizer implies when name is None. default_system_prompt applies to
+    ChatML only (SmolLM2's template inserts one when the dialog has no system message)."""
+    name = name or infer_chat_format_name(tokenizer)
+    if name not in CHAT_FORMATS:
+        raise LlamaError(f"unknown chat format {name!r} (params.json key 'chat_format'); "
+                         f"use one of {', '.join(CHAT_FORMATS)}")
+    if name == "chatml":
+        return ChatMLFormat(tokenizer, default_system_prompt)
+    return CHAT_FORMATS[name](tokenizer)

@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .errors import LlamaError
+from .progress import progress
 
 SHARD_PATTERN = "consolidated.*.pth"
 
@@ -119,7 +120,8 @@ def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], di
                          f"missing weights {missing[:5]}, unexpected weights {unknown[:5]}")
 
     result: Dict[str, torch.Tensor] = {}
-    for name, shape in expected.items():
+    converted: Dict[tuple, torch.Tensor] = {}  # keeps tied weights (embedding = output) shared
+    for name, shape in progress(expected.items(), "loading weights", total=len(expected)):
         pieces = []
         for path, state in zip(shards, states):
             if name not in state:
@@ -135,7 +137,10 @@ def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], di
             raise LlamaError(f"weight {name!r} in {str(shards[0].parent)!r} has shape "
                              f"{tuple(full.shape)} (merged from {len(shards)} shard(s)), which does "
                              f"not fit params.json (this rank expects {tuple(shape)})")
-        result[name] = ours.to(device=device, dtype=dtype).contiguous()
+        key = (ours.data_ptr(), tuple(ours.shape), ours.stride())
+        if key not in converted:
+            converted[key] = ours.to(device=device, dtype=dtype).contiguous()
+        result[name] = converted[key]
     return result
 
 
@@ -155,9 +160,12 @@ def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int,
         if axis is not None and n_shards > 1 and tensor.shape[axis] % n_shards:
             raise LlamaError(f"cannot split {name!r} of shape {tuple(tensor.shape)} into {n_shards} "
                              f"shards; choose a model-parallel size that divides it")
-        pieces = [tensor] * n_shards if axis is None or n_shards == 1 else tensor.chunk(n_shards, dim=axis)
+        if axis is None or n_shards == 1:
+            pieces = [tensor] * n_shards
+        else:  # clone, or torch.save would write each chunk's whole underlying storage
+            pieces = [piece.clone() for piece in tensor.chunk(n_shards, dim=axis)]
         for shard, piece in zip(shards, pieces):
-            shard[name] = piece.clone()
+            shard[name] = piece
     return shards
 
 

@@ -1,14 +1,26 @@
-"""Foreign checkpoints to Meta's layout.
+"""Foreign checkpoints to Meta's layout: `python -m llama.convert SRC DST`.
+
+SRC is an HF model directory (config.json, safetensors, tokenizer files) or a .gguf
+file. DST becomes a directory holding exactly what Llama.build needs: consolidated.NN.pth
+shards, params.json (with the chat format recorded) and the tokenizer file.
 
 HF's LlamaForCausalLM stores wq/wk permuted for its rotate-half rotary form; Meta's
-layout rotates interleaved pairs, so each head's rows are put back in pair order.
+layout rotates interleaved pairs, so each head's rows are put back in pair order. GGUF
+files of the llama architecture already use Meta's order.
 """
 
-from typing import Dict
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
+from .checkpoint import save_checkpoint
 from .errors import LlamaError
+from .progress import progress
 
 # HF parameter name (after "model.layers.N.") -> Meta's name (after "layers.N.")
 _HF_LAYER_NAMES = {
@@ -95,3 +107,236 @@ def meta_from_hf_state_dict(hf: Dict[str, torch.Tensor], params: dict) -> Dict[s
     if "output.weight" not in meta:  # tied embeddings
         meta["output.weight"] = meta["tok_embeddings.weight"]
     return meta
+
+
+# ---- HF model directories ------------------------------------------------------------
+
+def _hf_tensors(src: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Every tensor of an HF directory, from safetensors (or weights-only .bin files)."""
+    from safetensors import safe_open
+
+    files = sorted(src.glob("*.safetensors"))
+    if files:
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        return
+    bins = sorted(src.glob("pytorch_model*.bin"))
+    if not bins:
+        raise LlamaError(f"no *.safetensors or pytorch_model*.bin weights in {str(src)!r}")
+    for path in bins:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # a pickle with code, or a damaged file
+            raise LlamaError(f"refusing to read {str(path)!r}: not a plain weights file ({exc})") from None
+        yield from state.items()
+
+
+def _chat_format_from_template(template: str) -> Tuple[Optional[str], Optional[str]]:
+    """(chat format name, default system prompt) recognised from a Jinja chat template."""
+    if "<|im_start|>" in template:
+        # SmolLM-style templates insert a fixed system message when the dialog has none.
+        match = re.search(r"'<\|im_start\|>system\n(.*?)<\|im_end\|>", template, re.S)
+        return "chatml", match.group(1) if match else None
+    if "<|start_header_id|>" in template:
+        return "llama3", None
+    if "[INST]" in template:
+        return "llama2", None
+    return None, None
+
+
+def convert_hf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise LlamaError(f"{str(src)!r} has no config.json; is it an HF model directory?")
+    config = json.loads(config_path.read_text())
+    params = params_from_hf_config(config)
+    hf = dict(progress(_hf_tensors(src), "reading weights"))
+    weights = meta_from_hf_state_dict(hf, params)
+
+    copied = False
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        if (src / name).is_file():
+            shutil.copy(src / name, work / name)
+            copied = copied or name in ("tokenizer.json", "tokenizer.model")
+    if not copied:
+        raise LlamaError(f"{str(src)!r} has neither tokenizer.json nor tokenizer.model to go with the weights")
+    tok_config = src / "tokenizer_config.json"
+    if tok_config.is_file():
+        template = json.loads(tok_config.read_text()).get("chat_template") or ""
+        name, system = _chat_format_from_template(template if isinstance(template, str) else "")
+        if name:
+            params["chat_format"] = name
+        if system:
+            params["default_system_prompt"] = system
+    return weights, params
+
+
+# ---- GGUF files ----------------------------------------------------------------------
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
+    "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
+    "ffn_up": "feed_forward.w3", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+}
+
+
+def _gguf_value(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    import gguf
+
+    from .tokenizer import hf_tokenizer_json_from_gguf_vocab
+
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except Exception as exc:
+        raise LlamaError(f"cannot read GGUF file {str(src)!r}: {exc}") from None
+    arch = _gguf_value(reader, "general.architecture")
+    if arch != "llama":
+        raise LlamaError(f"{str(src)!r} holds a {arch!r} model; only the 'llama' architecture is supported")
+
+    def meta(key: str, default=None):
+        return _gguf_value(reader, f"llama.{key}", default)
+
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    dim, n_heads = meta("embedding_length"), meta("attention.head_count")
+    params = {
+        "dim": dim,
+        "n_layers": meta("block_count"),
+        "n_heads": n_heads,
+        "n_kv_heads": meta("attention.head_count_kv", n_heads),
+        "vocab_size": meta("vocab_size", len(tokens)),
+        "multiple_of": 1,
+        "ffn_dim_multiplier": (meta("feed_forward_length") + 0.5) / int(8 * dim / 3),
+        "norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": meta("rope.freq_base", 10000.0),
+    }
+
+    weights: Dict[str, torch.Tensor] = {}
+    for tensor in progress(reader.tensors, "dequantizing"):
+        value = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
+        name = tensor.name
+        if name == "token_embd.weight":
+            weights["tok_embeddings.weight"] = value
+        elif name == "output_norm.weight":
+            weights["norm.weight"] = value
+        elif name == "output.weight":
+            weights["output.weight"] = value
+        elif name == "rope_freqs.weight":
+            params.update(_llama31_scaling_from_factors(value, params))
+        elif name.startswith("blk."):
+            _, index, kind, leaf = name.split(".", 3)
+            if kind not in _GGUF_LAYER_NAMES:
+                raise LlamaError(f"unexpected tensor {name!r} in {str(src)!r}: not a Llama layer weight")
+            weights[f"layers.{index}.{_GGUF_LAYER_NAMES[kind]}.{leaf}"] = value
+        else:
+            raise LlamaError(f"unexpected tensor {name!r} in {str(src)!r}")
+    if "output.weight" not in weights:  # tied embeddings
+        weights["output.weight"] = weights["tok_embeddings.weight"]
+
+    model = _gguf_value(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise LlamaError(f"{str(src)!r} uses a {model!r} tokenizer; only byte-level BPE ('gpt2') "
+                         f"tokenizers can be converted from GGUF so far")
+    bos, eos = _gguf_value(reader, "tokenizer.ggml.bos_token_id"), _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    (work / "tokenizer.json").write_text(hf_tokenizer_json_from_gguf_vocab(
+        tokens, _gguf_value(reader, "tokenizer.ggml.merges"), _gguf_value(reader, "tokenizer.ggml.token_type"),
+        bos, eos, _gguf_value(reader, "tokenizer.ggml.pre", "default")))
+    (work / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tokens[bos] if bos is not None else None,
+        "eos_token": tokens[eos] if eos is not None else None,
+        "pad_token": tokens[pad] if (pad := _gguf_value(reader, "tokenizer.ggml.padding_token_id")) is not None else None,
+        "add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", True)),
+    }, indent=2) + "\n")
+    name, system = _chat_format_from_template(_gguf_value(reader, "tokenizer.chat_template", "") or "")
+    if name:
+        params["chat_format"] = name
+    if system:
+        params["default_system_prompt"] = system
+    return weights, params
+
+
+def _llama31_scaling_from_factors(factors: torch.Tensor, params: dict) -> dict:
+    """GGUF stores Llama 3.1 rotary scaling as per-frequency divisors; find the settings
+    (factor 8 as in Llama 3.1, or 32 as in Llama 3.2) that reproduce them."""
+    from .model import ModelArgs, rope_frequencies
+
+    base = ModelArgs.from_params(params)
+    for factor in (8.0, 32.0, 16.0, 4.0):
+        scaled = ModelArgs.from_params({**params, "use_scaled_rope": True, "rope_scaling_factor": factor})
+        ratio = rope_frequencies(base) / rope_frequencies(scaled)
+        if torch.allclose(ratio, factors.float(), rtol=1e-3):
+            return {"use_scaled_rope": True, "rope_scaling_factor": factor}
+    raise LlamaError("this GGUF file uses a rotary scaling this engine does not recognise")
+
+
+# ---- the command ---------------------------------------------------------------------
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def convert(src: str, dst: str, model_parallel_size: int = 1, dtype: str = "bf16",
+            force: bool = False) -> Path:
+    """Convert SRC (HF directory or .gguf file) into a Meta-layout checkpoint at DST.
+
+    The result is written to a temporary sibling directory and moved into place only when
+    complete, so a crash never leaves a half-written checkpoint at DST.
+    """
+    source, target = Path(src), Path(dst)
+    if dtype not in _DTYPES:
+        raise LlamaError(f"--dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    if not isinstance(model_parallel_size, int) or model_parallel_size < 1:
+        raise LlamaError(f"--model-parallel-size {model_parallel_size!r} must be a positive integer")
+    if not source.exists():
+        raise LlamaError(f"source {src!r} does not exist; give an HF model directory or a .gguf file")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not force:
+        raise LlamaError(f"destination {dst!r} exists and is not empty; choose another path or pass --force")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        if source.is_dir():
+            weights, params = convert_hf(source, work)
+        elif source.suffix == ".gguf":
+            weights, params = convert_gguf(source, work)
+        else:
+            raise LlamaError(f"source {src!r} is neither a directory nor a .gguf file")
+        cast = {id(v): v.to(_DTYPES[dtype]) for v in weights.values()}  # tied weights stay one tensor
+        weights = {k: cast[id(v)] for k, v in weights.items()}
+        save_checkpoint(weights, params, str(work), model_parallel_size)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / target.name)
+            work.rename(target)
+            shutil.rmtree(old)
+        else:
+            work.rename(target)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def main(src: str, dst: str, model_parallel_size: int = 1, dtype: str = "bf16", force: bool = False) -> None:
+    """Convert an HF model directory or a GGUF file into Meta's checkpoint layout.
+
+    Args:
+        src: HF model directory (config.json + safetensors + tokenizer) or a .gguf file.
+        dst: output directory (must not exist or be empty, unless --force).
+        model_parallel_size: number of consolidated.NN.pth shards to write.
+        dtype: bf16, fp16 or fp32.
+        force: replace a non-empty destination.
+    """
+    out = convert(src, dst, model_parallel_size, dtype, force)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main)

@@ -109,7 +109,7 @@ def init_distributed(model_parallel_size: Optional[int] = None,
 
 def silence_non_main_ranks(ctx: DistContext) -> None:
     """Only rank 0 prints; other ranks keep stderr for their errors."""
-    if not ctx.is_main:
+    if not ctx.is_main and sys.stdout is sys.__stdout__:
         sys.stdout = open(os.devnull, "w")
 
 

@@ -1,13 +1,14 @@
 """Llama: build a generator from a checkpoint, then prompt -> tokens -> prefill -> decode
 -> sample -> text. Signatures and return shapes follow Meta's reference code."""
 
+import os
 import time
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 import torch.nn.functional as F
 
-from .chat_format import ChatFormat, Dialog, Message, check_dialog
+from .chat_format import Dialog, Message, check_dialog, make_chat_format
 from .checkpoint import find_shards, load_params, load_rank_state_dict
 from .distributed import DistContext, init_distributed, print0, silence_non_main_ranks
 from .errors import LlamaError
@@ -70,9 +71,9 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
-        max_seq_len: int,
-        max_batch_size: int,
+        tokenizer_path: Optional[str] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
         model_parallel_size: Optional[int] = None,
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
@@ -85,7 +86,7 @@ class Llama:
 
         Args:
             ckpt_dir: folder with consolidated.NN.pth shards and params.json.
-            tokenizer_path: the model's tokenizer file.
+            tokenizer_path: the model's tokenizer file; default: the one in ckpt_dir.
             max_seq_len: longest prompt + generation, in tokens.
             max_batch_size: most sequences decoded at once (more are processed in chunks).
             model_parallel_size: ranks the model is split over; default: the world size.
@@ -100,7 +101,7 @@ class Llama:
         start = time.time()
         shards = find_shards(ckpt_dir)
         params = load_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else _find_tokenizer(ckpt_dir))
         ctx = init_distributed(model_parallel_size, device, seed)
         silence_non_main_ranks(ctx)
 
@@ -130,7 +131,8 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = make_chat_format(tokenizer, model.params.chat_format,
+                                          model.params.default_system_prompt)
         self.ctx = ctx
 
     @property
@@ -227,13 +229,14 @@ class Llama:
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
+        stop_tokens: Optional[Sequence[int]] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate continuations of token prompts.
 
         Any number of prompts: they run in chunks of max_batch_size, results in order.
         Returns (tokens per prompt, logprobs per prompt or None). With echo, the prompt
         tokens lead each result (their logprobs, if asked, score each prompt token given
-        the ones before it; the first is 0.0).
+        the ones before it; the first is 0.0). stop_tokens default to the tokenizer's.
         """
         self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
         prompt_tokens = [list(t) for t in prompt_tokens]
@@ -244,7 +247,7 @@ class Llama:
             chunk = prompt_tokens[begin: begin + size]
             gen_tokens: List[List[int]] = [[] for _ in chunk]
             gen_logprobs: List[List[float]] = [[] for _ in chunk]
-            for step in self.stream_tokens(chunk, max_gen_len, temperature, top_p, logprobs):
+            for step in self.stream_tokens(chunk, max_gen_len, temperature, top_p, logprobs, stop_tokens):
                 for row, item in enumerate(step):
                     if item is not None:
                         gen_tokens[row].append(item[0])
@@ -286,7 +289,7 @@ class Llama:
                 raise LlamaError(f"prompt {i} must be a str, got {type(p).__name__}: {p!r:.80}")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         return [self._prediction(self.tokenizer.decode(t), t, lps[i] if lps else None)
                 for i, t in enumerate(tokens)]
@@ -309,8 +312,8 @@ class Llama:
             check_dialog(dialog, i)
         unsafe = [self.formatter.is_unsafe(d) for d in dialogs]
         safe_prompts = [self.formatter.encode_dialog_prompt(d) for d, bad in zip(dialogs, unsafe) if not bad]
-        tokens, lps = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs) \
-            if safe_prompts else ([], None)
+        tokens, lps = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs,
+                                    stop_tokens=self.formatter.stop_tokens) if safe_prompts else ([], None)
 
         results: List[ChatPrediction] = []
         answers = iter(range(len(tokens)))
@@ -368,3 +371,12 @@ def _check_divisible(args: ModelArgs, mp: int) -> None:
         raise LlamaError(f"this model cannot be split over {mp} model-parallel ranks: "
                          f"{', '.join(bad)} not divisible by {mp}; run with fewer processes "
                          f"(a divisor of n_kv_heads={args.kv_heads})")
+
+
+def _find_tokenizer(ckpt_dir: str) -> str:
+    """The tokenizer file inside a checkpoint directory (as written by llama.convert)."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        path = os.path.join(ckpt_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise LlamaError(f"no tokenizer.model or tokenizer.json in {ckpt_dir!r}; pass --tokenizer_path")

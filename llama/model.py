@@ -41,6 +41,10 @@ class ModelArgs:
     max_batch_size: int = 32
     max_seq_len: int = 2048
 
+    # Recorded by llama.convert: which chat format the model was trained with.
+    chat_format: Optional[str] = None
+    default_system_prompt: Optional[str] = None
+
     @classmethod
     def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
         """Build from a params.json dict; keys this engine does not know are ignored."""

@@ -1,59 +1,94 @@
 """Tokenizers with Meta's interface: encode(s, bos, eos), decode, bos_id, eos_id, pad_id,
-n_words, plus stop_tokens (the ids that end a generation).
+n_words, plus stop_tokens (the ids that end a generation), special_tokens (control-token
+text -> id) and add_bos (whether this model's prompts start with BOS).
 
-`Tokenizer(path)` looks at the file and returns the matching kind.
+`Tokenizer(path)` looks at the file and returns the matching kind:
+  - SentencePieceTokenizer: Llama 1/2 `tokenizer.model` (a sentencepiece protobuf);
+  - TiktokenTokenizer: Llama 3 `tokenizer.model` (lines of `base64token rank`);
+  - HFTokenizer: an HF `tokenizer.json` (e.g. SmolLM2's byte-level BPE).
+
+Every kind's `encode` takes `allow_special`: False encodes control-token text such as
+"<|eot_id|>" as plain text, True turns it into the control token. The default follows each
+reference: plain text for tiktoken (Meta), control tokens for HF tokenizer.json (HF).
 """
 
+import json
 import os
-from typing import AbstractSet, List, Sequence
-
-from sentencepiece import SentencePieceProcessor
+import re
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 from .errors import LlamaError
 
 
 class Tokenizer:
-    """Base class and factory: `Tokenizer(path)` picks the implementation from the file."""
+    """Base class and factory: `Tokenizer(path)` picks the implementation from the file.
+    `path` may also be a directory holding tokenizer.model or tokenizer.json."""
 
     n_words: int
     bos_id: int
     eos_id: int
     pad_id: int
+    add_bos: bool = True  # the model's own policy for plain text prompts
+    special_tokens: Dict[str, int]  # control-token text -> id
 
-    def __new__(cls, model_path: str) -> "Tokenizer":
+    def __new__(cls, model_path: str, *args, **kwargs) -> "Tokenizer":
         if cls is not Tokenizer:
             return super().__new__(cls)
-        if not os.path.isfile(model_path):
-            raise LlamaError(f"tokenizer file not found: {model_path!r}; pass --tokenizer_path "
-                             f"pointing at the model's tokenizer.model")
-        kind = _sniff_kind(model_path)
-        return super().__new__(_KINDS[kind])
+        return super().__new__(_KINDS[_sniff_kind(_resolve_path(model_path))])
 
     @property
     def stop_tokens(self) -> AbstractSet[int]:
         return frozenset({self.eos_id})
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+    def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False) -> List[int]:
         raise NotImplementedError
 
     def decode(self, t: Sequence[int]) -> str:
         raise NotImplementedError
 
 
+def _resolve_path(model_path: Union[str, os.PathLike]) -> str:
+    """The tokenizer file itself: `model_path`, or tokenizer.model / tokenizer.json inside it."""
+    if not isinstance(model_path, (str, os.PathLike)):
+        raise LlamaError(f"tokenizer path must be a file or directory name, got {model_path!r}")
+    path = os.fspath(model_path)
+    if os.path.isdir(path):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return os.path.join(path, name)
+        raise LlamaError(f"directory {path!r} holds neither tokenizer.model nor tokenizer.json; "
+                         f"pass --tokenizer_path pointing at the model's tokenizer file")
+    if not os.path.isfile(path):
+        raise LlamaError(f"tokenizer file not found: {path!r}; pass --tokenizer_path pointing at "
+                         f"the model's tokenizer.model or tokenizer.json")
+    return path
+
+
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+(\r?\n|$)")
+
+
 def _sniff_kind(path: str) -> str:
     with open(path, "rb") as f:
         head = f.read(4096)
+    if head.lstrip()[:1] == b"{":
+        return "hf"
+    if _TIKTOKEN_LINE.match(head):
+        return "tiktoken"
     # A sentencepiece model is a protobuf whose first field (the piece list) has tag 0x0a.
     if head[:1] == b"\x0a":
         return "sentencepiece"
-    raise LlamaError(f"{path!r} is not a tokenizer this engine can read; expected a "
-                     f"sentencepiece tokenizer.model")
+    raise LlamaError(f"{path!r} is not a tokenizer this engine can read; expected a sentencepiece "
+                     f"tokenizer.model (Llama 1/2), a tiktoken tokenizer.model (Llama 3) or an HF "
+                     f"tokenizer.json")
 
 
 class SentencePieceTokenizer(Tokenizer):
-    """Llama 1/2 sentencepiece tokenizer."""
+    """Llama 1/2 sentencepiece tokenizer. Text never becomes control tokens."""
 
     def __init__(self, model_path: str):
+        from sentencepiece import SentencePieceProcessor
+
+        model_path = _resolve_path(model_path)
         try:
             self.sp_model = SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as exc:
@@ -62,10 +97,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
         self.pad_id: int = self.sp_model.pad_id()
+        self.add_bos = True
+        self.special_tokens = {self.sp_model.id_to_piece(i): i for i in range(self.n_words)
+                               if self.sp_model.is_control(i)}
 
-    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
-        if not isinstance(s, str):
-            raise LlamaError(f"can only encode text (str), got {type(s).__name__}: {s!r:.80}")
+    def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False) -> List[int]:
+        _check_text(s)
         t = self.sp_model.encode(s)
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
@@ -73,4 +110,217 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp_model.decode(list(t))
 
 
-_KINDS = {"sentencepiece": SentencePieceTokenizer}
+# ---- Llama 3: tiktoken ----------------------------------------------------------------
+
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+    "<|image|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - 12)]
+
+# tiktoken panics beyond about 400k characters, and is quadratic on long runs of
+# whitespace or non-whitespace (openai/tiktoken#195): Meta cuts its input at these limits.
+TIKTOKEN_MAX_ENCODE_CHARS = 400_000
+MAX_NO_WHITESPACES_CHARS = 25_000
+
+
+def _split_for_tiktoken(s: str) -> Iterator[str]:
+    """Pieces of `s` cut where Meta's reference cuts: every 400k characters, then inside each
+    run of whitespace or non-whitespace longer than 25k, every 25k characters of the run."""
+    for start in range(0, len(s), TIKTOKEN_MAX_ENCODE_CHARS):
+        window = s[start:start + TIKTOKEN_MAX_ENCODE_CHARS]
+        cuts = [run.start() + k for run in re.finditer(r"\s+|\S+", window)
+                for k in range(MAX_NO_WHITESPACES_CHARS, len(run.group()), MAX_NO_WHITESPACES_CHARS)]
+        for a, b in zip([0] + cuts, cuts + [len(window)]):
+            yield window[a:b]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Meta's Llama 3 tokenizer: tiktoken BPE ranks plus 256 special tokens after them.
+    Ids, pad_id and stop tokens follow Meta's llama_models reference."""
+
+    def __init__(self, model_path: str):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        model_path = _resolve_path(model_path)
+        try:
+            ranks = load_tiktoken_bpe(model_path)
+        except Exception as exc:  # a bad line raises ValueError or binascii.Error
+            raise LlamaError(f"cannot read tiktoken tokenizer {model_path!r}: {exc}") from None
+        self.special_tokens = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
+        self.model = tiktoken.Encoding(name=os.path.basename(model_path), pat_str=LLAMA3_PATTERN,
+                                       mergeable_ranks=ranks, special_tokens=self.special_tokens)
+        self.n_words: int = len(ranks) + len(self.special_tokens)
+        self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id: int = self.special_tokens["<|end_of_text|>"]
+        self.eot_id: int = self.special_tokens["<|eot_id|>"]
+        self.eom_id: int = self.special_tokens["<|eom_id|>"]
+        self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.add_bos = True
+
+    @property
+    def stop_tokens(self) -> AbstractSet[int]:
+        return frozenset({self.eos_id, self.eom_id, self.eot_id})
+
+    def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False,
+               allowed_special: Union[Literal["all"], AbstractSet[str], None] = None,
+               disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
+        """As Meta's: by default special-token text is encoded as plain text.
+        allow_special=True (or allowed_special="all") makes it control tokens."""
+        _check_text(s)
+        allowed = "all" if allow_special else (allowed_special or set())
+        t = [i for piece in _split_for_tiktoken(s) for i in
+             self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed_special)]
+        return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode(list(t))
+
+
+# ---- HF tokenizer.json ----------------------------------------------------------------
+
+_BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|im_start|>")
+_EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
+# Tokens that end a generation whenever the vocabulary has them as special tokens.
+_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+def _read_token_config(directory: str) -> dict:
+    """Keys bos_token, eos_token, pad_token (str or {"content": str}) and add_bos_token
+    from tokenizer_config.json, falling back to special_tokens_map.json, beside the tokenizer."""
+    config: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    config.update({k: v for k, v in json.load(f).items() if v is not None})
+            except (ValueError, OSError, AttributeError) as exc:  # AttributeError: not an object
+                raise LlamaError(f"cannot read {path!r}: {exc}; fix or remove it") from None
+    for key in ("bos_token", "eos_token", "pad_token"):
+        if isinstance(config.get(key), dict):
+            config[key] = config[key].get("content")
+    return config
+
+
+class HFTokenizer(Tokenizer):
+    """An HF `tokenizer.json`, run by the `tokenizers` library.
+
+    bos/eos/pad come from the arguments, else from tokenizer_config.json or
+    special_tokens_map.json beside the file (keys "bos_token", "eos_token", "pad_token":
+    the token text, or {"content": text}; "add_bos_token": bool), else from well-known
+    special-token names. add_bos defaults to whether the file's post-processor adds BOS.
+    """
+
+    def __init__(self, model_path: str, bos_token: Optional[str] = None, eos_token: Optional[str] = None,
+                 pad_token: Optional[str] = None, add_bos: Optional[bool] = None):
+        import tokenizers
+
+        model_path = _resolve_path(model_path)
+        try:
+            self.model = tokenizers.Tokenizer.from_file(model_path)
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise LlamaError(f"cannot read HF tokenizer {model_path!r}: {exc}") from None
+        self.plain_model = tokenizers.Tokenizer.from_str(self.model.to_str())
+        self.plain_model.encode_special_tokens = True  # control-token text stays text
+        self.special_tokens = {t.content: i for i, t in self.model.get_added_tokens_decoder().items()
+                               if t.special}
+        self.n_words: int = self.model.get_vocab_size(with_added_tokens=True)
+        config = _read_token_config(os.path.dirname(os.path.abspath(model_path)))
+
+        def token_id(given: Optional[str], key: str, names: Sequence[str]) -> Optional[int]:
+            text = given or config.get(key) or next((n for n in names if n in self.special_tokens), None)
+            if text is None:
+                return None
+            if self.model.token_to_id(text) is None:
+                raise LlamaError(f"{key} {text!r} (for {model_path!r}) is not in the vocabulary; "
+                                 f"fix {key} in tokenizer_config.json")
+            return self.model.token_to_id(text)
+
+        eos = token_id(eos_token, "eos_token", _EOS_NAMES)
+        if eos is None:
+            raise LlamaError(f"cannot tell the end-of-sequence token of {model_path!r}; write a "
+                             f'tokenizer_config.json beside it with {{"eos_token": "..."}}')
+        self.eos_id: int = eos
+        bos = token_id(bos_token, "bos_token", _BOS_NAMES)
+        self.bos_id: int = eos if bos is None else bos  # GPT-2 style: one token for both
+        pad = token_id(pad_token, "pad_token", ())
+        self.pad_id: int = -1 if pad is None else pad
+        if add_bos is None:
+            add_bos = config.get("add_bos_token")
+        if add_bos is None:
+            add_bos = bos is not None and self.model.encode("", add_special_tokens=True).ids[:1] == [bos]
+        self.add_bos = bool(add_bos)
+
+    @property
+    def stop_tokens(self) -> AbstractSet[int]:
+        ends = {self.special_tokens[t] for t in _END_MARKERS if t in self.special_tokens}
+        return frozenset({self.eos_id} | ends)
+
+    def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = True) -> List[int]:
+        """As HF: by default special-token text becomes the control token; allow_special=False
+        encodes it as plain text."""
+        _check_text(s)
+        t = (self.model if allow_special else self.plain_model).encode(s, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
+
+    def decode(self, t: Sequence[int]) -> str:
+        return self.model.decode(list(t), skip_special_tokens=False)
+
+
+# llama.cpp's pre-tokenizer names -> the split regex applied before byte-level BPE.
+_GGUF_PRE_SPLITS = {
+    "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "smaug-bpe": LLAMA3_PATTERN,
+    "qwen2": LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}"),
+}
+_GGUF_DIGIT_SPLITTERS = ("smollm", "starcoder", "refact")  # digits one by one, then GPT-2's regex
+
+
+def hf_tokenizer_json_from_gguf_vocab(tokens: List[str], merges: List[str], token_types: List[int],
+                                      bos_id: Optional[int], eos_id: Optional[int], pre: str) -> str:
+    """The tokenizer.json text of the byte-level BPE ('gpt2' model) described by a GGUF file's
+    tokenizer.ggml.* metadata: tokens (index = id), merges ("a b"), token types (3 = control
+    -> special added token, 4 = user-defined -> plain added token), and the llama.cpp
+    pre-tokenizer name `pre` ('smollm', 'starcoder', 'refact': digits split individually;
+    Llama 3 / Qwen2 names: their split regex; anything else: GPT-2's regex)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizerModel
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise LlamaError("the GGUF vocabulary (tokenizer.ggml.tokens) repeats a token; cannot build "
+                         "a tokenizer.json whose ids match the model")
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tok = HFTokenizerModel(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in _GGUF_DIGIT_SPLITTERS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in _GGUF_PRE_SPLITS:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_GGUF_PRE_SPLITS[pre]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    special = {i for i, kind in enumerate(token_types) if kind == 3}
+    special |= {i for i in (bos_id, eos_id) if i is not None}
+    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
+    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
+                    for i, kind in enumerate(token_types) if kind == 4])
+    return tok.to_str()
+
+
+def _check_text(s: object) -> None:
+    if not isinstance(s, str):
+        raise LlamaError(f"can only encode text (str), got {type(s).__name__}: {s!r:.80}")
+
+
+_KINDS = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer, "hf": HFTokenizer}
+
+# Meta's Llama 3 code imports ChatFormat from here; chat_format.py needs nothing from this
+# module at import time, so importing it last is not circular.
+from .chat_format import ChatFormat  # noqa: E402
