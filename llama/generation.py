@@ -3,6 +3,7 @@
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
@@ -26,6 +27,25 @@ class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
+
+
+@dataclass
+class GenerationStats:
+    """Figures of the latest decode: what the CLIs print after each generation."""
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode speed after the first token."""
+        decode_s = self.total_s - self.time_to_first_token_s
+        return (self.generated_tokens - 1) / decode_s if self.generated_tokens > 1 and decode_s > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"[{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated, "
+                f"{self.tokens_per_s:.1f} tokens/s, first token after {self.time_to_first_token_s * 1000:.0f} ms]")
 
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
@@ -124,7 +144,7 @@ class Llama:
                                      ctx.model_parallel_size, ctx.device, model_dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.eval()
-        model.setup_caches(max_batch_size, max_seq_len)
+        _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
         print0(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(model, tokenizer, ctx)
 
@@ -134,6 +154,7 @@ class Llama:
         self.formatter = make_chat_format(tokenizer, model.params.chat_format,
                                           model.params.default_system_prompt)
         self.ctx = ctx
+        self.last_stats = GenerationStats()
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +204,8 @@ class Llama:
         params = self.model.params
         batch = len(prompt_tokens)
         assert batch <= params.max_batch_size, "generate() splits larger inputs into chunks"
+        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(t) for t in prompt_tokens))
+        start = time.perf_counter()
         stops = torch.tensor(sorted(stop_tokens if stop_tokens is not None else self.tokenizer.stop_tokens),
                              device=self.device)
         lengths = [len(t) for t in prompt_tokens]
@@ -200,6 +223,7 @@ class Llama:
         positions = last + 1  # where each row's next token goes
         live = [True] * batch
         for step in range(max(budgets)):
+            _check_finite(logits, self.model.output.weight.dtype)
             next_tokens = _sample(logits, temperature, top_p)
             token_logprobs = _token_logprobs(logits, next_tokens) if logprobs else torch.zeros_like(logits[:, 0])
             is_stop = torch.isin(next_tokens, stops)
@@ -210,6 +234,10 @@ class Llama:
                 out.append((tok, lp) if live[row] else None)
             if not any(live):
                 return
+            if step == 0:
+                stats.time_to_first_token_s = time.perf_counter() - start
+            stats.generated_tokens += sum(item is not None for item in out)
+            stats.total_s = time.perf_counter() - start
             yield out
             if step + 1 == max(budgets):
                 return
@@ -271,6 +299,51 @@ class Llama:
         return result
 
     # ---- text in, text out -------------------------------------------------------------
+
+    def stream_completion(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
+                          max_gen_len: Optional[int] = None) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces while it is decoded.
+
+        The pieces join to text_completion's `generation` for the same arguments and random
+        state. Under model parallelism every rank must iterate; all ranks yield the same text.
+        """
+        if not isinstance(prompt, str):
+            raise LlamaError(f"prompt must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
+        tokens = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
+        return self._stream_text(tokens, temperature, top_p, max_gen_len, self.tokenizer.stop_tokens)
+
+    def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
+                    max_gen_len: Optional[int] = None) -> Iterator[str]:
+        """Yield the assistant's answer to one dialog as text pieces (see stream_completion)."""
+        check_dialog(dialog)
+        if self.formatter.is_unsafe(dialog):
+            return iter([self.formatter.UNSAFE_ERROR])
+        tokens = self.formatter.encode_dialog_prompt(dialog)
+        return self._stream_text(tokens, temperature, top_p, max_gen_len, self.formatter.stop_tokens)
+
+    def _stream_text(self, prompt_tokens: List[int], temperature: float, top_p: float,
+                     max_gen_len: Optional[int], stop_tokens: Sequence[int]) -> Iterator[str]:
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        self._check_prompts([prompt_tokens], max_gen_len, temperature, top_p)  # now, not at first next()
+        steps = self.stream_tokens([prompt_tokens], max_gen_len, temperature, top_p, stop_tokens=stop_tokens)
+
+        def pieces() -> Iterator[str]:
+            generated: List[int] = []
+            emitted = ""
+            for step in steps:
+                generated.append(step[0][0])
+                # Decode the whole answer each time (detokenizers are context-sensitive) and
+                # hold back a trailing incomplete multi-byte character.
+                text = self.tokenizer.decode(generated).rstrip("\ufffd")
+                if len(text) > len(emitted) and text.startswith(emitted):
+                    yield text[len(emitted):]
+                    emitted = text
+            final = self.tokenizer.decode(generated)
+            if final != emitted:
+                yield final[len(emitted):]
+
+        return pieces()
 
     def text_completion(
         self,
@@ -380,3 +453,31 @@ def _find_tokenizer(ckpt_dir: str) -> str:
         if os.path.isfile(path):
             return path
     raise LlamaError(f"no tokenizer.model or tokenizer.json in {ckpt_dir!r}; pass --tokenizer_path")
+
+
+def _check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
+    """NaN/inf logits (typically fp16 overflow) would silently give garbage tokens."""
+    if not bool(torch.isfinite(logits).all()):
+        raise LlamaError(f"the model produced NaN or inf logits (model dtype {dtype}); the usual "
+                         f"cause is fp16 overflow: build with dtype='bf16' or dtype='fp32'")
+
+
+def kv_cache_bytes(args: ModelArgs, max_batch_size: int, max_seq_len: int, mp: int,
+                   dtype: torch.dtype) -> int:
+    """Memory the KV caches of one rank take: keys and values for every layer."""
+    per_token = 2 * args.n_layers * (args.kv_heads // mp) * args.head_dim
+    return per_token * max_batch_size * max_seq_len * torch.empty(0, dtype=dtype).element_size()
+
+
+def _setup_caches_or_explain(model: Transformer, max_batch_size: int, max_seq_len: int,
+                             device: torch.device) -> None:
+    try:
+        model.setup_caches(max_batch_size, max_seq_len)
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not isinstance(exc, torch.OutOfMemoryError) and "memory" not in str(exc).lower():
+            raise
+        mp = max(1, model.params.kv_heads // model.layers[0].attention.n_local_kv_heads)
+        need = kv_cache_bytes(model.params, max_batch_size, max_seq_len, mp, model.output.weight.dtype)
+        raise LlamaError(f"out of memory on {device} allocating the KV cache: max_batch_size="
+                         f"{max_batch_size} x max_seq_len={max_seq_len} needs {need / 2**30:.2f} GiB "
+                         f"beside the weights; lower --max_batch_size or --max_seq_len") from None
