@@ -1,6 +1,7 @@
 """Answer a few chat dialogs. Runs as `python example_chat_completion.py --ckpt_dir ...`
 or under `torchrun --nproc_per_node N example_chat_completion.py ...`."""
 
+import sys
 from typing import List, Optional
 
 from llama import Dialog, Llama
@@ -17,8 +18,10 @@ def main(
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
     model_parallel_size: Optional[int] = None,
+    stream: bool = False,
 ):
-    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use)."""
+    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
+    With --stream, each answer is printed as it is generated, one dialog at a time."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
         tokenizer_path=tokenizer_path,
@@ -26,6 +29,7 @@ def main(
         max_batch_size=max_batch_size,
         model_parallel_size=model_parallel_size,
     )
+    main_rank = generator.ctx is None or generator.ctx.is_main
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [
@@ -38,9 +42,23 @@ def main(
             {"role": "user", "content": "Another one, please."},
         ],
     ]
+    if stream:
+        for dialog in dialogs:
+            for msg in dialog:
+                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print("> Assistant: ", end="", flush=True)
+            for piece in generator.stream_chat(dialog, temperature=temperature, top_p=top_p,
+                                               max_gen_len=max_gen_len):
+                print(piece, end="", flush=True)
+            print("\n\n==================================\n")
+            if main_rank:
+                print(generator.last_stats.summary(), file=sys.stderr, flush=True)
+        return
     results = generator.chat_completion(
         dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
     )
+    if main_rank:
+        print(generator.last_stats.summary(), file=sys.stderr, flush=True)
     for dialog, result in zip(dialogs, results):
         for msg in dialog:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")

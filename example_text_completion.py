@@ -1,6 +1,7 @@
 """Complete a few text prompts. Runs as `python example_text_completion.py --ckpt_dir ...`
 or under `torchrun --nproc_per_node N example_text_completion.py ...`."""
 
+import sys
 from typing import List, Optional
 
 from llama import Llama
@@ -17,8 +18,10 @@ def main(
     max_gen_len: int = 64,
     max_batch_size: int = 4,
     model_parallel_size: Optional[int] = None,
+    stream: bool = False,
 ):
-    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use)."""
+    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
+    With --stream, each completion is printed as it is generated, one prompt at a time."""
     generator = Llama.build(
         ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
         tokenizer_path=tokenizer_path,
@@ -26,6 +29,7 @@ def main(
         max_batch_size=max_batch_size,
         model_parallel_size=model_parallel_size,
     )
+    main_rank = generator.ctx is None or generator.ctx.is_main
     prompts: List[str] = [
         # Plain continuation
         "The three most useful things to pack for a week of hiking are",
@@ -34,9 +38,22 @@ def main(
         # A question
         "Q: Why is the sky blue?\nA:",
     ]
+    if stream:
+        for prompt in prompts:
+            print(prompt)
+            print("> ", end="", flush=True)
+            for piece in generator.stream_completion(prompt, temperature=temperature, top_p=top_p,
+                                                     max_gen_len=max_gen_len):
+                print(piece, end="", flush=True)
+            print("\n\n==================================\n")
+            if main_rank:
+                print(generator.last_stats.summary(), file=sys.stderr, flush=True)
+        return
     results = generator.text_completion(
         prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
     )
+    if main_rank:
+        print(generator.last_stats.summary(), file=sys.stderr, flush=True)
     for prompt, result in zip(prompts, results):
         print(prompt)
         print(f"> {result['generation']}")

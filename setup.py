@@ -22,6 +22,6 @@ setup(
     extras_require={
         # References for parity tests, never runtime deps: transformers/accelerate, and
         # pillow/pydantic so Meta's own llama_models chat format can be imported.
-        "test": ["pytest", "hypothesis", "transformers", "accelerate", "pillow", "pydantic"],
+        "test": ["pytest", "hypothesis", "pexpect", "transformers", "accelerate", "pillow", "pydantic"],
     },
 )

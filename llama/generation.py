@@ -14,6 +14,7 @@ from .checkpoint import find_shards, load_params, load_rank_state_dict
 from .distributed import DistContext, init_distributed, print0, silence_non_main_ranks
 from .errors import LlamaError
 from .model import ModelArgs, Transformer
+from .quantize import quantize_model
 from .tokenizer import Tokenizer
 
 
@@ -52,10 +53,22 @@ _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float1
            "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 arithmetic (x86 AVX512-BF16/AMX, ARM BF16), where bf16 halves
+    the memory traffic of decoding at little cost; elsewhere bf16 is emulated and slow."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators (bf16 where supported), fp32 on the CPU."""
+    """Half precision on accelerators (bf16 where supported); bf16 on CPUs with native
+    bf16, fp32 on other CPUs."""
     if device.type == "cpu":
-        return torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if device.type == "mps":
         return torch.float16
     module = getattr(torch, device.type, None)
@@ -65,11 +78,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
     if dtype is None:
+        dtype = os.environ.get("LLAMA_DTYPE") or None  # a default for scripts that pass none
+    if dtype is None:
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise LlamaError(f"dtype={dtype!r} is not supported; use one of fp32, bf16, fp16")
+        raise LlamaError(f"dtype={dtype!r} (or LLAMA_DTYPE) is not supported; use one of fp32, bf16, fp16")
     return _DTYPES[dtype]
 
 
@@ -98,6 +113,7 @@ class Llama:
         seed: int = 1,
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a Meta-layout checkpoint onto this process's share of the model.
 
@@ -112,7 +128,9 @@ class Llama:
             model_parallel_size: ranks the model is split over; default: the world size.
             seed: the same on every rank, so every rank samples the same tokens.
             device: override the automatic choice (accelerator, else MPS, else CPU).
-            dtype: fp32, bf16 or fp16; default bf16/fp16 on accelerators, fp32 on CPU.
+            dtype: fp32, bf16 or fp16; default bf16/fp16 on accelerators, and on CPUs with
+                native bf16 (fp32 on other CPUs).
+            quantize: "int8" for weight-only int8 projections (see llama.quantize), or None.
         """
         if not isinstance(max_seq_len, int) or max_seq_len < 2:
             raise LlamaError(f"max_seq_len={max_seq_len!r} must be an integer of at least 2")
@@ -143,7 +161,9 @@ class Llama:
         state = load_rank_state_dict(shards, expected, args.dim, ctx.model_parallel_rank,
                                      ctx.model_parallel_size, ctx.device, model_dtype)
         model.load_state_dict(state, strict=True, assign=True)
+        del state
         model.eval()
+        quantize_model(model, quantize)
         _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
         print0(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(model, tokenizer, ctx)
@@ -158,7 +178,7 @@ class Llama:
 
     @property
     def device(self) -> torch.device:
-        return self.model.output.weight.device
+        return self.model.norm.weight.device
 
     # ---- the decode loop -------------------------------------------------------------
 
@@ -223,7 +243,7 @@ class Llama:
         positions = last + 1  # where each row's next token goes
         live = [True] * batch
         for step in range(max(budgets)):
-            _check_finite(logits, self.model.output.weight.dtype)
+            _check_finite(logits, self.model.norm.weight.dtype)
             next_tokens = _sample(logits, temperature, top_p)
             token_logprobs = _token_logprobs(logits, next_tokens) if logprobs else torch.zeros_like(logits[:, 0])
             is_stop = torch.isin(next_tokens, stops)
@@ -477,7 +497,7 @@ def _setup_caches_or_explain(model: Transformer, max_batch_size: int, max_seq_le
         if not isinstance(exc, torch.OutOfMemoryError) and "memory" not in str(exc).lower():
             raise
         mp = max(1, model.params.kv_heads // model.layers[0].attention.n_local_kv_heads)
-        need = kv_cache_bytes(model.params, max_batch_size, max_seq_len, mp, model.output.weight.dtype)
+        need = kv_cache_bytes(model.params, max_batch_size, max_seq_len, mp, model.norm.weight.dtype)
         raise LlamaError(f"out of memory on {device} allocating the KV cache: max_batch_size="
                          f"{max_batch_size} x max_seq_len={max_seq_len} needs {need / 2**30:.2f} GiB "
                          f"beside the weights; lower --max_batch_size or --max_seq_len") from None

@@ -18,6 +18,7 @@ from fairscale.nn.model_parallel.layers import (
     ParallelEmbedding,
     RowParallelLinear,
 )
+from fairscale.nn.model_parallel.mappings import _gather, _reduce
 from torch import nn
 
 
@@ -75,6 +76,50 @@ def _no_init(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# fairscale's layers route every call through autograd Functions even on one rank, which
+# costs more than the matmul itself at batch 1. These subclasses keep fairscale's sharded
+# parameters and collectives but call the collectives directly, and only when mp > 1.
+
+class ColumnParallel(ColumnParallelLinear):
+    """Output features split across ranks (dim 0 of the weight)."""
+
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
+        super().__init__(in_features, out_features, bias=False, gather_output=gather_output,
+                         init_method=_no_init)
+        self.mp_size = fs_init.get_model_parallel_world_size()
+        self.quantized: Optional[nn.Module] = None  # set by llama.quantize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
+        return _gather(out) if self.gather_output and self.mp_size > 1 else out
+
+
+class RowParallel(RowParallelLinear):
+    """Input features split across ranks (dim 1 of the weight); partial sums all-reduced."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False, input_is_parallel=True,
+                         init_method=_no_init)
+        self.mp_size = fs_init.get_model_parallel_world_size()
+        self.quantized: Optional[nn.Module] = None  # set by llama.quantize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
+        return _reduce(None, out) if self.mp_size > 1 else out
+
+
+class EmbeddingParallel(ParallelEmbedding):
+    """Embedding dim split across ranks (Meta's Llama 2 layout)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__(num_embeddings, embedding_dim, init_method=_no_init)
+        self.mp_size = fs_init.get_model_parallel_world_size()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = F.embedding(tokens, self.weight)
+        return _gather(out) if self.mp_size > 1 else out
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -108,15 +153,13 @@ def _llama31_scale(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < context / high, freqs, scaled)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (Meta's complex-number layout) in fp32.
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (Meta's layout) as complex numbers, in fp32.
 
-    x: [B, S, H, D]; cos, sin: [B, S, 1, D/2].
+    x: [B, S, H, D]; rotation: complex [B, S, 1, D/2] of unit length.
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class KVCache(nn.Module):
@@ -147,19 +190,19 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.kv_heads // mp
         self.head_dim = args.head_dim
         q_dim, kv_dim = args.n_heads * self.head_dim, args.kv_heads * self.head_dim
-        self.wq = ColumnParallelLinear(args.dim, q_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.wk = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.wv = ColumnParallelLinear(args.dim, kv_dim, bias=False, gather_output=False, init_method=_no_init)
-        self.wo = RowParallelLinear(q_dim, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
+        self.wq = ColumnParallel(args.dim, q_dim)
+        self.wk = ColumnParallel(args.dim, kv_dim)
+        self.wv = ColumnParallel(args.dim, kv_dim)
+        self.wo = RowParallel(q_dim, args.dim)
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+                rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
 
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
         keys, values = self.cache.update(positions, k, v, kv_len)
@@ -174,9 +217,9 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
-        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_no_init)
-        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_no_init)
-        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_no_init)
+        self.w1 = ColumnParallel(args.dim, hidden)
+        self.w2 = RowParallel(hidden, args.dim)
+        self.w3 = ColumnParallel(args.dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -192,8 +235,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, kv_len, cos, sin, mask)
+                rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, kv_len, rotation, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -205,20 +248,18 @@ class Transformer(nn.Module):
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = ParallelEmbedding(params.vocab_size, params.dim, init_method=_no_init)
+        self.tok_embeddings = EmbeddingParallel(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_no_init)
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.output = ColumnParallel(params.dim, params.vocab_size, gather_output=True)
+        self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate KV caches and rotary tables on the weights' device, in their dtype."""
-        weight = self.output.weight
+        weight = self.norm.weight
         device, dtype = weight.device, weight.dtype
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32),
-                             rope_frequencies(self.params)).to(device)
-        self.rope_cos, self.rope_sin = torch.cos(angles), torch.sin(angles)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(self.params))
+        self.rope = torch.polar(torch.ones_like(angles), angles).to(device)  # [max_seq_len, D/2]
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
@@ -238,17 +279,16 @@ class Transformer(nn.Module):
         batch, seqlen = tokens.shape
         offsets = torch.arange(seqlen, device=tokens.device)
         if isinstance(start_pos, int):
-            if start_pos + seqlen > self.rope_cos.shape[0]:
+            if start_pos + seqlen > self.rope.shape[0]:
                 raise ValueError(f"positions up to {start_pos + seqlen} do not fit max_seq_len "
-                                 f"{self.rope_cos.shape[0]} given to setup_caches()")
+                                 f"{self.rope.shape[0]} given to setup_caches()")
             positions = (start_pos + offsets).expand(batch, seqlen)
             kv_len = kv_len or start_pos + seqlen
         else:  # the caller keeps every row's position below max_seq_len
             positions = start_pos.to(tokens.device).unsqueeze(1) + offsets
             kv_len = kv_len or int(positions.max()) + 1
 
-        cos = self.rope_cos[positions].unsqueeze(2)
-        sin = self.rope_sin[positions].unsqueeze(2)
+        rotation = self.rope[positions].unsqueeze(2)
         # Plain causal masking works when every row starts at 0 and fills the cache
         # (prefill); otherwise each row masks keys past its own position.
         if isinstance(start_pos, int) and start_pos == 0 and kv_len == seqlen:
@@ -259,7 +299,7 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)
         for layer in self.layers:
-            h = layer(h, positions, kv_len, cos, sin, mask)
+            h = layer(h, positions, kv_len, rotation, mask)
         h = self.norm(h)
         if last_index is not None:
             h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]

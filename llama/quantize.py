@@ -1,0 +1,53 @@
+"""Weight-only int8 quantization, applied to a loaded model from outside.
+
+Each projection's weight becomes int8 with one scale per output row (symmetric,
+absmax/127); activations stay in the model dtype. On CPU, torch's fused
+`_weight_int8pack_mm` kernel reads the int8 weights directly, so batch-1 decode (bound by
+memory bandwidth) moves a quarter of the fp32 bytes. Elsewhere the weight is dequantized
+on the fly, which saves memory if not time.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LlamaError
+from .model import ColumnParallel, RowParallel, Transformer
+
+QUANTIZE_MODES = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T with q int8 [out, in] and scale [out]."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        # The fused kernel exists for CPU (and MPS) with half-precision activations.
+        self.fused = weight.device.type in ("cpu", "mps") and weight.dtype in (torch.bfloat16, torch.float16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            flat = x.reshape(-1, x.shape[-1])
+            return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
+        return F.linear(x, self.q.to(x.dtype)) * self.scale
+
+
+def quantize_model(model: Transformer, mode: Optional[str]) -> Transformer:
+    """Swap every projection (attention, feed-forward, output) to weight-only `mode`."""
+    if mode is None:
+        return model
+    if mode not in QUANTIZE_MODES:
+        raise LlamaError(f"quantize={mode!r} is not supported; use one of {', '.join(QUANTIZE_MODES)} or None")
+    for module in model.modules():
+        if isinstance(module, (ColumnParallel, RowParallel)) and module.quantized is None:
+            module.quantized = Int8Linear(module.weight)
+            # The int8 copy replaces the weight; drop the original to free its memory.
+            module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype, device=module.weight.device),
+                                         requires_grad=False)
+    return model
