@@ -195,6 +195,9 @@ class Attention(nn.Module):
         self.wv = ColumnParallel(args.dim, kv_dim)
         self.wo = RowParallel(q_dim, args.dim)
         self.cache: Optional[KVCache] = None
+        # PyTorch's CPU attention kernels are ~100x slower in bf16/fp16 than in fp32 for
+        # decode-sized inputs; setup_caches turns this on for half precision on the CPU.
+        self.attention_in_fp32 = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
                 rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -206,11 +209,12 @@ class Attention(nn.Module):
 
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
         keys, values = self.cache.update(positions, k, v, kv_len)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, enable_gqa=True,
-        )
-        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1))
+        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        if self.attention_in_fp32:
+            q, keys, values = q.float(), keys.float(), values.float()
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).type_as(x))
 
 
 class FeedForward(nn.Module):
@@ -264,6 +268,7 @@ class Transformer(nn.Module):
             attn = layer.attention
             attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
                                  dtype, device)
+            attn.attention_in_fp32 = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
