@@ -18,6 +18,8 @@ def main(
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
     model_parallel_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
     stream: bool = False,
 ):
     """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
@@ -28,6 +30,8 @@ def main(
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         model_parallel_size=model_parallel_size,
+        dtype=dtype,
+        quantize=quantize,
     )
     main_rank = generator.ctx is None or generator.ctx.is_main
     dialogs: List[Dialog] = [

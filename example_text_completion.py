@@ -18,6 +18,8 @@ def main(
     max_gen_len: int = 64,
     max_batch_size: int = 4,
     model_parallel_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
     stream: bool = False,
 ):
     """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
@@ -28,6 +30,8 @@ def main(
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
         model_parallel_size=model_parallel_size,
+        dtype=dtype,
+        quantize=quantize,
     )
     main_rank = generator.ctx is None or generator.ctx.is_main
     prompts: List[str] = [

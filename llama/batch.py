@@ -266,6 +266,8 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 4,
     model_parallel_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
     logprobs: bool = False,
     seed: int = 1,
 ):
@@ -290,7 +292,7 @@ def main(
     generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
                             tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
-                            seed=seed)
+                            seed=seed, dtype=dtype, quantize=quantize)
     run_batch(generator, input, output, chat, defaults, logprobs, seed, work)
 
 

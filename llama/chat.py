@@ -144,6 +144,8 @@ def main(
     max_gen_len: Optional[int] = None,
     max_batch_size: int = 1,
     model_parallel_size: Optional[int] = None,
+    dtype: Optional[str] = None,
+    quantize: Optional[str] = None,
 ):
     """Chat with a model in the terminal.
 
@@ -158,7 +160,8 @@ def main(
 
     generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
                             tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, model_parallel_size=model_parallel_size)
+                            max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
+                            dtype=dtype, quantize=quantize)
     session = ChatSession(generator, None if system is None else str(system), temperature, top_p,
                           max_gen_len)
     if generator.ctx is None or generator.ctx.is_main:
