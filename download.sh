@@ -275,10 +275,11 @@ fetch() {
 
     attempt=$((attempt + 1))
     if ((attempt > retries)); then
-      if [[ -n $http_status && $http_status != 000 && $http_status != restart ]]; then
+      # A 2xx status with a failed transfer is a dropped connection, not an HTTP error.
+      if [[ $http_status =~ ^[45][0-9][0-9]$ ]]; then
         err "HTTP $http_status while downloading $rel from $shown"
       else
-        err "network error downloading $rel from $shown ($downloader exit code $rc)"
+        err "network error downloading $rel from $shown ($downloader exit code $rc; the transfer was cut off or never started)"
       fi
       [[ -s $part ]] && echo "Partial data kept in $part; rerun to resume." >&2
       exit 3

@@ -7,15 +7,18 @@ rank r of M, so N and M need not match.
 """
 
 import json
+import math
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from .chat_format import CHAT_FORMATS
+from .distributed import all_ranks_agree
 from .errors import LlamaError
+from .model import ModelArgs
 from .progress import progress
 
 SHARD_PATTERN = "consolidated.*.pth"
@@ -50,21 +53,85 @@ def _shard_number(path: Path) -> int:
 
 
 def load_params(ckpt_dir: str) -> dict:
-    """params.json as a dict, with required keys checked."""
+    """params.json as a dict, with required keys and value types checked."""
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise LlamaError(f"{str(path)!r} is missing; a Meta checkpoint directory holds params.json "
                          f"beside its consolidated.NN.pth shards")
     try:
         params = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise LlamaError(f"{str(path)!r} is not valid JSON ({exc}); restore it from the download") from None
     if not isinstance(params, dict):
         raise LlamaError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
-    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-    if missing:
-        raise LlamaError(f"{str(path)!r} lacks required keys {missing}")
+    check_params(params, str(path))
     return params
+
+
+# params.json keys the model reads, by kind; null means "not set" for every one of them.
+_INT_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+             "rope_original_context")
+_FLOAT_KEYS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
+               "rope_low_freq_factor", "rope_high_freq_factor")
+
+
+def check_params(params: dict, where: str) -> None:
+    """LlamaError naming `where` unless params has the required keys, values of the right
+    kind, and heads that split dim into even-sized (rotary) heads."""
+    missing = [k for k in ("dim", "n_layers", "n_heads") if params.get(k) is None]
+    if missing:
+        raise LlamaError(f"{where!r} lacks required keys {missing}; restore it from the download")
+    for key, value in params.items():
+        if value is None:
+            continue
+        if key in _INT_KEYS:  # vocab_size -1: take it from the tokenizer
+            ok = type(value) is int and (value >= 1 or (key, value) == ("vocab_size", -1))
+            kind = "a positive integer"
+        elif key in _FLOAT_KEYS:
+            ok, kind = type(value) in (int, float) and 0 < value < math.inf, "a positive number"
+        elif key == "use_scaled_rope":
+            ok, kind = type(value) is bool, "true or false"
+        elif key == "chat_format":
+            ok, kind = isinstance(value, str) and value in CHAT_FORMATS, f"one of {', '.join(CHAT_FORMATS)}"
+        elif key == "default_system_prompt":
+            ok, kind = isinstance(value, str), "a string"
+        else:
+            continue  # keys the engine does not use
+        if not ok:
+            raise LlamaError(f"{where!r}: {key}={value!r} is invalid, it must be {kind}; "
+                             f"fix it or restore the file from the download")
+    dim, heads = params["dim"], params["n_heads"]
+    kv_heads = params.get("n_kv_heads") or heads
+    if dim % heads or (dim // heads) % 2 or heads % kv_heads:
+        raise LlamaError(f"{where!r}: dim={dim}, n_heads={heads}, n_kv_heads={kv_heads} do not fit "
+                         f"together (dim must be n_heads times an even head size, and n_kv_heads "
+                         f"must divide n_heads); fix it or restore the file from the download")
+
+
+def check_weights_fit(weights: Dict[str, torch.Tensor], params: dict, where: str) -> None:
+    """LlamaError naming `where` unless `weights` (full, unsharded, Meta's names) are exactly
+    the weights of a model with these params, in the right shapes."""
+    layers = {int(m.group(1)) for name in weights if (m := re.match(r"layers\.(\d+)\.", name))}
+    if len(layers) != params["n_layers"] or layers != set(range(len(layers))):
+        raise LlamaError(f"{where!r} holds weights for {len(layers)} layers but says n_layers="
+                         f"{params['n_layers']}; the file is damaged or not a plain Llama model")
+    a = ModelArgs.from_params(params)
+    kv, vocab = a.kv_heads * a.head_dim, a.vocab_size
+    shapes = {"tok_embeddings.weight": (vocab, a.dim), "norm.weight": (a.dim,), "output.weight": (vocab, a.dim)}
+    for i in range(a.n_layers):
+        for leaf, shape in (("attention.wq", (a.dim, a.dim)), ("attention.wk", (kv, a.dim)),
+                            ("attention.wv", (kv, a.dim)), ("attention.wo", (a.dim, a.dim)),
+                            ("feed_forward.w1", (a.ffn_hidden_dim, a.dim)),
+                            ("feed_forward.w2", (a.dim, a.ffn_hidden_dim)),
+                            ("feed_forward.w3", (a.ffn_hidden_dim, a.dim)),
+                            ("attention_norm", (a.dim,)), ("ffn_norm", (a.dim,))):
+            shapes[f"layers.{i}.{leaf}.weight"] = shape
+    wrong = [f"{name} {tuple(weights[name].shape) if name in weights else 'missing'} (expected {shape})"
+             for name, shape in shapes.items() if name not in weights or tuple(weights[name].shape) != shape]
+    wrong += [f"{name} (unexpected)" for name in weights if name not in shapes]
+    if wrong:
+        raise LlamaError(f"the weights in {where!r} do not fit its own settings: {', '.join(wrong[:4])}; "
+                         f"the file is damaged or not a plain Llama model")
 
 
 def parallel_axis(name: str) -> Optional[int]:
@@ -94,13 +161,24 @@ def _open_shard(path: Path) -> Dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise LlamaError(f"refusing to load {str(path)!r}: it contains objects other than tensors "
-                         f"(possibly code); only plain weight files are accepted ({exc})") from None
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+                         f"(possibly code) or is corrupted ({_reason(exc)}); only plain weight files "
+                         f"are accepted: download it again from a trusted source") from None
+    except Exception as exc:  # a damaged file makes torch raise nearly anything
         raise LlamaError(f"cannot read checkpoint shard {str(path)!r}: it is truncated or corrupted "
-                         f"({exc}); download it again") from None
+                         f"({type(exc).__name__}: {_reason(exc)}); download it again") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LlamaError(f"{str(path)!r} does not hold a dict of tensors; is it a Meta checkpoint shard?")
     return state
+
+
+def _reason(exc: Exception) -> str:
+    """The gist of torch.load's error: for a refused pickle, the paragraph saying what was
+    refused (not torch's advice to retry with weights_only=False); else the first line."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", str(exc)) if p.strip()]
+    useful = [p for p in paragraphs if not p.startswith(boilerplate)] or [type(exc).__name__]
+    line = useful[0].replace("WeightsUnpickler error:", "").strip().splitlines()[0]
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], dim: int,
@@ -110,13 +188,23 @@ def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], di
 
     expected: the model's own parameter shapes on this rank (its state_dict shapes);
     every key must be found and fit, with a clear error naming the shard otherwise.
+    A collective when several processes run: if loading fails on any rank, it fails on
+    every rank with that rank's message, so none goes on to wait for a rank that gave up.
     """
+    with all_ranks_agree("loading the checkpoint"):
+        return _load_rank_state_dict(shards, expected, dim, mp_rank, mp_size, device, dtype)
+
+
+def _load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], dim: int,
+                          mp_rank: int, mp_size: int, device: torch.device,
+                          dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     states = [_open_shard(p) for p in shards]
+    where = str(shards[0].parent)
     names = set(states[0]) - set(_IGNORED_KEYS)
     unknown = sorted(names - set(expected))
     missing = sorted(set(expected) - names)
     if unknown or missing:
-        raise LlamaError(f"checkpoint {str(shards[0].parent)!r} does not fit params.json: "
+        raise LlamaError(f"checkpoint {where!r} does not fit params.json: "
                          f"missing weights {missing[:5]}, unexpected weights {unknown[:5]}")
 
     result: Dict[str, torch.Tensor] = {}
@@ -126,15 +214,24 @@ def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], di
         for path, state in zip(shards, states):
             if name not in state:
                 raise LlamaError(f"shard {str(path)!r} lacks weight {name!r}; the download is incomplete")
+            if state[name].dim() != len(shape):
+                raise LlamaError(f"weight {name!r} in shard {str(path)!r} has shape {tuple(state[name].shape)}, "
+                                 f"which does not fit params.json (expected {len(shape)} dimensions)")
             pieces.append(state[name])
         axis = checkpoint_axis(name, pieces[0].shape, dim, len(pieces))
-        full = pieces[0] if axis is None or len(pieces) == 1 else torch.cat(pieces, dim=axis)
+        if axis is None or len(pieces) == 1:
+            full = pieces[0]
+        elif len({p.shape[:axis] + p.shape[axis + 1:] for p in pieces}) > 1:
+            raise LlamaError(f"weight {name!r} has shapes {[tuple(p.shape) for p in pieces]} in the "
+                             f"shards of {where!r}, which cannot be joined; are all shards from one model?")
+        else:
+            full = torch.cat(pieces, dim=axis)
         ours = full
         our_axis = parallel_axis(name)
         if mp_size > 1 and our_axis is not None and full.shape[our_axis] == shape[our_axis] * mp_size:
             ours = full.narrow(our_axis, mp_rank * shape[our_axis], shape[our_axis])
         if ours.shape != shape:
-            raise LlamaError(f"weight {name!r} in {str(shards[0].parent)!r} has shape "
+            raise LlamaError(f"weight {name!r} in {where!r} has shape "
                              f"{tuple(full.shape)} (merged from {len(shards)} shard(s)), which does "
                              f"not fit params.json (this rank expects {tuple(shape)})")
         key = (ours.data_ptr(), tuple(ours.shape), ours.stride())
@@ -142,7 +239,6 @@ def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], di
             converted[key] = ours.to(device=device, dtype=dtype).contiguous()
         result[name] = converted[key]
     return result
-
 
 
 def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int,

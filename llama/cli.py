@@ -1,21 +1,45 @@
 """Shared plumbing for the command-line scripts: user mistakes become one line on
 stderr and exit status 1, never a traceback."""
 
+import contextlib
 import sys
 from typing import Callable
 
 import fire
+import torch.distributed as dist
 
 from .errors import LlamaError
 
 
 def run(main: Callable) -> None:
-    """fire.Fire(main), turning LlamaError (and a missing file) into a one-line error."""
+    """fire.Fire(main), turning LlamaError (and a lost peer process) into a one-line error."""
     try:
         fire.Fire(main)
     except LlamaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(exc))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        if not _lost_peer(exc):
+            raise
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        _fail(f"lost contact with the other processes of this job ({first_line}); one of them "
+              f"failed, was killed or is stuck (waits are bounded by LLAMA_DIST_TIMEOUT): its own "
+              f"error, or torchrun's summary, names the cause")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
+    if dist.is_initialized():
+        # Left to interpreter shutdown, a process group whose peers are exiting too may
+        # abort the process ("terminate called without an active exception").
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    sys.exit(1)
+
+
+def _lost_peer(exc: Exception) -> bool:
+    """A collective failed because another rank went away or timed out (gloo says so in a
+    plain RuntimeError, NCCL in a DistBackendError)."""
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))

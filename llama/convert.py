@@ -18,7 +18,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from .checkpoint import save_checkpoint
+from .checkpoint import check_params, check_weights_fit, save_checkpoint
 from .errors import LlamaError
 from .progress import progress
 
@@ -150,8 +150,15 @@ def convert_hf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     config_path = src / "config.json"
     if not config_path.is_file():
         raise LlamaError(f"{str(src)!r} has no config.json; is it an HF model directory?")
-    config = json.loads(config_path.read_text())
-    params = params_from_hf_config(config)
+    try:
+        config = json.loads(config_path.read_text())
+        params = params_from_hf_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, LlamaError):
+            raise
+        raise LlamaError(f"cannot read {str(config_path)!r} ({type(exc).__name__}: {exc}); it must be "
+                         f"the config.json of an HF Llama model") from None
+    check_params(params, str(config_path))
     hf = dict(progress(_hf_tensors(src), "reading weights"))
     weights = meta_from_hf_state_dict(hf, params)
 
@@ -182,40 +189,82 @@ _GGUF_LAYER_NAMES = {
 }
 
 
-def _gguf_value(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+_REQUIRED = object()
+
+
+def _is_kind(value, kind) -> bool:
+    """value is of `kind`: int, float (int allowed), str, or [kind] for a list of them."""
+    if isinstance(kind, list):
+        return isinstance(value, list) and all(_is_kind(v, kind[0]) for v in value)
+    if kind is float:
+        return type(value) in (int, float)
+    return type(value) is kind
+
+
+def _open_gguf(src: Path):
+    """A gguf.GGUFReader that refuses to read past the end of the file. (The stock reader
+    reads short there without complaint, so a damaged array length makes it loop for hours.)"""
+    import gguf
+    import numpy as np
+
+    class BoundedReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                raise ValueError(f"the file ends at byte {len(self.data)}, before byte {end}")
+            return super()._get(offset, dtype, count, override_order)
+
+    return BoundedReader(str(src))
 
 
 def convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
+    try:
+        return _convert_gguf(src, work)
+    except LlamaError:
+        raise
+    except Exception as exc:  # on damaged files gguf, numpy and tokenizers raise nearly anything
+        raise LlamaError(f"cannot convert GGUF file {str(src)!r}: it is truncated, damaged or not a "
+                         f"Llama GGUF ({type(exc).__name__}: {exc}); download it again") from None
+
+
+def _convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     import gguf
 
     from .tokenizer import hf_tokenizer_json_from_gguf_vocab
 
-    try:
-        reader = gguf.GGUFReader(str(src))
-    except Exception as exc:
-        raise LlamaError(f"cannot read GGUF file {str(src)!r}: {exc}") from None
-    arch = _gguf_value(reader, "general.architecture")
+    reader = _open_gguf(src)
+
+    def get(key: str, kind, default=_REQUIRED):
+        """Metadata `key`, checked to be of `kind` (see _is_kind); `default` if absent."""
+        field = reader.fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise LlamaError(f"GGUF file {str(src)!r} lacks the metadata key {key!r}; "
+                                 f"is it a complete Llama model?")
+            return default
+        value = field.contents()
+        if not _is_kind(value, kind):
+            raise LlamaError(f"GGUF file {str(src)!r}: metadata {key!r} = {value!r:.60} is not of the "
+                             f"expected kind {kind}; the file is damaged")
+        return value
+
+    arch = get("general.architecture", str, None)
     if arch != "llama":
         raise LlamaError(f"{str(src)!r} holds a {arch!r} model; only the 'llama' architecture is supported")
-
-    def meta(key: str, default=None):
-        return _gguf_value(reader, f"llama.{key}", default)
-
-    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-    dim, n_heads = meta("embedding_length"), meta("attention.head_count")
+    tokens = get("tokenizer.ggml.tokens", [str])
+    dim, n_heads = get("llama.embedding_length", int), get("llama.attention.head_count", int)
     params = {
         "dim": dim,
-        "n_layers": meta("block_count"),
+        "n_layers": get("llama.block_count", int),
         "n_heads": n_heads,
-        "n_kv_heads": meta("attention.head_count_kv", n_heads),
-        "vocab_size": meta("vocab_size", len(tokens)),
+        "n_kv_heads": get("llama.attention.head_count_kv", int, n_heads),
+        "vocab_size": get("llama.vocab_size", int, len(tokens)),
         "multiple_of": 1,
-        "ffn_dim_multiplier": (meta("feed_forward_length") + 0.5) / int(8 * dim / 3),
-        "norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-5),
-        "rope_theta": meta("rope.freq_base", 10000.0),
+        "norm_eps": get("llama.attention.layer_norm_rms_epsilon", float, 1e-5),
+        "rope_theta": get("llama.rope.freq_base", float, 10000.0),
     }
+    check_params(params, str(src))
+    params["ffn_dim_multiplier"] = (get("llama.feed_forward_length", int) + 0.5) / int(8 * dim / 3)
 
     weights: Dict[str, torch.Tensor] = {}
     for tensor in progress(reader.tensors, "dequantizing"):
@@ -229,31 +278,36 @@ def convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
             weights["output.weight"] = value
         elif name == "rope_freqs.weight":
             params.update(_llama31_scaling_from_factors(value, params))
-        elif name.startswith("blk."):
-            _, index, kind, leaf = name.split(".", 3)
-            if kind not in _GGUF_LAYER_NAMES:
-                raise LlamaError(f"unexpected tensor {name!r} in {str(src)!r}: not a Llama layer weight")
+        elif name.startswith("blk.") and name.count(".") == 3 and name.split(".")[2] in _GGUF_LAYER_NAMES:
+            _, index, kind, leaf = name.split(".")
             weights[f"layers.{index}.{_GGUF_LAYER_NAMES[kind]}.{leaf}"] = value
         else:
-            raise LlamaError(f"unexpected tensor {name!r} in {str(src)!r}")
+            raise LlamaError(f"unexpected tensor {name!r} in {str(src)!r}: not a Llama weight")
+    if "tok_embeddings.weight" not in weights:
+        raise LlamaError(f"{str(src)!r} has no token_embd.weight tensor; is it a complete Llama model?")
     if "output.weight" not in weights:  # tied embeddings
         weights["output.weight"] = weights["tok_embeddings.weight"]
 
-    model = _gguf_value(reader, "tokenizer.ggml.model")
+    model = get("tokenizer.ggml.model", str, None)
     if model != "gpt2":
         raise LlamaError(f"{str(src)!r} uses a {model!r} tokenizer; only byte-level BPE ('gpt2') "
                          f"tokenizers can be converted from GGUF so far")
-    bos, eos = _gguf_value(reader, "tokenizer.ggml.bos_token_id"), _gguf_value(reader, "tokenizer.ggml.eos_token_id")
+    token_types = get("tokenizer.ggml.token_type", [int])
+    ids = {key: get(f"tokenizer.ggml.{key}_token_id", int, None) for key in ("bos", "eos", "padding")}
+    if len(token_types) != len(tokens) or any(i is not None and not 0 <= i < len(tokens) for i in ids.values()):
+        raise LlamaError(f"GGUF file {str(src)!r}: the token types or special token ids do not fit its "
+                         f"{len(tokens)} tokens; the file is damaged")
+    bos, eos, pad = ids["bos"], ids["eos"], ids["padding"]
     (work / "tokenizer.json").write_text(hf_tokenizer_json_from_gguf_vocab(
-        tokens, _gguf_value(reader, "tokenizer.ggml.merges"), _gguf_value(reader, "tokenizer.ggml.token_type"),
-        bos, eos, _gguf_value(reader, "tokenizer.ggml.pre", "default")))
+        tokens, get("tokenizer.ggml.merges", [str]), token_types, bos, eos,
+        get("tokenizer.ggml.pre", str, "default")))
     (work / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": tokens[bos] if bos is not None else None,
         "eos_token": tokens[eos] if eos is not None else None,
-        "pad_token": tokens[pad] if (pad := _gguf_value(reader, "tokenizer.ggml.padding_token_id")) is not None else None,
-        "add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", True)),
+        "pad_token": tokens[pad] if pad is not None else None,
+        "add_bos_token": bool(get("tokenizer.ggml.add_bos_token", bool, True)),
     }, indent=2) + "\n")
-    name, system = _chat_format_from_template(_gguf_value(reader, "tokenizer.chat_template", "") or "")
+    name, system = _chat_format_from_template(get("tokenizer.chat_template", str, ""))
     if name:
         params["chat_format"] = name
     if system:
@@ -306,6 +360,7 @@ def convert(src: str, dst: str, model_parallel_size: int = 1, dtype: str = "bf16
             weights, params = convert_gguf(source, work)
         else:
             raise LlamaError(f"source {src!r} is neither a directory nor a .gguf file")
+        check_weights_fit(weights, params, src)
         cast = {id(v): v.to(_DTYPES[dtype]) for v in weights.values()}  # tied weights stay one tensor
         weights = {k: cast[id(v)] for k, v in weights.items()}
         save_checkpoint(weights, params, str(work), model_parallel_size)

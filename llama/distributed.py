@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -15,8 +15,21 @@ from fairscale.nn.model_parallel import initialize as fs_init
 
 from .errors import LlamaError
 
-# Bounded so that a dead rank ends the job instead of leaving the others waiting forever.
-DEFAULT_TIMEOUT_S = int(os.environ.get("LLAMA_DIST_TIMEOUT", "300"))
+# Bounded so that a rank that hangs ends the job instead of leaving the others waiting
+# forever. (A rank that dies or fails ends the job at once: see all_ranks_agree.)
+DEFAULT_TIMEOUT_S = 300
+
+
+def timeout_s() -> float:
+    """The process-group timeout: LLAMA_DIST_TIMEOUT seconds, default 300."""
+    text = os.environ.get("LLAMA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise LlamaError(f"LLAMA_DIST_TIMEOUT={text!r} must be a positive number of seconds")
+    return value
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,7 @@ def init_distributed(model_parallel_size: Optional[int] = None,
         torch.accelerator.set_device_index(chosen.index or 0)
 
     if not dist.is_initialized():
-        timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
+        timeout = timedelta(seconds=timeout_s())
         if "MASTER_ADDR" in os.environ and world_size > 1:
             dist.init_process_group(backend, timeout=timeout)
         else:
@@ -97,6 +110,7 @@ def init_distributed(model_parallel_size: Optional[int] = None,
     if not fs_init.model_parallel_is_initialized():
         with contextlib.redirect_stdout(io.StringIO()):  # fairscale announces its groups
             fs_init.initialize_model_parallel(mp)
+        _bound_fairscale_timeouts(timedelta(seconds=timeout_s()))
     elif fs_init.get_model_parallel_world_size() != mp:
         raise LlamaError(f"model parallelism is already set up with size "
                          f"{fs_init.get_model_parallel_world_size()}; cannot switch to {mp} "
@@ -105,6 +119,46 @@ def init_distributed(model_parallel_size: Optional[int] = None,
     # The same seed everywhere, so every rank samples the same tokens.
     torch.manual_seed(seed)
     return DistContext(rank, world_size, local_rank, mp, chosen, backend)
+
+
+def _bound_fairscale_timeouts(timeout: timedelta) -> None:
+    """fairscale makes its groups with torch's default timeout (30 min for gloo, 10 for
+    NCCL), which the collectives of every forward pass use; give them ours."""
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.3
+    if set_timeout is None:
+        return
+    groups = (fs_init.get_model_parallel_group(), fs_init.get_data_parallel_group(),
+              fs_init.get_pipeline_parallel_group())
+    for group in set(groups):
+        set_timeout(timeout, group)
+
+
+@contextlib.contextmanager
+def all_ranks_agree(what: str) -> Iterator[None]:
+    """Run the block on every rank, then agree: if it raised on any rank, it raises on
+    every rank, the others getting a LlamaError with the first failing rank's message.
+
+    So a failure that only one rank sees (its own bad copy of a shard, its GPU out of
+    memory) ends every rank at once, with the root cause on rank 0's stderr, instead of
+    leaving the healthy ranks waiting in their next collective. A no-op in a world of one.
+    """
+    error: Optional[Exception] = None
+    try:
+        yield
+    except Exception as exc:
+        error = exc
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        reports = [None] * dist.get_world_size()
+        mine = None
+        if error is not None:
+            mine = str(error) if isinstance(error, LlamaError) else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(reports, mine)
+        failed = [(rank, msg) for rank, msg in enumerate(reports) if msg is not None]
+        if failed and error is None:
+            rank, msg = failed[0]
+            raise LlamaError(f"rank {rank} failed while {what}: {msg}")
+    if error is not None:
+        raise error
 
 
 def silence_non_main_ranks(ctx: DistContext) -> None:

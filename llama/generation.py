@@ -3,15 +3,15 @@
 
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
-import torch.nn.functional as F
 
 from .chat_format import Dialog, Message, check_dialog, make_chat_format
 from .checkpoint import find_shards, load_params, load_rank_state_dict
-from .distributed import DistContext, init_distributed, print0, silence_non_main_ranks
+from .distributed import DistContext, all_ranks_agree, init_distributed, print0, silence_non_main_ranks
 from .errors import LlamaError
 from .model import ModelArgs, Transformer
 from .quantize import quantize_model
@@ -137,34 +137,26 @@ class Llama:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise LlamaError(f"max_batch_size={max_batch_size!r} must be a positive integer")
         start = time.time()
-        shards = find_shards(ckpt_dir)
-        params = load_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path if tokenizer_path is not None else _find_tokenizer(ckpt_dir))
         ctx = init_distributed(model_parallel_size, device, seed)
         silence_non_main_ranks(ctx)
-
-        args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        if args.vocab_size <= 0:
-            args.vocab_size = tokenizer.n_words
-        if tokenizer.n_words != args.vocab_size:
-            raise LlamaError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the model "
-                             f"in {ckpt_dir!r} has vocab_size {args.vocab_size}; use the tokenizer that "
-                             f"came with this checkpoint")
-        _check_divisible(args, ctx.model_parallel_size)
-
-        model_dtype = _resolve_dtype(dtype, ctx.device)
-        with _DefaultDtype(model_dtype):
-            model = Transformer(args)
-        # fairscale allocated (untouched) CPU storage; drop it before the real weights arrive.
-        model.to_empty(device="meta")
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        state = load_rank_state_dict(shards, expected, args.dim, ctx.model_parallel_rank,
-                                     ctx.model_parallel_size, ctx.device, model_dtype)
-        model.load_state_dict(state, strict=True, assign=True)
-        del state
-        model.eval()
-        quantize_model(model, quantize)
-        _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
+        # A mistake or failure that one rank sees ends every rank, with its message.
+        with all_ranks_agree("building the model"):
+            shards = find_shards(ckpt_dir)
+            params = load_params(ckpt_dir)
+            if tokenizer_path is None:
+                tokenizer_path = _find_tokenizer(ckpt_dir)
+            tokenizer = Tokenizer(tokenizer_path)
+            args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+            if args.vocab_size <= 0:
+                args.vocab_size = tokenizer.n_words
+            if tokenizer.n_words != args.vocab_size:
+                raise LlamaError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the model "
+                                 f"in {ckpt_dir!r} has vocab_size {args.vocab_size}; use the tokenizer that "
+                                 f"came with this checkpoint")
+            _check_divisible(args, ctx.model_parallel_size)
+            model = _load_model(args, shards, ckpt_dir, ctx, _resolve_dtype(dtype, ctx.device))
+            quantize_model(model, quantize)
+            _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
         print0(f"Loaded in {time.time() - start:.2f} seconds")
         return Llama(model, tokenizer, ctx)
 
@@ -464,6 +456,27 @@ def _check_divisible(args: ModelArgs, mp: int) -> None:
         raise LlamaError(f"this model cannot be split over {mp} model-parallel ranks: "
                          f"{', '.join(bad)} not divisible by {mp}; run with fewer processes "
                          f"(a divisor of n_kv_heads={args.kv_heads})")
+
+
+def _load_model(args: ModelArgs, shards: List[Path], ckpt_dir: str, ctx: DistContext,
+                dtype: torch.dtype) -> Transformer:
+    """This rank's shard of the model, weights memory-mapped or moved straight into place."""
+    try:
+        with _DefaultDtype(dtype):
+            model = Transformer(args)
+    except RuntimeError as exc:  # fairscale allocates (untouched) CPU memory per layer
+        if "alloc" not in str(exc):
+            raise
+        raise LlamaError(f"cannot allocate a model of the size {ckpt_dir}/params.json describes "
+                         f"(dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}); "
+                         f"check params.json") from None
+    # Drop fairscale's placeholder storage before the real weights arrive.
+    model.to_empty(device="meta")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = load_rank_state_dict(shards, expected, args.dim, ctx.model_parallel_rank,
+                                 ctx.model_parallel_size, ctx.device, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def _find_tokenizer(ckpt_dir: str) -> str:

@@ -323,4 +323,4 @@ _KINDS = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer
 
 # Meta's Llama 3 code imports ChatFormat from here; chat_format.py needs nothing from this
 # module at import time, so importing it last is not circular.
-from .chat_format import ChatFormat  # noqa: E402
+from .chat_format import ChatFormat  # noqa: E402,F401  (re-exported)

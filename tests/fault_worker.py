@@ -1,0 +1,50 @@
+"""Worker for tests/test_faults.py, launched under torchrun: build, then generate, the way
+the example scripts do (llama.cli.run: a LlamaError becomes one line on stderr, exit 1).
+
+Usage: torchrun --nproc_per_node 2 tests/fault_worker.py --ckpt_dir D --tokenizer_path T
+
+Faults are injected by this script only, never by library code, from the environment:
+  FAULT_RANK1_CKPT=DIR   rank 1 loads DIR instead of --ckpt_dir (e.g. its own bad copy)
+  FAULT_KILL_RANK=R      rank R dies abruptly (os._exit(FAULT_EXIT_CODE, default 9))
+  FAULT_KILL_AFTER=N     ... after N forward passes of the model (mid-generation)
+  FAULT_HANG_RANK=R      rank R hangs (sleeps) instead of generating, alive but silent
+"""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama import Llama  # noqa: E402
+from llama.cli import run  # noqa: E402
+
+
+def main(ckpt_dir: str, tokenizer_path: str, max_gen_len: int = 16):
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 1 and os.environ.get("FAULT_RANK1_CKPT"):
+        ckpt_dir = os.environ["FAULT_RANK1_CKPT"]
+    generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu")
+
+    if os.environ.get("FAULT_KILL_RANK") == str(rank):
+        forward, calls = generator.model.forward, [0]
+        kill_after = int(os.environ.get("FAULT_KILL_AFTER", "3"))
+
+        def dying_forward(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] > kill_after:
+                os._exit(int(os.environ.get("FAULT_EXIT_CODE", "9")))
+            return forward(*args, **kwargs)
+
+        generator.model.forward = dying_forward
+
+    if os.environ.get("FAULT_HANG_RANK") == str(rank):
+        time.sleep(3600)
+    results = generator.text_completion(["The capital of France is", "Hi"], temperature=0,
+                                        max_gen_len=max_gen_len)
+    print(f"rank {rank} done: {results[0]['generation']!r}")
+
+
+if __name__ == "__main__":
+    run(main)

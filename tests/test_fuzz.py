@@ -1,0 +1,290 @@
+"""Property-based and fuzz tests: generation over random prompts and sampling settings, and
+the readers of untrusted files (params.json, checkpoint shards, GGUF) over mutated inputs,
+which must either work or raise LlamaError: never another exception, never a hang.
+
+Hypothesis runs derandomized (the same examples every run) so the suite stays reproducible."""
+
+import contextlib
+import json
+import math
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+
+from llama import Llama, LlamaError, ModelArgs
+from llama.checkpoint import _open_shard, load_params
+from llama.convert import convert
+from llama.testing import TINY_PARAMS
+
+SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+MAX_SEQ_LEN = 64  # as the `generator` fixture
+
+
+@pytest.fixture(autouse=True)
+def _keep_rng_state_one_thread():
+    """Leave the global RNG as other tests expect it. One thread: the tiny model is faster
+    so, and much faster on a busy machine, where two threads spin against each other."""
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Fail (instead of hanging the suite) if the block runs longer than `seconds`."""
+    if not hasattr(signal, "SIGALRM"):
+        yield
+        return
+
+    def expired(*_):
+        raise TimeoutError(f"still running after {seconds}s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def mutations(size: int, new_bytes=st.integers(0, 255)):
+    """A truncation, or 1-4 bytes overwritten (with values drawn from new_bytes), of a file of `size` bytes."""
+    flips = st.lists(st.tuples(st.integers(0, size - 1), new_bytes), min_size=1, max_size=4)
+    return st.one_of(st.integers(0, size - 1).map(lambda n: ("cut", n)), flips.map(lambda f: ("flip", f)))
+
+
+def mutate(data: bytes, mutation) -> bytes:
+    kind, arg = mutation
+    if kind == "cut":
+        return data[:arg]
+    out = bytearray(data)
+    for pos, byte in arg:
+        out[pos] = byte
+    return bytes(out)
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+@settings(max_examples=25, **SETTINGS)
+@given(prompts=st.lists(st.text(max_size=50), min_size=1, max_size=6),  # max_batch_size is 4
+       temperature=st.one_of(st.just(0.0), st.floats(0.05, 2.0)),
+       top_p=st.floats(0.01, 1.0),
+       max_gen_len=st.integers(1, 10),
+       stop_picks=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 9)), min_size=1, max_size=3),
+       seed=st.integers(0, 2**31 - 1))
+def test_generation_never_crashes_and_respects_budget_and_stop_tokens(
+        generator, prompts, temperature, top_p, max_gen_len, stop_picks, seed):
+    tok = generator.tokenizer
+    ids = [tok.encode(p, bos=True, eos=False) for p in prompts]
+    if any(len(t) >= MAX_SEQ_LEN for t in ids):
+        event("a prompt is too long")
+        with pytest.raises(LlamaError, match="too many for max_seq_len"):
+            generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        return
+
+    # Without stop tokens ([-1] never occurs) every row runs its whole budget.
+    torch.manual_seed(seed)
+    free, logprobs = generator.generate(ids, max_gen_len, temperature, top_p, logprobs=True, stop_tokens=[-1])
+    for prompt, out, lps in zip(ids, free, logprobs, strict=True):
+        assert len(out) == len(lps) == min(max_gen_len, MAX_SEQ_LEN - len(prompt))
+        assert all(0 <= t < tok.n_words for t in out)
+        assert all(lp <= 1e-6 and not math.isnan(lp) for lp in lps)
+
+    # With stop tokens taken from those outputs, the same draws end at the first stop token,
+    # which is not returned. (When sampling, only the first chunk of max_batch_size prompts
+    # sees the same draws: a chunk that stops early leaves the RNG elsewhere for the next.)
+    stops = {free[r % len(free)][i % len(free[r % len(free)])] for r, i in stop_picks if free[r % len(free)]}
+    if stops:
+        torch.manual_seed(seed)
+        stopped, _ = generator.generate(ids, max_gen_len, temperature, top_p, stop_tokens=sorted(stops))
+        same_draws = len(ids) if temperature == 0 else generator.model.params.max_batch_size
+        for out, cut in zip(free[:same_draws], stopped, strict=False):
+            first_stop = next((i for i, t in enumerate(out) if t in stops), len(out))
+            assert cut == out[:first_stop]
+            event("stopped early" if first_stop < len(out) else "ran its whole budget")
+        assert len(stopped) == len(ids) and not any(t in stops for out in stopped for t in out)
+
+    texts = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+    assert len(texts) == len(prompts) and all(isinstance(t["generation"], str) for t in texts)
+
+
+# ---- params.json ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def params_text() -> bytes:
+    return (json.dumps(TINY_PARAMS, indent=2) + "\n").encode()
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(data=st.data())
+def test_mutated_params_json_builds_or_raises_llama_error(data, tiny_ckpt, sp_tokenizer, params_text):
+    # Mostly bytes that keep the JSON valid but change numbers, so that many reach the model.
+    mutation = data.draw(mutations(len(params_text), st.sampled_from(b"0123456789-.e ") | st.integers(0, 255)))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp)
+        (ckpt / "consolidated.00.pth").symlink_to(tiny_ckpt / "consolidated.00.pth")
+        (ckpt / "params.json").write_bytes(mutate(params_text, mutation))
+        with time_limit(30):
+            try:
+                Llama.build(str(ckpt), sp_tokenizer, max_seq_len=16, max_batch_size=1, device="cpu", dtype="fp32")
+                event("built")
+            except LlamaError:
+                event("LlamaError")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=5)
+PARAMS_KEYS = sorted(TINY_PARAMS) + ["n_kv_heads", "ffn_dim_multiplier", "use_scaled_rope",
+                                      "rope_scaling_factor", "chat_format", "default_system_prompt"]
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(changes=st.dictionaries(st.sampled_from(PARAMS_KEYS), JSON_VALUES, min_size=1, max_size=3))
+@example(changes={"dim": True})
+@example(changes={"rope_theta": float("nan")})
+@example(changes={"norm_eps": 10**400})
+def test_params_json_with_odd_values_is_accepted_only_if_usable(changes):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.json").write_text(json.dumps({**TINY_PARAMS, **changes}))
+        try:
+            params = load_params(tmp)
+        except LlamaError:
+            return
+    # Accepted: the model's settings follow from it without surprises.
+    args = ModelArgs.from_params(params)
+    assert args.head_dim * args.n_heads == args.dim and args.head_dim % 2 == 0
+    assert args.n_heads % args.kv_heads == 0 and args.n_layers >= 1
+    assert args.ffn_hidden_dim >= 0 and args.norm_eps > 0 and args.rope_theta > 0
+
+
+# ---- checkpoint shards ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_shard() -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "consolidated.00.pth"
+        torch.save({"norm.weight": torch.ones(8), "output.weight": torch.randn(4, 8)}, path)
+        return path.read_bytes()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch warns about some of the odd pickles
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_mutated_shard_loads_or_raises_llama_error(data, small_shard):
+    mutation = data.draw(mutations(len(small_shard)))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "consolidated.00.pth"
+        path.write_bytes(mutate(small_shard, mutation))
+        with time_limit(10):
+            try:
+                state = _open_shard(path)
+            except LlamaError as exc:
+                assert "consolidated.00.pth" in str(exc)
+                return
+            assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+# ---- GGUF ----------------------------------------------------------------------------------
+
+def write_tiny_gguf(path: Path, dim: int = 8, n_heads: int = 2, n_kv_heads: int = 1, hidden: int = 16) -> Path:
+    """A one-layer Llama GGUF with a byte-level BPE vocabulary of 8 tokens (ChatML specials)."""
+    import gguf
+
+    tokens = ["a", "b", "c", "ab", "abc", "Ġ", "<|im_start|>", "<|im_end|>"]
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_merges(["a b", "ab c"])
+    w.add_token_types([1] * 6 + [3, 3])
+    w.add_bos_token_id(6)
+    w.add_eos_token_id(7)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    kv = dim // n_heads * n_kv_heads
+    shapes = {"token_embd.weight": (len(tokens), dim), "output_norm.weight": (dim,),
+              "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (kv, dim), "blk.0.attn_v.weight": (kv, dim),
+              "blk.0.attn_output.weight": (dim, dim), "blk.0.ffn_gate.weight": (hidden, dim),
+              "blk.0.ffn_down.weight": (dim, hidden), "blk.0.ffn_up.weight": (hidden, dim),
+              "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> bytes:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf").read_bytes()
+
+
+def test_tiny_gguf_converts_and_runs(tiny_gguf, tmp_path):
+    (tmp_path / "tiny.gguf").write_bytes(tiny_gguf)
+    dst = convert(str(tmp_path / "tiny.gguf"), str(tmp_path / "out"), dtype="fp32")
+    gen = Llama.build(str(dst), max_seq_len=16, max_batch_size=1, device="cpu", dtype="fp32")
+    answer = gen.chat_completion([[{"role": "user", "content": "abc"}]], temperature=0, max_gen_len=3)
+    assert isinstance(answer[0]["generation"]["content"], str)
+
+
+def _convert_or_llama_error(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model.gguf"
+        src.write_bytes(data)
+        with time_limit(10):
+            try:
+                convert(str(src), str(Path(tmp) / "out"), dtype="fp32")
+            except LlamaError as exc:
+                assert "model.gguf" in str(exc)
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_mutated_gguf_converts_or_raises_llama_error(data, tiny_gguf):
+    # Half of the mutations hit the first 1200 bytes, where the metadata and tensor index are.
+    size = data.draw(st.sampled_from([len(tiny_gguf), 1200]))
+    _convert_or_llama_error(mutate(tiny_gguf, data.draw(mutations(size))))
+
+
+def _set_after_key(data: bytes, key: str, skip: int, value: bytes) -> bytes:
+    """Overwrite the bytes `skip` bytes after metadata key `key` with `value`."""
+    at = data.index(key.encode()) + len(key) + skip
+    return data[:at] + value + data[at + len(value):]
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.token_type", "tokenizer.ggml.tokens"])
+def test_gguf_with_huge_array_length_is_refused_at_once(key, tiny_gguf):
+    """An array claiming 2^40 entries: the stock gguf reader would loop for hours past the end."""
+    _convert_or_llama_error(_set_after_key(tiny_gguf, key, 8, (2**40).to_bytes(8, "little")))
+
+
+def test_gguf_with_huge_block_count_is_refused_at_once(tiny_gguf):
+    """n_layers = 4 billion (a flipped high byte): refused without allocating anything for them."""
+    data = _set_after_key(tiny_gguf, "llama.block_count", 4, (0xFFFFFFF0).to_bytes(4, "little"))
+    with pytest.raises(LlamaError, match="holds weights for 1 layers but says n_layers=4294967280"):
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "model.gguf").write_bytes(data)
+            with time_limit(10):
+                convert(str(Path(tmp) / "model.gguf"), str(Path(tmp) / "out"), dtype="fp32")
