@@ -13,7 +13,7 @@ from .chat_format import Dialog, Message, check_dialog, make_chat_format
 from .checkpoint import find_shards, load_params, load_rank_state_dict
 from .distributed import DistContext, all_ranks_agree, init_distributed, print0, silence_non_main_ranks
 from .errors import LlamaError
-from .model import ModelArgs, Transformer
+from .model import ModelArgs, Transformer, kv_cache_dtype
 from .quantize import quantize_model
 from .tokenizer import Tokenizer
 
@@ -510,7 +510,8 @@ def _setup_caches_or_explain(model: Transformer, max_batch_size: int, max_seq_le
         if not isinstance(exc, torch.OutOfMemoryError) and "memory" not in str(exc).lower():
             raise
         mp = max(1, model.params.kv_heads // model.layers[0].attention.n_local_kv_heads)
-        need = kv_cache_bytes(model.params, max_batch_size, max_seq_len, mp, model.norm.weight.dtype)
+        need = kv_cache_bytes(model.params, max_batch_size, max_seq_len, mp,
+                              kv_cache_dtype(device, model.norm.weight.dtype))
         raise LlamaError(f"out of memory on {device} allocating the KV cache: max_batch_size="
                          f"{max_batch_size} x max_seq_len={max_seq_len} needs {need / 2**30:.2f} GiB "
                          f"beside the weights; lower --max_batch_size or --max_seq_len") from None

@@ -6,9 +6,10 @@ Shapes: B batch, S tokens in this call, L cached length, H query heads, K key/va
 heads (both local to this rank), D head dim.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -151,13 +152,20 @@ def _llama31_scale(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < context / high, freqs, scaled)
 
 
-def apply_rotary(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (Meta's layout) as complex numbers, in fp32.
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rotate interleaved pairs (Meta's layout) as complex numbers in fp32; return `dtype`.
 
     x: [B, S, H, D]; rotation: complex [B, S, 1, D/2] of unit length.
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(dtype)
+
+
+def kv_cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the KV cache, and so of attention. PyTorch's CPU attention kernels are
+    ~100x slower in bf16/fp16 than in fp32 for decode-sized inputs, so on the CPU the cache
+    stays in fp32 (it is small beside the weights there); elsewhere it follows the model."""
+    return torch.float32 if device.type == "cpu" else model_dtype
 
 
 class KVCache(nn.Module):
@@ -193,9 +201,6 @@ class Attention(nn.Module):
         self.wv = ColumnParallel(args.dim, kv_dim)
         self.wo = RowParallel(q_dim, args.dim)
         self.cache: Optional[KVCache] = None
-        # PyTorch's CPU attention kernels are ~100x slower in bf16/fp16 than in fp32 for
-        # decode-sized inputs; setup_caches turns this on for half precision on the CPU.
-        self.attention_in_fp32 = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
                 rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -203,16 +208,13 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, rotation), apply_rotary(k, rotation)
-
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
-        keys, values = self.cache.update(positions, k, v, kv_len)
-        q, keys, values = q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        if self.attention_in_fp32:
-            q, keys, values = q.float(), keys.float(), values.float()
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).type_as(x))
+        dtype = self.cache.k.dtype  # attention runs in the cache's dtype
+        q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
+        keys, values = self.cache.update(positions, k, v.to(dtype), kv_len)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                             attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -262,11 +264,11 @@ class Transformer(nn.Module):
         device, dtype = weight.device, weight.dtype
         angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(self.params))
         self.rope = torch.polar(torch.ones_like(angles), angles).to(device)  # [max_seq_len, D/2]
+        cache_dtype = kv_cache_dtype(device, dtype)
         for layer in self.layers:
             attn = layer.attention
             attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
-                                 dtype, device)
-            attn.attention_in_fp32 = device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+                                 cache_dtype, device)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
@@ -300,10 +302,23 @@ class Transformer(nn.Module):
             slots = torch.arange(kv_len, device=tokens.device)
             mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
 
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            h = layer(h, positions, kv_len, rotation, mask)
-        h = self.norm(h)
-        if last_index is not None:
-            h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
-        return self.output(h).float()
+        with _onednn_matmuls(enabled=not (tokens.numel() == 1 and tokens.device.type == "cpu")):
+            h = self.tok_embeddings(tokens)
+            for layer in self.layers:
+                h = layer(h, positions, kv_len, rotation, mask)
+            h = self.norm(h)
+            if last_index is not None:
+                h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
+            return self.output(h).float()
+
+
+@contextlib.contextmanager
+def _onednn_matmuls(enabled: bool) -> Iterator[None]:
+    """For a single row (batch-1 decode), PyTorch's plain CPU kernels read bf16 weights about
+    twice as fast as oneDNN's, whose fixed cost only pays off from two rows up."""
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = enabled
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
