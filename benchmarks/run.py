@@ -54,6 +54,19 @@ def median_time(fn: Callable[[], None], runs: int) -> float:
     return statistics.median(times)
 
 
+def measure(gen: Callable[[List[List[int]], int], List[List[int]]], ids: Dict[str, List[int]],
+            runs: int, load_s: float, batched: bool = True) -> dict:
+    """The workloads, given gen(prompts, n_new_tokens) -> new tokens per prompt (greedy)."""
+    chat, long = ids["chat"], ids["prefill"]
+    out = {"load_s": load_s, "tokens": gen([chat], DECODE_TOKENS)}
+    out["ttft_s"] = median_time(lambda: gen([chat], 1), runs)
+    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen([long], 1), runs)
+    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen([chat], DECODE_TOKENS + 1), runs) - out["ttft_s"])
+    out["batch16_tok_s"] = (BATCH * BATCH_TOKENS / median_time(lambda: gen([chat] * BATCH, BATCH_TOKENS), runs)
+                            if batched else None)
+    return out
+
+
 # ---- engines (each runs in a child process) ---------------------------------------------
 
 def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str) -> dict:
@@ -65,17 +78,11 @@ def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str) ->
     g = Llama.build(str(ensure_demo(quiet=True)), max_seq_len=1024, max_batch_size=BATCH, device="cpu",
                     dtype=dtype or None, quantize=quantize or None)
     load_s = time.perf_counter() - start
-    chat, long = ids["chat"], ids["prefill"]
 
     def gen(prompts, n):
         return g.generate(prompts, n, temperature=0, stop_tokens=[])[0]
 
-    out = {"load_s": load_s, "tokens": gen([chat], DECODE_TOKENS)}
-    out["ttft_s"] = median_time(lambda: gen([chat], 1), runs)
-    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen([long], 1), runs)
-    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen([chat], DECODE_TOKENS + 1), runs) - out["ttft_s"])
-    out["batch16_tok_s"] = BATCH * BATCH_TOKENS / median_time(lambda: gen([chat] * BATCH, BATCH_TOKENS), runs)
-    return out
+    return measure(gen, ids, runs, load_s)
 
 
 def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str) -> dict:
@@ -91,7 +98,6 @@ def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - start
-    chat, long = ids["chat"], ids["prefill"]
 
     @torch.inference_mode()
     def gen(prompts, n):
@@ -100,12 +106,7 @@ def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str) -> dict:
                              do_sample=False, pad_token_id=0)
         return out[:, inp.shape[1]:].tolist()
 
-    out = {"load_s": load_s, "tokens": gen([chat], DECODE_TOKENS)}
-    out["ttft_s"] = median_time(lambda: gen([chat], 1), runs)
-    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen([long], 1), runs)
-    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen([chat], DECODE_TOKENS + 1), runs) - out["ttft_s"])
-    out["batch16_tok_s"] = BATCH * BATCH_TOKENS / median_time(lambda: gen([chat] * BATCH, BATCH_TOKENS), runs)
-    return out
+    return measure(gen, ids, runs, load_s)
 
 
 def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
@@ -118,9 +119,9 @@ def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
     start = time.perf_counter()
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
     load_s = time.perf_counter() - start
-    chat, long = ids["chat"], ids["prefill"]
 
-    def gen(prompt, n):
+    def gen(prompts, n):  # the Python bindings decode one sequence at a time
+        (prompt,) = prompts
         llm.reset()
         llm.eval(prompt)
         tokens = []
@@ -131,12 +132,7 @@ def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
                 llm.eval([tok])
         return [tokens]
 
-    out = {"load_s": load_s, "tokens": gen(chat, DECODE_TOKENS)}
-    out["ttft_s"] = median_time(lambda: gen(chat, 1), runs)
-    out["prefill_tok_s"] = PREFILL_TOKENS / median_time(lambda: gen(long, 1), runs)
-    out["decode_tok_s"] = DECODE_TOKENS / (median_time(lambda: gen(chat, DECODE_TOKENS + 1), runs) - out["ttft_s"])
-    out["batch16_tok_s"] = None  # the Python bindings decode one sequence at a time
-    return out
+    return measure(gen, ids, runs, load_s, batched=False)
 
 
 ENGINES = {
