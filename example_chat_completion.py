@@ -1,11 +1,10 @@
 """Answer a few chat dialogs. Runs as `python example_chat_completion.py --ckpt_dir ...`
 or under `torchrun --nproc_per_node N example_chat_completion.py ...`."""
 
-import sys
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import run
+from llama.cli import print_streamed, print_timing, run
 from llama.demo import ensure_demo
 
 
@@ -33,7 +32,6 @@ def main(
         dtype=dtype,
         quantize=quantize,
     )
-    main_rank = generator.ctx is None or generator.ctx.is_main
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [
@@ -51,18 +49,14 @@ def main(
             for msg in dialog:
                 print(f"{msg['role'].capitalize()}: {msg['content']}\n")
             print("> Assistant: ", end="", flush=True)
-            for piece in generator.stream_chat(dialog, temperature=temperature, top_p=top_p,
-                                               max_gen_len=max_gen_len):
-                print(piece, end="", flush=True)
-            print("\n\n==================================\n")
-            if main_rank:
-                print(generator.last_stats.summary(), file=sys.stderr, flush=True)
+            print_streamed(generator.stream_chat(dialog, temperature=temperature, top_p=top_p,
+                                                 max_gen_len=max_gen_len))
+            print_timing(generator.last_stats)
         return
     results = generator.chat_completion(
         dialogs, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
     )
-    if main_rank:
-        print(generator.last_stats.summary(), file=sys.stderr, flush=True)
+    print_timing(generator.last_stats)
     for dialog, result in zip(dialogs, results):
         for msg in dialog:
             print(f"{msg['role'].capitalize()}: {msg['content']}\n")

@@ -1,11 +1,10 @@
 """Complete a few text prompts. Runs as `python example_text_completion.py --ckpt_dir ...`
 or under `torchrun --nproc_per_node N example_text_completion.py ...`."""
 
-import sys
 from typing import List, Optional
 
 from llama import Llama
-from llama.cli import run
+from llama.cli import print_streamed, print_timing, run
 from llama.demo import ensure_demo
 
 
@@ -33,7 +32,6 @@ def main(
         dtype=dtype,
         quantize=quantize,
     )
-    main_rank = generator.ctx is None or generator.ctx.is_main
     prompts: List[str] = [
         # Plain continuation
         "The three most useful things to pack for a week of hiking are",
@@ -46,18 +44,14 @@ def main(
         for prompt in prompts:
             print(prompt)
             print("> ", end="", flush=True)
-            for piece in generator.stream_completion(prompt, temperature=temperature, top_p=top_p,
-                                                     max_gen_len=max_gen_len):
-                print(piece, end="", flush=True)
-            print("\n\n==================================\n")
-            if main_rank:
-                print(generator.last_stats.summary(), file=sys.stderr, flush=True)
+            print_streamed(generator.stream_completion(prompt, temperature=temperature, top_p=top_p,
+                                                       max_gen_len=max_gen_len))
+            print_timing(generator.last_stats)
         return
     results = generator.text_completion(
         prompts, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p,
     )
-    if main_rank:
-        print(generator.last_stats.summary(), file=sys.stderr, flush=True)
+    print_timing(generator.last_stats)
     for prompt, result in zip(prompts, results):
         print(prompt)
         print(f"> {result['generation']}")

@@ -3,12 +3,13 @@ stderr and exit status 1, never a traceback."""
 
 import contextlib
 import sys
-from typing import Callable
+from typing import Callable, Iterable
 
 import fire
 import torch.distributed as dist
 
 from .errors import LlamaError
+from .generation import GenerationStats
 
 
 def run(main: Callable) -> None:
@@ -43,3 +44,16 @@ def _lost_peer(exc: Exception) -> bool:
     """A collective failed because another rank went away or timed out (gloo says so in a
     plain RuntimeError, NCCL in a DistBackendError)."""
     return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and "gloo/transport" in str(exc))
+
+
+def print_streamed(pieces: Iterable[str]) -> None:
+    """Print text pieces as they arrive, then the separator Meta's examples print."""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print("\n\n==================================\n")
+
+
+def print_timing(stats: GenerationStats) -> None:
+    """The timing line after a generation, on stderr, from rank 0 only."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(stats.summary(), file=sys.stderr, flush=True)
