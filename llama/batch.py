@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .chat_format import check_dialog
 from .errors import LlamaError
-from .generation import GenerationStats, Llama
+from .generation import GenerationStats, Llama, check_sampling
 from .progress import progress
 
 Params = Tuple[float, float, Optional[int]]  # temperature, top_p, max_gen_len
@@ -36,18 +36,6 @@ class Job:
     prompt: Any  # a str, or a dialog (list of messages) with --chat
     params: Params
     pending: bool = True  # False: its result is already in the output
-
-
-def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any, where: str = "--") -> Params:
-    """Validate sampling settings; `where` prefixes the names in error messages."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise LlamaError(f"{where}temperature={temperature!r} must be a number >= 0 (0 means greedy)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise LlamaError(f"{where}top_p={top_p!r} must be a number in (0, 1]")
-    if max_gen_len is not None and (isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int)
-                                    or max_gen_len < 1):
-        raise LlamaError(f"{where}max_gen_len={max_gen_len!r} must be a positive integer (or left out)")
-    return float(temperature), float(top_p), max_gen_len
 
 
 def id_key(value: Any) -> str:
@@ -283,7 +271,7 @@ def main(
         seed: chunk n is sampled after torch.manual_seed(seed + n), so reruns draw alike.
     """
     input, output = str(input), str(output)
-    defaults = check_sampling(temperature, top_p, max_gen_len)
+    defaults = check_sampling(temperature, top_p, max_gen_len, where="--")
     # Rank 0 checks the files before the (possibly long) model load; an error there ends the
     # job, and torchrun then stops the other ranks.
     work = load_work(input, output, chat, defaults) if int(os.environ.get("RANK", "0")) == 0 else None

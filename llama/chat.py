@@ -12,10 +12,9 @@ from typing import Callable, Iterator, List, Optional
 
 import torch.distributed as dist
 
-from .batch import check_sampling
 from .chat_format import Dialog, Message
 from .errors import LlamaError
-from .generation import Llama
+from .generation import Llama, check_sampling
 
 HELP = "/reset clears the conversation (keeps the system prompt), /exit or Ctrl-D quits"
 PROMPT = "> "
@@ -26,7 +25,7 @@ class ChatSession:
 
     def __init__(self, generator: Llama, system: Optional[str] = None, temperature: float = 0.6,
                  top_p: float = 0.9, max_gen_len: Optional[int] = None):
-        check_sampling(temperature, top_p, max_gen_len)
+        check_sampling(temperature, top_p, max_gen_len, where="--")
         self.generator = generator
         self.system = system
         self.temperature, self.top_p, self.max_gen_len = temperature, top_p, max_gen_len
@@ -155,7 +154,7 @@ def main(
         max_seq_len: the longest conversation kept, in tokens; older exchanges are dropped.
         max_gen_len: the longest reply, in tokens; default: whatever room is left.
     """
-    check_sampling(temperature, top_p, max_gen_len)
+    check_sampling(temperature, top_p, max_gen_len, where="--")
     from .demo import ensure_demo
 
     generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),

@@ -5,7 +5,7 @@ import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
@@ -179,12 +179,7 @@ class Llama:
         params = self.model.params
         if not isinstance(prompt_tokens, (list, tuple)) or not prompt_tokens:
             raise LlamaError("no prompts given: pass a non-empty list")
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
-            raise LlamaError(f"max_gen_len={max_gen_len!r} must be a positive integer")
-        if not temperature >= 0:
-            raise LlamaError(f"temperature={temperature!r} must be >= 0 (0 means greedy)")
-        if not 0 < top_p <= 1:
-            raise LlamaError(f"top_p={top_p!r} must be in (0, 1]")
+        check_sampling(temperature, top_p, max_gen_len)
         for i, tokens in enumerate(prompt_tokens):
             if len(tokens) == 0:
                 raise LlamaError(f"prompt {i} is empty; give at least one token")
@@ -416,6 +411,20 @@ class Llama:
             return {"generation": text}
         return {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in tokens],
                 "logprobs": logprobs}
+
+
+def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any,
+                   where: str = "") -> Tuple[float, float, Optional[int]]:
+    """Validate sampling settings -> (temperature, top_p, max_gen_len); `where` prefixes the
+    names in error messages (e.g. "--" for CLI flags)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise LlamaError(f"{where}temperature={temperature!r} must be >= 0 (0 means greedy)")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise LlamaError(f"{where}top_p={top_p!r} must be in (0, 1]")
+    if max_gen_len is not None and (isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int)
+                                    or max_gen_len < 1):
+        raise LlamaError(f"{where}max_gen_len={max_gen_len!r} must be a positive integer (or left out)")
+    return float(temperature), float(top_p), max_gen_len
 
 
 def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
