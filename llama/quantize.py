@@ -17,6 +17,7 @@ from .errors import LlamaError
 from .model import ColumnParallel, RowParallel, Transformer
 
 QUANTIZE_MODES = ("int8",)
+FUSED_MAX_ROWS = 32  # decode steps up to this batch size use the fused int8 kernel (measured)
 
 
 class Int8Linear(nn.Module):
@@ -32,9 +33,11 @@ class Int8Linear(nn.Module):
         self.fused = weight.device.type in ("cpu", "mps") and weight.dtype in (torch.bfloat16, torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
-            flat = x.reshape(-1, x.shape[-1])
+        flat = x.reshape(-1, x.shape[-1])
+        if self.fused and flat.shape[0] <= FUSED_MAX_ROWS:
             return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
+        # For many rows (prefill) the fused kernel is slower than dequantizing the weight
+        # once and running the dtype's own matmul.
         return F.linear(x, self.q.to(x.dtype)) * self.scale
 
 
