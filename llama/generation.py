@@ -229,7 +229,8 @@ class Llama:
 
         positions = last + 1  # where each row's next token goes
         live = [True] * batch
-        for step in range(max(budgets)):
+        steps = max(budgets)
+        for step in range(steps):
             _check_finite(logits, self.model.norm.weight.dtype)
             next_tokens = _sample(logits, temperature, top_p)
             token_logprobs = _token_logprobs(logits, next_tokens).tolist() if logprobs else [0.0] * batch
@@ -245,13 +246,12 @@ class Llama:
             stats.generated_tokens += sum(item is not None for item in out)
             stats.total_s = time.perf_counter() - start
             yield out
-            if step + 1 == max(budgets):
+            if step + 1 == steps:
                 return
             # Finished rows keep decoding (cheaply, in the batch) at a clamped position.
             feed_positions = positions.clamp(max=params.max_seq_len - 1)
             kv_len = min(longest + step + 1, params.max_seq_len)
-            logits = self.model(next_tokens.unsqueeze(1), feed_positions, kv_len=kv_len,
-                                last_index=torch.zeros_like(last))
+            logits = self.model(next_tokens.unsqueeze(1), feed_positions, kv_len=kv_len)[:, -1]
             positions = positions + 1
 
     @torch.inference_mode()

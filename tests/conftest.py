@@ -39,6 +39,17 @@ def generator(tiny_ckpt, sp_tokenizer):
 
 
 @pytest.fixture(autouse=True)
+def _keep_global_rng():
+    """Llama.build seeds the global RNG and sampling draws from it; every test leaves it
+    as it found it, so no test's draws depend on which tests ran before."""
+    import torch
+
+    state = torch.get_rng_state()
+    yield
+    torch.set_rng_state(state)
+
+
+@pytest.fixture(autouse=True)
 def _no_tokenizer_threads_warning():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield

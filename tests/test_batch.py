@@ -10,20 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from llama import LlamaError
 from llama.batch import load_work, read_done, run_batch
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _keep_rng():
-    """Sampled lines draw from the global RNG; leave it as other tests expect it."""
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
 
 
 def _write_jsonl(path: Path, records) -> Path:

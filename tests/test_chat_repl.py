@@ -17,13 +17,6 @@ SUMMARY = re.compile(r"\[(\d+) prompt tokens, (\d+) generated, [\d.]+ tokens/s, 
 MAX_GEN_LEN = 10
 
 
-@pytest.fixture(autouse=True)
-def _keep_rng():
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
-
-
 @pytest.fixture(scope="module")
 def demo():
     """The demo model as `python -m llama.chat` builds it (batch 1)."""

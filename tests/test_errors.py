@@ -24,14 +24,6 @@ from llama.testing import TINY_PARAMS, random_meta_weights, write_tiny_checkpoin
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _keep_rng_state():
-    """Llama.build seeds the global RNG; leave it as other tests expect it."""
-    state = torch.get_rng_state()
-    yield
-    torch.set_rng_state(state)
-
-
 def _build(ckpt, tokenizer, **kwargs) -> Llama:
     kwargs = {"max_seq_len": 32, "max_batch_size": 2, "device": "cpu", "dtype": "fp32", **kwargs}
     return Llama.build(str(ckpt), tokenizer, **kwargs)

@@ -28,14 +28,13 @@ MAX_SEQ_LEN = 64  # as the `generator` fixture
 
 
 @pytest.fixture(autouse=True)
-def _keep_rng_state_one_thread():
-    """Leave the global RNG as other tests expect it. One thread: the tiny model is faster
-    so, and much faster on a busy machine, where two threads spin against each other."""
-    state, threads = torch.get_rng_state(), torch.get_num_threads()
+def _one_thread():
+    """One thread: the tiny model is faster so, and much faster on a busy machine, where
+    two threads spin against each other. (conftest restores the global RNG.)"""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-    torch.set_rng_state(state)
 
 
 @contextlib.contextmanager
