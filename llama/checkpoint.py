@@ -234,11 +234,21 @@ def _load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], d
             raise LlamaError(f"weight {name!r} in {where!r} has shape "
                              f"{tuple(full.shape)} (merged from {len(shards)} shard(s)), which does "
                              f"not fit params.json (this rank expects {tuple(shape)})")
-        key = (ours.data_ptr(), tuple(ours.shape), ours.stride())
+        # Tied weights (output = tok_embeddings in a 1-shard checkpoint) stay one tensor when
+        # they are the same cut of the same checkpoint storage. The key names the mmap'd source
+        # storages, which `states` keeps alive for the whole load, so no address is reused;
+        # never key on a temporary (a freed torch.cat result hands its address to the next).
+        key = (tuple(_storage_identity(p) for p in pieces), axis if full is not pieces[0] else None,
+               (our_axis, mp_rank) if ours is not full else None)
         if key not in converted:
             converted[key] = ours.to(device=device, dtype=dtype).contiguous()
         result[name] = converted[key]
     return result
+
+
+def _storage_identity(tensor: torch.Tensor) -> tuple:
+    """Where `tensor` lies in its storage: equal for two views of the same bytes."""
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
 
 
 def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int,

@@ -361,7 +361,9 @@ def convert(src: str, dst: str, model_parallel_size: int = 1, dtype: str = "bf16
         else:
             raise LlamaError(f"source {src!r} is neither a directory nor a .gguf file")
         check_weights_fit(weights, params, src)
-        cast = {id(v): v.to(_DTYPES[dtype]) for v in weights.values()}  # tied weights stay one tensor
+        # Tied weights stay one tensor. Keying on id() is safe here: every tensor stays alive in
+        # `weights` throughout, so no id can be reused (unlike the address of a freed temporary).
+        cast = {id(v): v.to(_DTYPES[dtype]) for v in weights.values()}
         weights = {k: cast[id(v)] for k, v in weights.items()}
         save_checkpoint(weights, params, str(work), model_parallel_size)
         if target.exists():

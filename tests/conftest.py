@@ -1,5 +1,10 @@
 import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -53,3 +58,95 @@ def _keep_global_rng():
 def _no_tokenizer_threads_warning():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
+
+
+# ---- loaded weights vs the checkpoint -----------------------------------------------------
+
+# A tiny model whose every split dimension divides by 4 (heads 8, kv heads 4, dim 128, ffn
+# hidden 352, vocab 32000 as the sentencepiece tokenizer), so 1, 2 and 4 shards all work.
+SPLIT4_PARAMS = dict(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=32000,
+                     multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
+
+# Meta's split axes, written out here independently of llama.checkpoint.
+_COLUMN = ("wq", "wk", "wv", "w1", "w3")
+_ROW = ("wo", "w2")
+
+
+def meta_split_axis(name: str, vocab_split: bool):
+    """The axis Meta's checkpoints split `name` along (None: replicated)."""
+    if name == "tok_embeddings.weight":
+        return 0 if vocab_split else 1
+    if name == "output.weight":
+        return 0
+    leaf = name.split(".")[-2]
+    return 0 if leaf in _COLUMN else 1 if leaf in _ROW else None
+
+
+def expected_rank_weights(ckpt_dir, vocab_split: bool, local_shapes: dict, mp_rank: int,
+                          mp_size: int, dtype) -> dict:
+    """This rank's weights as they must be loaded: every shard read in full, pieces joined
+    along Meta's axes, the rank's slice cut along the axis on which its local shape is
+    smaller than the full weight, cast to `dtype`."""
+    import torch
+
+    shards = sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in shards]
+    expected = {}
+    for name, local in local_shapes.items():
+        pieces = [s[name] for s in states]
+        axis = meta_split_axis(name, vocab_split)
+        full = pieces[0] if axis is None or len(pieces) == 1 else torch.cat(pieces, dim=axis)
+        cut = [d for d, (a, b) in enumerate(zip(full.shape, local)) if a != b]
+        assert len(cut) <= 1 and (not cut or full.shape[cut[0]] == local[cut[0]] * mp_size), (name, local)
+        mine = full.chunk(mp_size, dim=cut[0])[mp_rank] if cut else full
+        expected[name] = mine.to(dtype)
+    return expected
+
+
+def wrong_weights(model, expected: dict) -> list:
+    """Names of the model's parameters that differ from `expected` in dtype, shape or any bit."""
+    import torch
+
+    state = model.state_dict()
+    assert set(state) == set(expected), set(state) ^ set(expected)
+    return [name for name, value in state.items()
+            if value.dtype != expected[name].dtype or not torch.equal(value, expected[name])]
+
+
+# ---- real multi-process runs ----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: Path, args: list, timeout_s: float, nproc: int = 2,
+                 logs: Optional[Path] = None, **env_extra: str) -> dict:
+    """Run `script` under torchrun on `nproc` CPU ranks over gloo, in its own session (a hang
+    is ended with all its workers). Returns rc, elapsed seconds, stdout, stderr and, with
+    `logs`, each rank's stderr (torchrun --redirects); None for rc if it ran past timeout_s."""
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **env_extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    if logs is not None:
+        cmd += ["--log-dir", str(logs), "--redirects", "3"]
+    start = time.monotonic()
+    proc = subprocess.Popen([*cmd, str(script), *map(str, args)], cwd=str(REPO), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        rc = None
+    ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")} if logs else {}
+    return {"rc": rc, "elapsed": time.monotonic() - start, "stdout": stdout, "stderr": stderr,
+            "ranks": ranks}
