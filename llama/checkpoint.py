@@ -11,12 +11,12 @@ import math
 import pickle
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from . import pages
 from .chat_format import CHAT_FORMATS
-from .distributed import all_ranks_agree
 from .errors import LlamaError
 from .model import ModelArgs
 from .progress import progress
@@ -134,10 +134,14 @@ def check_weights_fit(weights: Dict[str, torch.Tensor], params: dict, where: str
                          f"the file is damaged or not a plain Llama model")
 
 
-def parallel_axis(name: str) -> Optional[int]:
-    """The axis along which our model (and Meta's Llama 2) splits `name`; None: replicated."""
-    if name in ("output.weight", "tok_embeddings.weight"):
-        return 0 if name == "output.weight" else 1
+def parallel_axis(name: str, vocab_parallel_embedding: bool = False) -> Optional[int]:
+    """The axis along which Meta's checkpoints (and our model) split `name` across ranks;
+    None: replicated. tok_embeddings: the vocabulary (0) in Llama 3's layout, else the
+    embedding dim (1)."""
+    if name == "tok_embeddings.weight":
+        return 0 if vocab_parallel_embedding else 1
+    if name == "output.weight":
+        return 0
     leaf = name.split(".")[-2] if name.endswith(".weight") else name
     if leaf in _COLUMN_PARALLEL:
         return 0
@@ -146,16 +150,32 @@ def parallel_axis(name: str) -> Optional[int]:
     return None
 
 
-def checkpoint_axis(name: str, shard_shape: torch.Size, dim: int, n_shards: int) -> Optional[int]:
-    """The axis along which a checkpoint with n_shards split `name`."""
-    if name == "tok_embeddings.weight" and n_shards > 1:
-        # Llama 1/2 split the embedding dim (ParallelEmbedding), Llama 3 the vocabulary
-        # (VocabParallelEmbedding); the shard's width tells which.
-        return 0 if shard_shape[1] == dim else 1
-    return parallel_axis(name)
+def shards_for_rank(n_shards: int, mp_rank: int, mp_size: int) -> range:
+    """The shards that hold part of model-parallel rank mp_rank's slice. Every split weight
+    is cut evenly both ways: shard i holds the part [i/N, (i+1)/N) of its axis, the rank
+    [r/M, (r+1)/M). When N == M that is shard r alone."""
+    return range(mp_rank * n_shards // mp_size, -(-(mp_rank + 1) * n_shards // mp_size))
 
 
-def _open_shard(path: Path) -> Dict[str, torch.Tensor]:
+class MappedShard(Dict[str, torch.Tensor]):
+    """A shard's tensors as open_shard returns them: memory-mapped from the file, read only."""
+
+
+def open_shards(paths: List[Path], indices: Iterable[int]) -> Dict[int, Dict[str, torch.Tensor]]:
+    """Memory-map the shards `indices` of `paths` (nothing is read but their pickled index)."""
+    return {i: open_shard(paths[i]) for i in indices}
+
+
+def vocab_parallel_embedding(states: Dict[int, Dict[str, torch.Tensor]], n_shards: int, dim: int) -> bool:
+    """Whether the model should split tok_embeddings on the vocabulary: unless the shards
+    split it on the embedding dim (Llama 1/2), so that each rank reads only its own shards.
+    A single shard is cut on the vocabulary too: each rank then reads a contiguous part, and a
+    tied output weight has the same slice on every rank, so the two stay one tensor."""
+    embedding = next(iter(states.values())).get("tok_embeddings.weight")
+    return n_shards == 1 or embedding is None or embedding.dim() != 2 or embedding.shape[1] == dim
+
+
+def open_shard(path: Path) -> MappedShard:
     """Memory-map one shard; refuses anything but plain tensors (no code can run)."""
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -168,7 +188,7 @@ def _open_shard(path: Path) -> Dict[str, torch.Tensor]:
                          f"({type(exc).__name__}: {_reason(exc)}); download it again") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LlamaError(f"{str(path)!r} does not hold a dict of tensors; is it a Meta checkpoint shard?")
-    return state
+    return MappedShard(state)
 
 
 def _reason(exc: Exception) -> str:
@@ -181,26 +201,20 @@ def _reason(exc: Exception) -> str:
     return line if len(line) <= 160 else line[:157] + "..."
 
 
-def load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], dim: int,
-                         mp_rank: int, mp_size: int, device: torch.device,
-                         dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+def load_rank_state_dict(paths: List[Path], states: Dict[int, Dict[str, torch.Tensor]],
+                         expected: Dict[str, torch.Size], mp_rank: int, mp_size: int,
+                         device: torch.device, dtype: torch.dtype,
+                         vocab_parallel: bool = False) -> Dict[str, torch.Tensor]:
     """This rank's slice of every weight, on `device` in `dtype`.
 
-    expected: the model's own parameter shapes on this rank (its state_dict shapes);
-    every key must be found and fit, with a clear error naming the shard otherwise.
-    A collective when several processes run: if loading fails on any rank, it fails on
-    every rank with that rank's message, so none goes on to wait for a rank that gave up.
+    paths: every shard of the checkpoint; states: the opened ones, at least
+    shards_for_rank(len(paths), mp_rank, mp_size). expected: the model's parameter shapes on
+    this rank (its state_dict shapes); every key must be found and fit, with a clear error
+    naming the shard otherwise. Each memory-mapped piece is narrowed to the part this rank
+    keeps before it is copied, so no full weight is ever materialised.
     """
-    with all_ranks_agree("loading the checkpoint"):
-        return _load_rank_state_dict(shards, expected, dim, mp_rank, mp_size, device, dtype)
-
-
-def _load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], dim: int,
-                          mp_rank: int, mp_size: int, device: torch.device,
-                          dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    states = [_open_shard(p) for p in shards]
-    where = str(shards[0].parent)
-    names = set(states[0]) - set(_IGNORED_KEYS)
+    where = str(paths[0].parent)
+    names = set(next(iter(states.values()))) - set(_IGNORED_KEYS)
     unknown = sorted(names - set(expected))
     missing = sorted(set(expected) - names)
     if unknown or missing:
@@ -209,41 +223,76 @@ def _load_rank_state_dict(shards: List[Path], expected: Dict[str, torch.Size], d
 
     result: Dict[str, torch.Tensor] = {}
     converted: Dict[tuple, torch.Tensor] = {}  # keeps tied weights (embedding = output) shared
+    mapped = all(isinstance(state, MappedShard) for state in states.values())
     for name, shape in progress(expected.items(), "loading weights", total=len(expected)):
-        pieces = []
-        for path, state in zip(shards, states):
-            if name not in state:
-                raise LlamaError(f"shard {str(path)!r} lacks weight {name!r}; the download is incomplete")
-            if state[name].dim() != len(shape):
-                raise LlamaError(f"weight {name!r} in shard {str(path)!r} has shape {tuple(state[name].shape)}, "
-                                 f"which does not fit params.json (expected {len(shape)} dimensions)")
-            pieces.append(state[name])
-        axis = checkpoint_axis(name, pieces[0].shape, dim, len(pieces))
-        if axis is None or len(pieces) == 1:
-            full = pieces[0]
-        elif len({p.shape[:axis] + p.shape[axis + 1:] for p in pieces}) > 1:
-            raise LlamaError(f"weight {name!r} has shapes {[tuple(p.shape) for p in pieces]} in the "
-                             f"shards of {where!r}, which cannot be joined; are all shards from one model?")
-        else:
-            full = torch.cat(pieces, dim=axis)
-        ours = full
-        our_axis = parallel_axis(name)
-        if mp_size > 1 and our_axis is not None and full.shape[our_axis] == shape[our_axis] * mp_size:
-            ours = full.narrow(our_axis, mp_rank * shape[our_axis], shape[our_axis])
-        if ours.shape != shape:
-            raise LlamaError(f"weight {name!r} in {where!r} has shape "
-                             f"{tuple(full.shape)} (merged from {len(shards)} shard(s)), which does "
-                             f"not fit params.json (this rank expects {tuple(shape)})")
-        # Tied weights (output = tok_embeddings in a 1-shard checkpoint) stay one tensor when
-        # they are the same cut of the same checkpoint storage. The key names the mmap'd source
-        # storages, which `states` keeps alive for the whole load, so no address is reused;
-        # never key on a temporary (a freed torch.cat result hands its address to the next).
-        key = (tuple(_storage_identity(p) for p in pieces), axis if full is not pieces[0] else None,
-               (our_axis, mp_rank) if ours is not full else None)
+        axis = parallel_axis(name, vocab_parallel)
+        parts = _rank_parts(name, shape, axis, paths, states, mp_rank, mp_size)
+        # Tied weights stay one tensor when they are the same cut of the same checkpoint
+        # storage. The key names the memory-mapped source storage, which `states` keeps alive
+        # for the whole load, so no address can be reused; never key on a temporary (a freed
+        # tensor hands its address to the next one).
+        key = tuple((_storage_identity(source), cut) for source, cut, _, _ in parts)
         if key not in converted:
-            converted[key] = ours.to(device=device, dtype=dtype).contiguous()
+            converted[key] = _join(parts, shape, axis, device, dtype, mapped)
         result[name] = converted[key]
     return result
+
+
+# (source tensor, its cut (axis, start, end) or None when whole, the part itself, its offset
+# in the rank's slice)
+_Part = Tuple[torch.Tensor, Optional[Tuple[int, int, int]], torch.Tensor, int]
+
+
+def _rank_parts(name: str, shape: torch.Size, axis: Optional[int], paths: List[Path],
+                states: Dict[int, Dict[str, torch.Tensor]], mp_rank: int, mp_size: int) -> List[_Part]:
+    """The pieces of weight `name` that make up this rank's slice (of `shape`), each a view
+    of a memory-mapped shard narrowed to the part this rank keeps."""
+    where, n_shards = str(paths[0].parent), len(paths)
+    if axis is None:  # replicated: every shard holds it whole
+        index = min(states)
+        pieces = {index: states[index][name]}
+        shard_shape = tuple(shape)
+    else:
+        full = shape[axis] * mp_size
+        shard_shape = tuple(full // n_shards if d == axis else n for d, n in enumerate(shape))
+        pieces = {i: states[i][name] for i in shards_for_rank(n_shards, mp_rank, mp_size)}
+    parts: List[_Part] = []
+    for i, piece in pieces.items():
+        if tuple(piece.shape) != shard_shape or (axis is not None and full % n_shards):
+            expect = f"{shard_shape} in each of {n_shards} shards" if n_shards > 1 else f"{shard_shape}"
+            raise LlamaError(f"weight {name!r} in {where!r} has shape {tuple(piece.shape)} in "
+                             f"{paths[i].name}, which does not fit params.json (expected {expect})")
+        if axis is None:
+            parts.append((piece, None, piece, 0))
+            continue
+        # The overlap of shard i's range and this rank's, in the weight's full coordinates.
+        size = shard_shape[axis]
+        lo, hi = max(i * size, mp_rank * shape[axis]), min((i + 1) * size, (mp_rank + 1) * shape[axis])
+        whole = (lo, hi) == (i * size, (i + 1) * size)
+        parts.append((piece, None if whole else (axis, lo, hi), piece.narrow(axis, lo - i * size, hi - lo),
+                      lo - mp_rank * shape[axis]))
+    return parts
+
+
+def _join(parts: List[_Part], shape: torch.Size, axis: Optional[int], device: torch.device,
+          dtype: torch.dtype, mapped: bool) -> torch.Tensor:
+    """The rank's slice from its parts, on `device` in `dtype`. A single part that needs no
+    conversion stays a view of the memory-mapped shard (nothing is copied); otherwise each
+    part is copied once, straight into place. mapped: the parts are MappedShard tensors,
+    whose pages are read ahead and, once copied, let go."""
+    if mapped:
+        for source, _, part, _ in parts:
+            pages.read_only_what_is_used(source, part)
+    if len(parts) == 1:
+        out = parts[0][2].to(device=device, dtype=dtype).contiguous()
+    else:
+        out = torch.empty(shape, device=device, dtype=dtype)
+    for source, _, part, offset in parts:
+        if len(parts) > 1:
+            out.narrow(axis, offset, part.shape[axis]).copy_(part)
+        if mapped and out.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+            pages.release(source)  # copied: its pages need not stay resident
+    return out
 
 
 def _storage_identity(tensor: torch.Tensor) -> tuple:

@@ -38,12 +38,9 @@ class DistContext:
     world_size: int
     local_rank: int
     model_parallel_size: int
+    model_parallel_rank: int
     device: torch.device
     backend: str
-
-    @property
-    def model_parallel_rank(self) -> int:
-        return fs_init.get_model_parallel_rank()
 
     @property
     def is_main(self) -> bool:
@@ -118,7 +115,7 @@ def init_distributed(model_parallel_size: Optional[int] = None,
 
     # The same seed everywhere, so every rank samples the same tokens.
     torch.manual_seed(seed)
-    return DistContext(rank, world_size, local_rank, mp, chosen, backend)
+    return DistContext(rank, world_size, local_rank, mp, fs_init.get_model_parallel_rank(), chosen, backend)
 
 
 def _bound_fairscale_timeouts(timeout: timedelta) -> None:

@@ -5,12 +5,13 @@ import os
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
 from .chat_format import Dialog, Message, check_dialog, make_chat_format
-from .checkpoint import find_shards, load_params, load_rank_state_dict
+from .checkpoint import (find_shards, load_params, load_rank_state_dict, open_shards, shards_for_rank,
+                         vocab_parallel_embedding)
 from .distributed import DistContext, all_ranks_agree, init_distributed, print0, silence_non_main_ranks
 from .errors import LlamaError
 from .model import ModelArgs, Transformer, kv_cache_dtype
@@ -88,20 +89,6 @@ def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -
     return _DTYPES[dtype]
 
 
-class _DefaultDtype:
-    """Context manager: fairscale allocates its weights with the default dtype."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def __enter__(self) -> None:
-        self.saved = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_default_dtype(self.saved)
-
-
 class Llama:
     @staticmethod
     def build(
@@ -139,8 +126,9 @@ class Llama:
         start = time.time()
         ctx = init_distributed(model_parallel_size, device, seed)
         silence_non_main_ranks(ctx)
-        # A mistake or failure that one rank sees ends every rank, with its message.
-        with all_ranks_agree("building the model"):
+        # A mistake or failure that one rank sees ends every rank, with its message: one
+        # agreement after each stage, never one inside another.
+        with all_ranks_agree("loading the checkpoint"):
             shards = find_shards(ckpt_dir)
             params = load_params(ckpt_dir)
             if tokenizer_path is None:
@@ -154,7 +142,11 @@ class Llama:
                                  f"in {ckpt_dir!r} has vocab_size {args.vocab_size}; use the tokenizer that "
                                  f"came with this checkpoint")
             _check_divisible(args, ctx.model_parallel_size)
-            model = _load_model(args, shards, ckpt_dir, ctx, _resolve_dtype(dtype, ctx.device))
+            states = open_shards(shards, shards_for_rank(len(shards), ctx.model_parallel_rank,
+                                                         ctx.model_parallel_size))
+        with all_ranks_agree("building the model"):
+            model = _load_model(args, shards, states, ctx, _resolve_dtype(dtype, ctx.device))
+            del states  # the model holds what it uses of the memory-mapped shards
             quantize_model(model, quantize)
             _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
         print0(f"Loaded in {time.time() - start:.2f} seconds")
@@ -466,23 +458,17 @@ def _check_divisible(args: ModelArgs, mp: int) -> None:
                          f"(a divisor of n_kv_heads={args.kv_heads})")
 
 
-def _load_model(args: ModelArgs, shards: List[Path], ckpt_dir: str, ctx: DistContext,
-                dtype: torch.dtype) -> Transformer:
-    """This rank's shard of the model, weights memory-mapped or moved straight into place."""
-    try:
-        with _DefaultDtype(dtype):
-            model = Transformer(args)
-    except RuntimeError as exc:  # fairscale allocates (untouched) CPU memory per layer
-        if "alloc" not in str(exc):
-            raise
-        raise LlamaError(f"cannot allocate a model of the size {ckpt_dir}/params.json describes "
-                         f"(dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}); "
-                         f"check params.json") from None
-    # Drop fairscale's placeholder storage before the real weights arrive.
-    model.to_empty(device="meta")
+def _load_model(args: ModelArgs, shards: List[Path], states: Dict[int, Dict[str, torch.Tensor]],
+                ctx: DistContext, dtype: torch.dtype) -> Transformer:
+    """This rank's shard of the model: built on the meta device (nothing allocated), then
+    given the weights from the opened shards `states`, which stay memory-mapped or are
+    copied once straight into place."""
+    rank, size = ctx.model_parallel_rank, ctx.model_parallel_size
+    vocab_parallel = vocab_parallel_embedding(states, len(shards), args.dim)
+    with torch.device("meta"):
+        model = Transformer(args, vocab_parallel)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = load_rank_state_dict(shards, expected, args.dim, ctx.model_parallel_rank,
-                                 ctx.model_parallel_size, ctx.device, dtype)
+    state = load_rank_state_dict(shards, states, expected, rank, size, ctx.device, dtype, vocab_parallel)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 

@@ -1,10 +1,11 @@
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -101,6 +102,24 @@ def expected_rank_weights(ckpt_dir, vocab_split: bool, local_shapes: dict, mp_ra
         mine = full.chunk(mp_size, dim=cut[0])[mp_rank] if cut else full
         expected[name] = mine.to(dtype)
     return expected
+
+
+@contextlib.contextmanager
+def spy_on_torch_load() -> Iterator[List[str]]:
+    """Within the block, the names of the files torch.load opens, in order."""
+    import torch
+
+    real_load, opened = torch.load, []
+
+    def load(f, *args, **kwargs):
+        opened.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield opened
+    finally:
+        torch.load = real_load
 
 
 def wrong_weights(model, expected: dict) -> list:

@@ -5,7 +5,8 @@ Usage: python -m torch.distributed.run --nproc_per_node 2 tests/loading_worker.p
 
 SPEC: {"tokenizer", "out", "repeats", "cases": [{"name", "ckpt", "vocab_split", "dtype"}]}.
 Each rank writes OUT/rank{RANK}.json: per case, the names of wrong weights in each build,
-the local shapes, and whether output and tok_embeddings are one tensor.
+the local shapes, whether output and tok_embeddings are one tensor, and the files the build
+opened with torch.load.
 """
 
 import json
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conftest import expected_rank_weights, wrong_weights  # noqa: E402
+from conftest import expected_rank_weights, spy_on_torch_load, wrong_weights  # noqa: E402
 
 
 def run_case(case: dict, spec: dict) -> dict:
@@ -24,8 +25,9 @@ def run_case(case: dict, spec: dict) -> dict:
 
     builds, expected = [], None
     for _ in range(spec["repeats"]):
-        gen = Llama.build(case["ckpt"], spec["tokenizer"], max_seq_len=16, max_batch_size=1,
-                          device="cpu", dtype=case["dtype"])
+        with spy_on_torch_load() as opened:
+            gen = Llama.build(case["ckpt"], spec["tokenizer"], max_seq_len=16, max_batch_size=1,
+                              device="cpu", dtype=case["dtype"])
         ctx, model = gen.ctx, gen.model
         if expected is None:
             shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -34,7 +36,8 @@ def run_case(case: dict, spec: dict) -> dict:
                                              model.norm.weight.dtype)
         builds.append({"wrong": wrong_weights(model, expected),
                        "tied": model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr(),
-                       "shapes": {k: list(v.shape) for k, v in model.state_dict().items()}})
+                       "shapes": {k: list(v.shape) for k, v in model.state_dict().items()},
+                       "opened": opened})
         del gen, model
     return {"mp_size": ctx.model_parallel_size, "mp_rank": ctx.model_parallel_rank, "builds": builds}
 

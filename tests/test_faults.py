@@ -67,8 +67,10 @@ def bad_copy(tmp_path_factory, tiny_ckpt_mp2) -> Path:
 # (None: torchrun may end it before it can say anything), what torchrun's summary must show.
 SHARD_01 = r"cannot read checkpoint shard '[^']*consolidated\.01\.pth': it is truncated or corrupted"
 FAULTS = {
-    # Both ranks need shard 01 (each merges all shards), so both fail alike.
-    "corrupted_shard_01": dict(worker="example", env={}, rank0=rf"^error: {SHARD_01}", summary=r"exitcode\s*:\s*1"),
+    # Only rank 1 opens shard 01 (each rank reads only its own shard); rank 0 names its failure.
+    "corrupted_shard_01": dict(worker="example", env={},
+                               rank0=rf"^error: rank 1 failed while loading the checkpoint: {SHARD_01}",
+                               summary=r"exitcode\s*:\s*1"),
     # Only rank 1 reads a bad copy (say, a node with its own damaged download).
     "bad_shard_on_rank1_only": dict(worker="fault", env={"FAULT_RANK1_CKPT": "{bad}"},
                                     rank0=rf"^error: rank 1 failed while loading the checkpoint: {SHARD_01}",

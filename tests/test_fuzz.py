@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from llama import Llama, LlamaError, ModelArgs
-from llama.checkpoint import _open_shard, load_params
+from llama.checkpoint import load_params, open_shard
 from llama.convert import convert
 from llama.testing import TINY_PARAMS
 
@@ -188,7 +188,7 @@ def test_mutated_shard_loads_or_raises_llama_error(data, small_shard):
         path.write_bytes(mutate(small_shard, mutation))
         with time_limit(10):
             try:
-                state = _open_shard(path)
+                state = open_shard(path)
             except LlamaError as exc:
                 assert "consolidated.00.pth" in str(exc)
                 return

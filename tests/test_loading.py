@@ -1,6 +1,8 @@
 """Every loaded weight is exactly the checkpoint's: for each dtype, shard count and world
 size, each parameter of the built model equals the checkpoint's shards joined along Meta's
 axes and cut for this rank, cast to the dtype, bit for bit, build after build.
+And each rank opens only the shards that hold part of its slice: its own when the shard
+count equals the model-parallel size.
 
 (A loader that de-duplicated converted tensors by the address of a temporary gave later
 weights an earlier weight's values in bf16/fp16, at random: hence the repeated builds.)
@@ -12,8 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SPLIT4_PARAMS, expected_rank_weights, run_torchrun, wrong_weights
+import llama.generation
+import llama.parallel
+from conftest import SPLIT4_PARAMS, expected_rank_weights, run_torchrun, spy_on_torch_load, wrong_weights
 from llama import Llama
+from llama.distributed import DistContext
 from llama.checkpoint import save_checkpoint
 from llama.testing import random_meta_weights
 
@@ -65,8 +70,10 @@ def test_every_weight_is_the_checkpoints_in_one_process(ckpt, dtype, checkpoints
     _, vocab_split, tied, _ = CHECKPOINTS[ckpt]
     expected = None
     for build in range(REPEATS):
-        gen = Llama.build(str(checkpoints[ckpt]), sp_tokenizer, max_seq_len=16, max_batch_size=1,
-                          device="cpu", dtype=dtype)
+        with spy_on_torch_load() as opened:
+            gen = Llama.build(str(checkpoints[ckpt]), sp_tokenizer, max_seq_len=16, max_batch_size=1,
+                              device="cpu", dtype=dtype)
+        assert opened == _shard_names(range(CHECKPOINTS[ckpt][0]))  # a world of one needs them all
         if expected is None:
             shapes = {k: tuple(v.shape) for k, v in gen.model.state_dict().items()}
             expected = expected_rank_weights(checkpoints[ckpt], vocab_split, shapes, 0, 1, DTYPES[dtype])
@@ -74,6 +81,39 @@ def test_every_weight_is_the_checkpoints_in_one_process(ckpt, dtype, checkpoints
         shared = gen.model.output.weight.data_ptr() == gen.model.tok_embeddings.weight.data_ptr()
         assert shared == tied, "tied weights must stay one tensor, and only they"
         del gen
+
+
+def _shard_names(indices) -> list:
+    return [f"consolidated.{i:02d}.pth" for i in indices]
+
+
+# (shards, model-parallel size, rank) -> the shards that rank must open, and no other
+RANK_SHARDS = {(2, 2, 0): [0], (2, 2, 1): [1], (4, 4, 3): [3],  # as many shards as ranks
+               (4, 2, 1): [2, 3], (1, 2, 1): [0], (2, 4, 2): [1], (2, 4, 1): [0]}  # resharding
+
+
+@pytest.mark.parametrize("shards, mp_size, rank", RANK_SHARDS)
+def test_a_rank_opens_only_the_shards_holding_its_slice(shards, mp_size, rank, checkpoints, sp_tokenizer,
+                                                        monkeypatch):
+    """In this process, posing as rank `rank` of `mp_size`: what is opened, and what is loaded."""
+    ckpt = {1: "1_shard", 2: "2_shards_vocab_split_bf16", 4: "4_shards"}[shards]
+    vocab_split = CHECKPOINTS[ckpt][1]
+    ctx = DistContext(rank=rank, world_size=mp_size, local_rank=rank, model_parallel_size=mp_size,
+                      model_parallel_rank=rank, device=torch.device("cpu"), backend="gloo")
+    monkeypatch.setattr(llama.generation, "init_distributed", lambda *args: ctx)
+    monkeypatch.setattr(llama.generation, "silence_non_main_ranks", lambda ctx: None)
+    monkeypatch.setattr(llama.parallel, "model_parallel_size", lambda: mp_size)
+    monkeypatch.setattr(llama.parallel, "model_parallel_rank", lambda: rank)
+    with spy_on_torch_load() as opened:
+        gen = Llama.build(str(checkpoints[ckpt]), sp_tokenizer, max_seq_len=16, max_batch_size=1,
+                          device="cpu", dtype="bf16")
+    assert opened == _shard_names(RANK_SHARDS[shards, mp_size, rank])
+    shapes = {k: tuple(v.shape) for k, v in gen.model.state_dict().items()}
+    vocab, dim = SPLIT4_PARAMS["vocab_size"], SPLIT4_PARAMS["dim"]
+    vocab_parallel = vocab_split or shards == 1  # the embedding is split as the shards split it
+    assert shapes["tok_embeddings.weight"] == ((vocab // mp_size, dim) if vocab_parallel else (vocab, dim // mp_size))
+    expected = expected_rank_weights(checkpoints[ckpt], vocab_split, shapes, rank, mp_size, torch.bfloat16)
+    assert wrong_weights(gen.model, expected) == []
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +140,16 @@ def test_every_weight_is_the_checkpoints_on_two_ranks(ckpt, dtype, two_rank_run)
         case = two_rank_run[rank][f"{ckpt}/{dtype}"]
         assert (case["mp_size"], case["mp_rank"]) == (2, rank)
         assert len(case["builds"]) == REPEATS
+        shards, vocab_split, tied, _ = CHECKPOINTS[ckpt]
         for build, result in enumerate(case["builds"]):
             assert result["wrong"] == [], f"rank {rank}, build {build}"
-            shapes = result["shapes"]
-            assert shapes["layers.0.attention.wq.weight"] == [SPLIT4_PARAMS["dim"] // 2, SPLIT4_PARAMS["dim"]]
-            assert shapes["layers.0.feed_forward.w2.weight"] == [SPLIT4_PARAMS["dim"], 352 // 2]
+            # N == M: its own shard alone; resharding: only the shards overlapping its slice.
+            assert result["opened"] == _shard_names({1: [0], 2: [rank], 4: [2 * rank, 2 * rank + 1]}[shards])
+            shapes, dim, vocab = result["shapes"], SPLIT4_PARAMS["dim"], SPLIT4_PARAMS["vocab_size"]
+            assert shapes["layers.0.attention.wq.weight"] == [dim // 2, dim]
+            assert shapes["layers.0.feed_forward.w2.weight"] == [dim, 352 // 2]
+            # The embedding follows the shards' split; one shard's is split on the vocabulary,
+            # as the output is, so that tied weights stay one tensor on every rank.
+            vocab_parallel = vocab_split or shards == 1
+            assert shapes["tok_embeddings.weight"] == ([vocab // 2, dim] if vocab_parallel else [vocab, dim // 2])
+            assert result["tied"] == tied
