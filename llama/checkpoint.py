@@ -6,12 +6,13 @@ axis; this module rebuilds each full weight from the N pieces and cuts the piece
 rank r of M, so N and M need not match.
 """
 
+import itertools
 import json
 import math
 import pickle
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -40,6 +41,10 @@ def find_shards(ckpt_dir: str) -> List[Path]:
     if not shards:
         raise LlamaError(f"no checkpoint shards ({SHARD_PATTERN}) in {ckpt_dir!r}; download the "
                          f"model there or convert one with `python -m llama.convert`")
+    for path in shards:  # a FIFO or device would block or never end when read
+        if not path.is_file():
+            raise LlamaError(f"{str(path)!r} is not a regular file (a directory, FIFO or device); "
+                             f"a checkpoint shard must be a plain file: replace it with the real shard")
     numbers = [_shard_number(p) for p in shards]
     if numbers != list(range(len(shards))):
         raise LlamaError(f"shards in {ckpt_dir!r} are numbered {numbers}; expected "
@@ -55,6 +60,9 @@ def _shard_number(path: Path) -> int:
 def load_params(ckpt_dir: str) -> dict:
     """params.json as a dict, with required keys and value types checked."""
     path = Path(ckpt_dir) / "params.json"
+    if path.exists() and not path.is_file():
+        raise LlamaError(f"{str(path)!r} is not a regular file (a directory, FIFO or device); "
+                         f"replace it with the model's params.json")
     if not path.is_file():
         raise LlamaError(f"{str(path)!r} is missing; a Meta checkpoint directory holds params.json "
                          f"beside its consolidated.NN.pth shards")
@@ -108,30 +116,87 @@ def check_params(params: dict, where: str) -> None:
                          f"must divide n_heads); fix it or restore the file from the download")
 
 
+_LAYER_WEIGHTS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
+                  "feed_forward.w2", "feed_forward.w3", "attention_norm", "ffn_norm")
+_MODEL_WEIGHTS = ("tok_embeddings", "norm", "output")
+
+
+def weight_names(a: ModelArgs) -> Iterator[str]:
+    """Every weight of a model of shape `a`, by Meta's names, in checkpoint order (lazily:
+    params.json may claim absurd sizes)."""
+    yield "tok_embeddings.weight"
+    for i in range(a.n_layers):
+        yield from (f"layers.{i}.{leaf}.weight" for leaf in _LAYER_WEIGHTS)
+    yield from ("norm.weight", "output.weight")
+
+
+def weight_shape(name: str, a: ModelArgs) -> Optional[Tuple[int, ...]]:
+    """The full (unsharded) shape of weight `name` in a model of shape `a`; None if it has
+    no such weight."""
+    match = re.fullmatch(r"(?:layers\.(0|[1-9]\d*)\.)?([\w.]+)\.weight", name)
+    if match is None:
+        return None
+    layer, leaf = match.groups()
+    if (leaf in _MODEL_WEIGHTS) != (layer is None) or (layer is not None and int(layer) >= a.n_layers):
+        return None
+    kv, hidden = a.kv_heads * a.head_dim, a.ffn_hidden_dim
+    return {"tok_embeddings": (a.vocab_size, a.dim), "norm": (a.dim,), "output": (a.vocab_size, a.dim),
+            "attention.wq": (a.dim, a.dim), "attention.wk": (kv, a.dim), "attention.wv": (kv, a.dim),
+            "attention.wo": (a.dim, a.dim), "feed_forward.w1": (hidden, a.dim),
+            "feed_forward.w2": (a.dim, hidden), "feed_forward.w3": (hidden, a.dim),
+            "attention_norm": (a.dim,), "ffn_norm": (a.dim,)}.get(leaf)
+
+
+def _layer_indices(names: Iterable[str]) -> set:
+    return {int(m.group(1)) for name in names if (m := re.match(r"layers\.(\d+)\.", name))}
+
+
 def check_weights_fit(weights: Dict[str, torch.Tensor], params: dict, where: str) -> None:
     """LlamaError naming `where` unless `weights` (full, unsharded, Meta's names) are exactly
     the weights of a model with these params, in the right shapes."""
-    layers = {int(m.group(1)) for name in weights if (m := re.match(r"layers\.(\d+)\.", name))}
+    layers = _layer_indices(weights)
     if len(layers) != params["n_layers"] or layers != set(range(len(layers))):
         raise LlamaError(f"{where!r} holds weights for {len(layers)} layers but says n_layers="
                          f"{params['n_layers']}; the file is damaged or not a plain Llama model")
     a = ModelArgs.from_params(params)
-    kv, vocab = a.kv_heads * a.head_dim, a.vocab_size
-    shapes = {"tok_embeddings.weight": (vocab, a.dim), "norm.weight": (a.dim,), "output.weight": (vocab, a.dim)}
-    for i in range(a.n_layers):
-        for leaf, shape in (("attention.wq", (a.dim, a.dim)), ("attention.wk", (kv, a.dim)),
-                            ("attention.wv", (kv, a.dim)), ("attention.wo", (a.dim, a.dim)),
-                            ("feed_forward.w1", (a.ffn_hidden_dim, a.dim)),
-                            ("feed_forward.w2", (a.dim, a.ffn_hidden_dim)),
-                            ("feed_forward.w3", (a.ffn_hidden_dim, a.dim)),
-                            ("attention_norm", (a.dim,)), ("ffn_norm", (a.dim,))):
-            shapes[f"layers.{i}.{leaf}.weight"] = shape
     wrong = [f"{name} {tuple(weights[name].shape) if name in weights else 'missing'} (expected {shape})"
-             for name, shape in shapes.items() if name not in weights or tuple(weights[name].shape) != shape]
-    wrong += [f"{name} (unexpected)" for name in weights if name not in shapes]
+             for name in weight_names(a)
+             if name not in weights or tuple(weights[name].shape) != (shape := weight_shape(name, a))]
+    wrong += [f"{name} (unexpected)" for name in weights if weight_shape(name, a) is None]
     if wrong:
         raise LlamaError(f"the weights in {where!r} do not fit its own settings: {', '.join(wrong[:4])}; "
                          f"the file is damaged or not a plain Llama model")
+
+
+def check_shards(paths: List[Path], states: Dict[int, Dict[str, torch.Tensor]], a: ModelArgs) -> None:
+    """LlamaError naming the file unless each opened shard (`states`, by index into `paths`)
+    holds exactly the weights of a model of shape `a`, dense floating-point, each in the shape
+    of its 1/N share. Reads nothing but the shards' pickled metadata, so it runs before
+    anything is allocated, whatever params.json claims."""
+    where, n_shards = str(paths[0].parent), len(paths)
+    for i, state in states.items():
+        names = set(state) - set(_IGNORED_KEYS)
+        missing = list(itertools.islice((k for k in weight_names(a) if k not in names), 5))
+        unexpected = sorted(k for k in names if weight_shape(k, a) is None)
+        if missing or unexpected:
+            raise LlamaError(f"checkpoint {where!r} does not fit params.json: missing weights {missing}, "
+                             f"unexpected weights {unexpected[:5]} ({paths[i].name} holds "
+                             f"{len(_layer_indices(names))} layers, params.json says n_layers={a.n_layers})")
+        for name in weight_names(a):
+            tensor = state[name]
+            if tensor.layout != torch.strided or tensor.is_quantized or not tensor.is_floating_point():
+                kind = tensor.layout if tensor.layout != torch.strided else tensor.dtype
+                raise LlamaError(f"weight {name!r} in {str(paths[i])!r} is a {kind} tensor; checkpoint "
+                                 f"weights must be dense floating-point (bf16, fp16 or fp32): the file is "
+                                 f"damaged or was saved by a quantization tool; use the original weights")
+            full = weight_shape(name, a)
+            vocab_split = name == "tok_embeddings.weight" and tensor.dim() == 2 and tensor.shape[1] == a.dim
+            axis = parallel_axis(name, vocab_split)
+            shard = tuple(n // n_shards if d == axis else n for d, n in enumerate(full))
+            if tuple(tensor.shape) != shard or (axis is not None and full[axis] % n_shards):
+                expect = f"{shard} in each of {n_shards} shards" if n_shards > 1 else f"{shard}"
+                raise LlamaError(f"weight {name!r} in {where!r} has shape {tuple(tensor.shape)} in "
+                                 f"{paths[i].name}, which does not fit params.json (expected {expect})")
 
 
 def parallel_axis(name: str, vocab_parallel_embedding: bool = False) -> Optional[int]:
@@ -207,20 +272,12 @@ def load_rank_state_dict(paths: List[Path], states: Dict[int, Dict[str, torch.Te
                          vocab_parallel: bool = False) -> Dict[str, torch.Tensor]:
     """This rank's slice of every weight, on `device` in `dtype`.
 
-    paths: every shard of the checkpoint; states: the opened ones, at least
-    shards_for_rank(len(paths), mp_rank, mp_size). expected: the model's parameter shapes on
-    this rank (its state_dict shapes); every key must be found and fit, with a clear error
-    naming the shard otherwise. Each memory-mapped piece is narrowed to the part this rank
-    keeps before it is copied, so no full weight is ever materialised.
+    paths: every shard of the checkpoint; states: the opened ones (at least
+    shards_for_rank(len(paths), mp_rank, mp_size)), which passed check_shards. expected: the
+    model's parameter shapes on this rank (its state_dict shapes). Each memory-mapped piece is
+    narrowed to the part this rank keeps before it is copied, so no full weight is ever
+    materialised.
     """
-    where = str(paths[0].parent)
-    names = set(next(iter(states.values()))) - set(_IGNORED_KEYS)
-    unknown = sorted(names - set(expected))
-    missing = sorted(set(expected) - names)
-    if unknown or missing:
-        raise LlamaError(f"checkpoint {where!r} does not fit params.json: "
-                         f"missing weights {missing[:5]}, unexpected weights {unknown[:5]}")
-
     result: Dict[str, torch.Tensor] = {}
     converted: Dict[tuple, torch.Tensor] = {}  # keeps tied weights (embedding = output) shared
     mapped = all(isinstance(state, MappedShard) for state in states.values())
@@ -246,27 +303,15 @@ _Part = Tuple[torch.Tensor, Optional[Tuple[int, int, int]], torch.Tensor, int]
 def _rank_parts(name: str, shape: torch.Size, axis: Optional[int], paths: List[Path],
                 states: Dict[int, Dict[str, torch.Tensor]], mp_rank: int, mp_size: int) -> List[_Part]:
     """The pieces of weight `name` that make up this rank's slice (of `shape`), each a view
-    of a memory-mapped shard narrowed to the part this rank keeps."""
-    where, n_shards = str(paths[0].parent), len(paths)
+    of a shard narrowed to the part this rank keeps."""
     if axis is None:  # replicated: every shard holds it whole
-        index = min(states)
-        pieces = {index: states[index][name]}
-        shard_shape = tuple(shape)
-    else:
-        full = shape[axis] * mp_size
-        shard_shape = tuple(full // n_shards if d == axis else n for d, n in enumerate(shape))
-        pieces = {i: states[i][name] for i in shards_for_rank(n_shards, mp_rank, mp_size)}
+        piece = states[min(states)][name]
+        return [(piece, None, piece, 0)]
     parts: List[_Part] = []
-    for i, piece in pieces.items():
-        if tuple(piece.shape) != shard_shape or (axis is not None and full % n_shards):
-            expect = f"{shard_shape} in each of {n_shards} shards" if n_shards > 1 else f"{shard_shape}"
-            raise LlamaError(f"weight {name!r} in {where!r} has shape {tuple(piece.shape)} in "
-                             f"{paths[i].name}, which does not fit params.json (expected {expect})")
-        if axis is None:
-            parts.append((piece, None, piece, 0))
-            continue
+    for i in shards_for_rank(len(paths), mp_rank, mp_size):
+        piece = states[i][name]
         # The overlap of shard i's range and this rank's, in the weight's full coordinates.
-        size = shard_shape[axis]
+        size = piece.shape[axis]
         lo, hi = max(i * size, mp_rank * shape[axis]), min((i + 1) * size, (mp_rank + 1) * shape[axis])
         whole = (lo, hi) == (i * size, (i + 1) * size)
         parts.append((piece, None if whole else (axis, lo, hi), piece.narrow(axis, lo - i * size, hi - lo),

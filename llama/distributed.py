@@ -18,17 +18,20 @@ from .errors import LlamaError
 # Bounded so that a rank that hangs ends the job instead of leaving the others waiting
 # forever. (A rank that dies or fails ends the job at once: see all_ranks_agree.)
 DEFAULT_TIMEOUT_S = 300
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def timeout_s() -> float:
-    """The process-group timeout: LLAMA_DIST_TIMEOUT seconds, default 300."""
+    """The process-group timeout: LLAMA_DIST_TIMEOUT seconds, default 300, at most a week
+    (the point is a bounded wait; inf or nan would not be one)."""
     text = os.environ.get("LLAMA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise LlamaError(f"LLAMA_DIST_TIMEOUT={text!r} must be a positive number of seconds")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise LlamaError(f"LLAMA_DIST_TIMEOUT={text!r} must be a positive number of seconds, at most "
+                         f"{MAX_TIMEOUT_S} (a week)")
     return value
 
 
@@ -51,10 +54,7 @@ def choose_device(local_rank: int, world_size: int,
                   requested: Union[str, torch.device, None] = None) -> torch.device:
     """The accelerator for this local rank if there is one, else MPS (one process only), else CPU."""
     if requested is not None:
-        device = torch.device(requested)
-        if device.index is None and device.type not in ("cpu", "mps"):
-            device = torch.device(device.type, local_rank)
-        return device
+        return _requested_device(requested, local_rank)
     if torch.accelerator.is_available():
         accel = torch.accelerator.current_accelerator()
         if accel is not None and accel.type != "mps":
@@ -62,6 +62,29 @@ def choose_device(local_rank: int, world_size: int,
         if accel is not None and world_size == 1:
             return torch.device("mps")
     return torch.device("cpu")
+
+
+def _requested_device(requested: Union[str, torch.device], local_rank: int) -> torch.device:
+    """torch.device(requested), checked to exist on this machine; an accelerator named
+    without an index is this local rank's."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise LlamaError(f"device={requested!r} is not a device; use e.g. 'cpu', 'cuda', 'cuda:1' or "
+                         f"'mps', or leave it out to choose automatically") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    if module is None or not getattr(module, "is_available", lambda: False)():
+        raise LlamaError(f"device={requested!r}: this machine (or this build of torch) has no "
+                         f"{device.type} device; use device='cpu', or leave it out to choose automatically")
+    if device.index is None and device.type != "mps":
+        device = torch.device(device.type, local_rank)
+    count = getattr(module, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise LlamaError(f"device={requested!r}: there is no {device.type} device {device.index} here "
+                         f"(this machine has {count}); name one from 0 to {count - 1}")
+    return device
 
 
 def choose_backend(device: torch.device) -> str:

@@ -10,10 +10,11 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDi
 import torch
 
 from .chat_format import Dialog, Message, check_dialog, make_chat_format
-from .checkpoint import (find_shards, load_params, load_rank_state_dict, open_shards, shards_for_rank,
-                         vocab_parallel_embedding)
+from .checkpoint import (check_shards, find_shards, load_params, load_rank_state_dict, open_shards,
+                         shards_for_rank, vocab_parallel_embedding)
 from .distributed import DistContext, all_ranks_agree, init_distributed, print0, silence_non_main_ranks
 from .errors import LlamaError
+from .loading import check_memory, kv_cache_bytes
 from .model import ModelArgs, Transformer, kv_cache_dtype
 from .quantize import quantize_model
 from .tokenizer import Tokenizer
@@ -82,9 +83,9 @@ def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -
         dtype = os.environ.get("LLAMA_DTYPE") or None  # a default for scripts that pass none
     if dtype is None:
         return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
-    if dtype not in _DTYPES:
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise LlamaError(f"dtype={dtype!r} (or LLAMA_DTYPE) is not supported; use one of fp32, bf16, fp16")
     return _DTYPES[dtype]
 
@@ -144,8 +145,11 @@ class Llama:
             _check_divisible(args, ctx.model_parallel_size)
             states = open_shards(shards, shards_for_rank(len(shards), ctx.model_parallel_rank,
                                                          ctx.model_parallel_size))
+            check_shards(shards, states, args)
+            dtype = _resolve_dtype(dtype, ctx.device)
+            check_memory(args, ctx.model_parallel_size, ctx.device, dtype, max_batch_size, max_seq_len)
         with all_ranks_agree("building the model"):
-            model = _load_model(args, shards, states, ctx, _resolve_dtype(dtype, ctx.device))
+            model = _load_model(args, shards, states, ctx, dtype)
             del states  # the model holds what it uses of the memory-mapped shards
             quantize_model(model, quantize)
             _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
@@ -489,13 +493,6 @@ def _check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
     if not bool(torch.isfinite(logits.sum())):
         raise LlamaError(f"the model produced NaN or inf logits (model dtype {dtype}); the usual "
                          f"cause is fp16 overflow: build with dtype='bf16' or dtype='fp32'")
-
-
-def kv_cache_bytes(args: ModelArgs, max_batch_size: int, max_seq_len: int, mp: int,
-                   dtype: torch.dtype) -> int:
-    """Memory the KV caches of one rank take: keys and values for every layer."""
-    per_token = 2 * args.n_layers * (args.kv_heads // mp) * args.head_dim
-    return per_token * max_batch_size * max_seq_len * torch.empty(0, dtype=dtype).element_size()
 
 
 def _setup_caches_or_explain(model: Transformer, max_batch_size: int, max_seq_len: int,
