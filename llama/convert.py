@@ -407,21 +407,19 @@ def convert(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], model_pa
         raise LlamaError(f"--model-parallel-size {model_parallel_size!r} must be a positive integer")
     if not source.exists():
         raise LlamaError(f"source {str(src)!r} does not exist; give an HF model directory or a .gguf file")
+    if not source.is_dir() and source.suffix != ".gguf":
+        raise LlamaError(f"source {str(src)!r} is neither a directory nor a .gguf file")
+    _check_destination(source, target, force)  # before the lock: a refusal leaves no trace
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LlamaError(f"cannot create the folder {str(target.parent)!r} for DST ({exc.strerror or exc})") from None
     with hold(target, f"the conversion into {str(dst)!r}", quiet=quiet):
         _remove_leftovers(target, quiet)
-        _check_destination(source, target, force)
+        _check_destination(source, target, force)  # again: another process may have written it
         work = _new_work_dir(target)
         try:
-            if source.is_dir():
-                weights, params = convert_hf(source, work)
-            elif source.suffix == ".gguf":
-                weights, params = convert_gguf(source, work)
-            else:
-                raise LlamaError(f"source {str(src)!r} is neither a directory nor a .gguf file")
+            weights, params = convert_hf(source, work) if source.is_dir() else convert_gguf(source, work)
             check_weights_fit(weights, params, str(src))
             cast = {id(v): v.to(_DTYPES[dtype]) for v in weights.values()}  # tied weights stay one tensor
             weights = {k: cast[id(v)] for k, v in weights.items()}
