@@ -78,17 +78,19 @@ def params_from_hf_config(config: dict, where: str = "config.json") -> dict:
     # transformers >= 5 keeps rotary settings in rope_parameters, older ones in rope_scaling.
     rope_key = "rope_parameters" if config.get("rope_parameters") is not None else "rope_scaling"
     rope = field(config, rope_key, OBJECT, where, {})
-    rope_where = f"{where}, {rope_key}"
+
+    def rope_field(key: str, kind: Kind, default=None):
+        return field(rope, key, kind, where, default, name=f"{rope_key}.{key}")
+
     params["rope_theta"] = field(config, "rope_theta", POSITIVE_NUMBER, where, None) or \
-        field(rope, "rope_theta", POSITIVE_NUMBER, rope_where, 10000.0)
-    rope_type = field(rope, "rope_type", STRING, rope_where, None) or field(rope, "type", STRING, rope_where, "default")
+        rope_field("rope_theta", POSITIVE_NUMBER, 10000.0)
+    rope_type = rope_field("rope_type", STRING) or rope_field("type", STRING, "default")
     if rope_type == "llama3":
         params.update(use_scaled_rope=True,
-                      rope_scaling_factor=field(rope, "factor", POSITIVE_NUMBER, rope_where),
-                      rope_low_freq_factor=field(rope, "low_freq_factor", POSITIVE_NUMBER, rope_where, 1.0),
-                      rope_high_freq_factor=field(rope, "high_freq_factor", POSITIVE_NUMBER, rope_where, 4.0),
-                      rope_original_context=field(rope, "original_max_position_embeddings", POSITIVE_INT,
-                                                  rope_where, 8192))
+                      rope_scaling_factor=field(rope, "factor", POSITIVE_NUMBER, where, name=f"{rope_key}.factor"),
+                      rope_low_freq_factor=rope_field("low_freq_factor", POSITIVE_NUMBER, 1.0),
+                      rope_high_freq_factor=rope_field("high_freq_factor", POSITIVE_NUMBER, 4.0),
+                      rope_original_context=rope_field("original_max_position_embeddings", POSITIVE_INT, 8192))
     elif rope_type != "default":
         raise LlamaError(f"{where!r}: unsupported rotary scaling {rope_type!r}; only Llama 3.1-style "
                          f"('llama3') scaling is supported")
@@ -197,7 +199,10 @@ def convert_hf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
         raise LlamaError(f"{str(config_path)!r} says tie_word_embeddings is false (HF's default when it "
                          f"is absent) but the weights in {str(src)!r} have no lm_head.weight; the "
                          f"download is incomplete, or set \"tie_word_embeddings\": true if the model ties them")
-    weights = meta_from_hf_state_dict(hf, params)
+    try:
+        weights = meta_from_hf_state_dict(hf, params)
+    except LlamaError as exc:
+        raise LlamaError(f"{str(src)!r}: {exc}") from None
 
     copied = False
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):

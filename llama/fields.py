@@ -6,7 +6,7 @@ the field, never a TypeError three calls later."""
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from .errors import LlamaError
 
@@ -39,16 +39,19 @@ def one_of(*kinds: Kind) -> Kind:
 _REQUIRED = object()
 
 
-def field(obj: dict, key: str, kind: Kind, where: Union[str, Path], default: Any = _REQUIRED) -> Any:
-    """obj[key], checked to be of `kind`; `default` if the key is absent or null (LlamaError
-    naming `where` and `key` if it is required)."""
+def field(obj: dict, key: str, kind: Kind, where: Union[str, Path], default: Any = _REQUIRED,
+          name: Optional[str] = None) -> Any:
+    """obj[key], checked to be of `kind`; `default` if the key is absent or null. LlamaError
+    naming the file `where` and the field (`name`, e.g. "rope_scaling.factor", else `key`)
+    if the value is of the wrong kind, or absent and required."""
+    name = name or key
     value = obj.get(key)
     if value is None:
         if default is _REQUIRED:
-            raise LlamaError(f"{str(where)!r} lacks the field {key!r}; restore the file from the download")
+            raise LlamaError(f"{str(where)!r} lacks the field {name!r}; restore the file from the download")
         return default
     if not kind.test(value):
-        raise LlamaError(f"{str(where)!r}: {key} = {_short(value)} is invalid, it must be {kind.name}; "
+        raise LlamaError(f"{str(where)!r}: {name} = {_short(value)} is invalid, it must be {kind.name}; "
                          f"fix it or restore the file from the download")
     return value
 
