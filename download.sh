@@ -40,7 +40,8 @@ Behaviour:
   * Each file is fetched into FILE.part (resumable) and renamed to FILE only once
     complete; rerunning after an interruption resumes the .part file.
   * Files already present (complete) are not downloaded again; every file in a
-    checklist is md5-verified on every run. Nothing is ever deleted by this script.
+    checklist is md5-verified on every run. Nothing is ever deleted by this script,
+    and a FILE.part that is a symbolic link is refused, never written through.
   * On a checksum mismatch the remaining models are still downloaded and checked;
     the bad files are listed at the end. Delete them and rerun to fetch them again.
   * A download error (expired URL, missing file, network) stops the run; rerun to
@@ -50,7 +51,8 @@ Exit status: 0 all verified, 1 checksum mismatch, 2 usage error, 3 download erro
 
 Tuning (env): LLAMA_DOWNLOADER=curl|wget (default: curl if installed),
   LLAMA_RETRIES (network retries per file, default 3), LLAMA_RETRY_DELAY (seconds,
-  default 5), LLAMA_READ_TIMEOUT (seconds to wait for piped answers, default 10).
+  default 5), LLAMA_READ_TIMEOUT (seconds to wait for piped answers, default 10);
+  plain numbers only (the delay and timeout may have a decimal point).
 EOF
 }
 

@@ -17,7 +17,7 @@ import secrets
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
