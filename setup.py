@@ -18,6 +18,7 @@ setup(
         "gguf",
         "numpy",
         "tqdm",
+        "filelock",  # OS-level locks: concurrent first starts, one writer per batch output
     ],
     extras_require={
         # References for parity tests, never runtime deps: transformers/accelerate, and

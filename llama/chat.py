@@ -13,8 +13,10 @@ from typing import Callable, Iterator, List, Optional
 import torch.distributed as dist
 
 from .chat_format import Dialog, Message
+from .cli import path_flags
 from .errors import LlamaError
 from .generation import Llama, check_sampling
+from .text import check_text
 
 HELP = "/reset clears the conversation (keeps the system prompt), /exit or Ctrl-D quits"
 PROMPT = "> "
@@ -27,7 +29,7 @@ class ChatSession:
                  top_p: float = 0.9, max_gen_len: Optional[int] = None):
         check_sampling(temperature, top_p, max_gen_len, where="--")
         self.generator = generator
-        self.system = system
+        self.system = None if system is None else check_text(system, "--system")
         self.temperature, self.top_p, self.max_gen_len = temperature, top_p, max_gen_len
         self.turns: List[Message] = []  # user/assistant messages, alternating
         max_seq_len = generator.model.params.max_seq_len
@@ -105,6 +107,7 @@ def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optiona
             continue
         printed = False  # part of a reply is on the screen
         try:
+            check_text(text, "this message")
             dropped = session.make_room(text)
             if dropped:
                 note(f"(history too long for max_seq_len={generator.model.params.max_seq_len}: "
@@ -116,16 +119,26 @@ def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optiona
             note(generator.last_stats.summary())
         except LlamaError as exc:
             print(end="\n" if printed else "", flush=True)
-            note(f"error: {exc}")
+            note(f"error: {exc} (the conversation is kept)")
         except KeyboardInterrupt:
             if world > 1:
                 raise  # the other ranks cannot be told to stop mid-reply
             print(end="\n" if printed else "", flush=True)
             note("(reply interrupted; it is not kept in the history)")
+        except Exception as exc:  # a bug: one line must not cost the user the conversation
+            if world > 1:
+                raise  # the ranks may no longer agree on where they are
+            print(end="\n" if printed else "", flush=True)
+            note(f"error: {type(exc).__name__}: {exc} (a bug in llama: please report it; the reply is "
+                 f"not kept, the conversation is)")
 
 
 def read_stdin() -> Optional[str]:
-    """One line from the terminal, or None at end of input (Ctrl-D) or Ctrl-C."""
+    """One line from the terminal, or None at end of input (Ctrl-D) or Ctrl-C. Bytes that
+    are not UTF-8 come through as surrogates (U+DC80-U+DCFF), which the message check then
+    refuses with their position, instead of input() failing and ending the chat."""
+    if getattr(sys.stdin, "errors", None) not in (None, "surrogateescape"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         return input(PROMPT)
     except (EOFError, KeyboardInterrupt):
@@ -133,6 +146,7 @@ def read_stdin() -> Optional[str]:
         return None
 
 
+@path_flags("ckpt_dir", "tokenizer_path", "system")
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,

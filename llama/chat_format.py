@@ -7,6 +7,7 @@ Formats: Llama2ChatFormat ([INST]), Llama3ChatFormat (header ids), ChatMLFormat 
 from typing import TYPE_CHECKING, AbstractSet, List, Literal, Optional, Sequence, TypedDict
 
 from .errors import LlamaError
+from .text import check_text
 
 if TYPE_CHECKING:  # tokenizer.py imports this module; nothing is needed from it at run time
     from .tokenizer import Tokenizer
@@ -35,8 +36,7 @@ def check_dialog(dialog: Sequence[Message], index: int = 0) -> None:
         if msg["role"] not in ("system", "user", "assistant"):
             raise LlamaError(f"{where}, message {i} has unknown role {msg['role']!r}; "
                              f"use 'system', 'user' or 'assistant'")
-        if not isinstance(msg["content"], str):
-            raise LlamaError(f"{where}, message {i}: content must be a str, got {type(msg['content']).__name__}")
+        check_text(msg["content"], f"{where}, message {i}: content")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     for i, msg in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -149,6 +149,8 @@ class ChatMLFormat(ChatFormat):
 
     def __init__(self, tokenizer: "Tokenizer", default_system_prompt: Optional[str] = None):
         super().__init__(tokenizer)
+        if default_system_prompt is not None:
+            check_text(default_system_prompt, "the default system prompt (params.json key 'default_system_prompt')")
         self.default_system_prompt = default_system_prompt
         self.im_start, self.im_end = self._special("<|im_start|>"), self._special("<|im_end|>")
 

@@ -6,6 +6,7 @@ import sys
 from typing import Callable, Iterable
 
 import fire
+from fire.decorators import SetParseFn
 import torch.distributed as dist
 
 from .errors import LlamaError
@@ -28,6 +29,12 @@ def run(main: Callable) -> None:
         _fail(f"lost contact with the other processes of this job ({first_line}); one of them "
               f"failed, was killed or is stuck (waits are bounded by LLAMA_DIST_TIMEOUT): its own "
               f"error, or torchrun's summary, names the cause")
+
+
+def path_flags(*names: str) -> Callable[[Callable], Callable]:
+    """Decorator: fire passes these flags to the function as the text typed, never parsed
+    (unmarked, fire turns `--ckpt_dir 2024` into the int 2024 and `--output 1e3` into 1000.0)."""
+    return SetParseFn(str, *names)
 
 
 def _fail(message: str) -> None:

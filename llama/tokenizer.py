@@ -12,12 +12,13 @@ Every kind's `encode` takes `allow_special`: False encodes control-token text su
 reference: plain text for tiktoken (Meta), control tokens for HF tokenizer.json (HF).
 """
 
-import json
 import os
 import re
 from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 from .errors import LlamaError
+from .fields import BOOL, STRING, Kind, field, one_of, read_json_object
+from .text import check_text
 
 
 class Tokenizer:
@@ -102,7 +103,7 @@ class SentencePieceTokenizer(Tokenizer):
                                if self.sp_model.is_control(i)}
 
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False) -> List[int]:
-        _check_text(s)
+        check_text(s, "the text to encode")
         t = self.sp_model.encode(s)
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
@@ -171,7 +172,7 @@ class TiktokenTokenizer(Tokenizer):
                disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
         """As Meta's: by default special-token text is encoded as plain text.
         allow_special=True (or allowed_special="all") makes it control tokens."""
-        _check_text(s)
+        check_text(s, "the text to encode")
         allowed = "all" if allow_special else (allowed_special or set())
         t = [i for piece in _split_for_tiktoken(s) for i in
              self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed_special)]
@@ -189,21 +190,28 @@ _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
 _END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
 
+# A special token is written as its text, or as an AddedToken object {"content": text, ...}.
+_TOKEN_TEXT = one_of(STRING, Kind('an object {"content": "..."}',
+                                  lambda v: isinstance(v, dict) and isinstance(v.get("content"), str)))
+
+
 def _read_token_config(directory: str) -> dict:
-    """Keys bos_token, eos_token, pad_token (str or {"content": str}) and add_bos_token
-    from tokenizer_config.json, falling back to special_tokens_map.json, beside the tokenizer."""
+    """Keys bos_token, eos_token, pad_token (token text) and add_bos_token (bool) from
+    tokenizer_config.json, falling back to special_tokens_map.json, beside the tokenizer.
+    A value of the wrong kind is a LlamaError naming the file and the key."""
     config: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    config.update({k: v for k, v in json.load(f).items() if v is not None})
-            except (ValueError, OSError, AttributeError) as exc:  # AttributeError: not an object
-                raise LlamaError(f"cannot read {path!r}: {exc}; fix or remove it") from None
-    for key in ("bos_token", "eos_token", "pad_token"):
-        if isinstance(config.get(key), dict):
-            config[key] = config[key].get("content")
+        if not os.path.isfile(path):
+            continue
+        data = read_json_object(path)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = field(data, key, _TOKEN_TEXT, path, None)
+            if value is not None:
+                config[key] = value["content"] if isinstance(value, dict) else value
+        add_bos = field(data, "add_bos_token", BOOL, path, None)
+        if add_bos is not None:
+            config["add_bos_token"] = add_bos
     return config
 
 
@@ -264,7 +272,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = True) -> List[int]:
         """As HF: by default special-token text becomes the control token; allow_special=False
         encodes it as plain text."""
-        _check_text(s)
+        check_text(s, "the text to encode")
         t = (self.model if allow_special else self.plain_model).encode(s, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
@@ -312,11 +320,6 @@ def hf_tokenizer_json_from_gguf_vocab(tokens: List[str], merges: List[str], toke
     tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
                     for i, kind in enumerate(token_types) if kind == 4])
     return tok.to_str()
-
-
-def _check_text(s: object) -> None:
-    if not isinstance(s, str):
-        raise LlamaError(f"can only encode text (str), got {type(s).__name__}: {s!r:.80}")
 
 
 _KINDS = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer, "hf": HFTokenizer}

@@ -120,3 +120,22 @@ def test_end_of_input_quits(monkeypatch, capsys):
     assert read_stdin() is None
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     assert read_stdin() == "hello"
+
+
+def test_an_unexpected_error_in_one_reply_keeps_the_conversation(generator, capsys, monkeypatch):
+    session = ChatSession(generator, temperature=0.0, max_gen_len=4)
+    real_stream_chat = generator.stream_chat
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("some bug")
+        return real_stream_chat(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "stream_chat", broken_once)
+    script = iter(["Hello!", "Tell me more.", "Bye!", None])
+    repl(generator, session, lambda: next(script))
+    err = capsys.readouterr().err
+    assert "error: RuntimeError: some bug (a bug in llama: please report it; the reply is not kept" in err
+    assert [m["content"] for m in session.turns if m["role"] == "user"] == ["Hello!", "Bye!"]

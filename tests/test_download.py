@@ -361,3 +361,47 @@ def test_help_and_bad_arguments():
     res = run(["--url", "http://127.0.0.1/no-star?Signature=x", "--models", "7B"])
     assert res.returncode == 2 and "'*'" in res.stderr
     assert_no_secret(res)
+
+
+# 8. environment values and planted links --------------------------------------------------
+@pytest.mark.parametrize("name, value", [
+    ("LLAMA_RETRIES", "3abc"),  # main: an endless retry loop ("value too great for base")
+    ("LLAMA_RETRIES", "x"),  # main: "x: unbound variable" from deep inside
+    ("LLAMA_RETRIES", "a[$(touch {marker})]"),  # bash evaluates variables inside (( )) as expressions
+    ("LLAMA_RETRIES", "-1"),
+    ("LLAMA_RETRIES", "99999999999999999999"),  # wraps around in bash arithmetic
+    ("LLAMA_RETRY_DELAY", "5s"),
+    ("LLAMA_READ_TIMEOUT", "1e9"),
+])
+def test_environment_numbers_are_checked_before_use(server, tmp_path, name, value):
+    marker = tmp_path / "pwned"
+    res = run(["--url", server.url(), "--models", "7B", "--target", str(tmp_path / "w")],
+              env={name: value.format(marker=marker)}, timeout=10)
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"error: {name}='{value.format(marker=marker)}' must be a ")
+    assert server.requests == [] and not marker.exists()
+
+
+def test_numbers_with_leading_zeros_are_decimal(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run(["--url", f"http://127.0.0.1:{port}/*?Signature={SIGNATURE}", "--models", "7B", "--target", str(tmp_path)],
+              env={"LLAMA_RETRIES": "08", "LLAMA_RETRY_DELAY": "0.0"})
+    assert res.returncode == 3 and "retry 8/8" in res.stdout and "retry 9" not in res.stdout
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+@pytest.mark.parametrize("victim_exists", [True, False])
+def test_planted_link_at_a_part_path_is_not_followed(server, tmp_path, downloader, victim_exists):
+    victim = tmp_path / "victim"  # say, the user's ~/.bashrc
+    if victim_exists:
+        victim.write_bytes(b"precious")
+    part = tmp_path / "w" / "llama-2-7b" / "consolidated.00.pth.part"
+    part.parent.mkdir(parents=True)
+    part.symlink_to(victim)
+    res = run(["--url", server.url(), "--models", "7B", "--target", str(tmp_path / "w")], downloader=downloader)
+    assert res.returncode == 3
+    assert "llama-2-7b/consolidated.00.pth.part is a symbolic link or not a regular file; refusing" in res.stderr
+    assert (victim.read_bytes() == b"precious") if victim_exists else not victim.exists()
+    assert part.is_symlink() and "llama-2-7b/consolidated.00.pth" not in server.paths_requested()

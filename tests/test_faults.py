@@ -2,6 +2,7 @@
 on rank 0's stderr; download.sh never takes a partial file for a complete one; conversion
 never leaves a half-written checkpoint behind."""
 
+import json
 import os
 import re
 import shutil
@@ -230,8 +231,10 @@ def test_conversion_crash_midway_leaves_no_half_checkpoint(crash, dst_exists, tm
     src = tmp_path / "hf_model"
     src.mkdir()
     dst = tmp_path / "out"
-    if dst_exists:
+    if dst_exists:  # an earlier output of llama.convert, which --force may replace
         write_tiny_checkpoint(dst, seed=5)
+        names = sorted(p.name for p in dst.iterdir())
+        (dst / llama.convert.MARKER).write_text(json.dumps({"files": names}))
     before = {p.name: p.read_bytes() for p in dst.iterdir()} if dst_exists else None
     # The source reads fine; the crash comes while the second of two shards is written.
     monkeypatch.setattr(llama.convert, "convert_hf",
@@ -253,5 +256,6 @@ def test_conversion_crash_midway_leaves_no_half_checkpoint(crash, dst_exists, tm
         assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     else:
         assert not dst.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf_model"] + (["out"] if dst_exists else []))
+    # Only the lock file is left beside it: no half-written or moved-away checkpoint.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.lock", "hf_model"] + (["out"] if dst_exists else []))
 

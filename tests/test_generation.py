@@ -164,7 +164,7 @@ def test_chat_completion_refuses_special_tags_like_meta(generator):
     ([{"role": "robot", "content": "hi"}], "unknown role 'robot'"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "end with a 'user'"),
-    ([{"role": "user", "content": 5}], "content must be a str"),
+    ([{"role": "user", "content": 5}], r"content must be text \(str\)"),
 ])
 def test_malformed_dialogs_are_named(generator, dialog, match):
     with pytest.raises(LlamaError, match=match):
