@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="A PyTorch engine for LLaMA-family models with Meta's Llama API, on any hardware",
     packages=find_packages(include=["llama", "llama.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # zip(strict=) in the tests, walrus in the package; torch>=2.6 needs 3.9+
     # Loose on purpose: GPU users need their own CUDA build of torch.
     install_requires=[
         "torch>=2.6",

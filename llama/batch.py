@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from .chat_format import check_dialog
 from .cli import path_flags
+from .distributed import is_main_rank
 from .errors import LlamaError
 from .generation import GenerationStats, Llama, check_sampling
 from .locking import lock_path, try_hold
@@ -256,7 +257,7 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
               seed: int = 1, work: Optional[Tuple[List[Job], Set[str]]] = None) -> None:
     """Generate what the output still lacks; every rank calls this, rank 0 reads and writes.
     `work` is load_work's result if rank 0 already has it."""
-    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    main_rank = is_main_rank()
     with owning_output(output) if main_rank else contextlib.nullcontext():
         _run_batch(generator, input, output, chat, defaults, logprobs, seed, work, main_rank)
 
@@ -319,7 +320,7 @@ def main(
         seed: chunk n is sampled after torch.manual_seed(seed + n), so reruns draw alike.
     """
     defaults = check_sampling(temperature, top_p, max_gen_len, where="--")
-    main_rank = int(os.environ.get("RANK", "0")) == 0
+    main_rank = is_main_rank()
     # Rank 0 owns the output and checks the files before the (possibly long) model load; an
     # error there ends the job, and torchrun then stops the other ranks.
     with owning_output(output) if main_rank else contextlib.nullcontext():

@@ -17,7 +17,6 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 
 from . import pages
-from .chat_format import CHAT_FORMATS
 from .errors import LlamaError
 from .model import ModelArgs
 from .progress import progress
@@ -99,12 +98,8 @@ def check_params(params: dict, where: str) -> None:
             ok, kind = type(value) in (int, float) and 0 < value < math.inf, "a positive number"
         elif key == "use_scaled_rope":
             ok, kind = type(value) is bool, "true or false"
-        elif key == "chat_format":
-            ok, kind = isinstance(value, str) and value in CHAT_FORMATS, f"one of {', '.join(CHAT_FORMATS)}"
-        elif key == "default_system_prompt":
-            ok, kind = isinstance(value, str), "a string"
         else:
-            continue  # keys the engine does not use
+            continue  # keys the model does not use (chat_format: see llama.chat_format)
         if not ok:
             raise LlamaError(f"{where!r}: {key}={value!r} is invalid, it must be {kind}; "
                              f"fix it or restore the file from the download")

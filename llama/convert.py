@@ -28,7 +28,10 @@ from .fields import (BOOL, INT, OBJECT, POSITIVE_INT, POSITIVE_NUMBER, STRING, K
 from .locking import hold
 from .progress import progress
 
-# HF parameter name (after "model.layers.N.") -> Meta's name (after "layers.N.")
+# HF parameter name -> Meta's name, outside the layers and (after "model.layers.N." ->
+# "layers.N.") inside them
+_HF_MODEL_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                   "lm_head.weight": "output.weight"}
 _HF_LAYER_NAMES = {
     "self_attn.q_proj.weight": "attention.wq.weight",
     "self_attn.k_proj.weight": "attention.wk.weight",
@@ -102,12 +105,8 @@ def meta_from_hf_state_dict(hf: Dict[str, torch.Tensor], params: dict) -> Dict[s
     n_heads, n_kv_heads = params["n_heads"], params["n_kv_heads"]
     meta: Dict[str, torch.Tensor] = {}
     for name, tensor in hf.items():
-        if name == "model.embed_tokens.weight":
-            meta["tok_embeddings.weight"] = tensor
-        elif name == "model.norm.weight":
-            meta["norm.weight"] = tensor
-        elif name == "lm_head.weight":
-            meta["output.weight"] = tensor
+        if name in _HF_MODEL_NAMES:
+            meta[_HF_MODEL_NAMES[name]] = tensor
         elif re.fullmatch(r"model\.layers\.\d+\..+", name):
             index, rest = name[len("model.layers."):].split(".", 1)
             if rest not in _HF_LAYER_NAMES:
@@ -238,6 +237,8 @@ def _chat_template(tok_config: dict, where: Path) -> str:
 
 # ---- GGUF files ----------------------------------------------------------------------
 
+_GGUF_MODEL_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
+                     "output.weight": "output.weight"}
 _GGUF_LAYER_NAMES = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv",
     "attn_output": "attention.wo", "ffn_gate": "feed_forward.w1", "ffn_down": "feed_forward.w2",
@@ -294,7 +295,7 @@ def convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
 def _convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]:
     import gguf
 
-    from .tokenizer import hf_tokenizer_json_from_gguf_vocab
+    from .gguf_tokenizer import hf_tokenizer_json_from_gguf_vocab
 
     reader = _open_gguf(src)
 
@@ -328,12 +329,8 @@ def _convert_gguf(src: Path, work: Path) -> Tuple[Dict[str, torch.Tensor], dict]
     for tensor in progress(reader.tensors, "dequantizing"):
         value = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy())
         name = tensor.name
-        if name == "token_embd.weight":
-            weights["tok_embeddings.weight"] = value
-        elif name == "output_norm.weight":
-            weights["norm.weight"] = value
-        elif name == "output.weight":
-            weights["output.weight"] = value
+        if name in _GGUF_MODEL_NAMES:
+            weights[_GGUF_MODEL_NAMES[name]] = value
         elif name == "rope_freqs.weight":
             params.update(_llama31_scaling_from_factors(value, params))
         elif name.startswith("blk.") and name.count(".") == 3 and name.split(".")[2] in _GGUF_LAYER_NAMES:

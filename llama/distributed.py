@@ -45,10 +45,6 @@ class DistContext:
     device: torch.device
     backend: str
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def choose_device(local_rank: int, world_size: int,
                   requested: Union[str, torch.device, None] = None) -> torch.device:
@@ -181,13 +177,22 @@ def all_ranks_agree(what: str) -> Iterator[None]:
         raise error
 
 
-def silence_non_main_ranks(ctx: DistContext) -> None:
-    """Only rank 0 prints; other ranks keep stderr for their errors."""
-    if not ctx.is_main and sys.stdout is sys.__stdout__:
+def is_main_rank() -> bool:
+    """True in the process that talks to the user: global rank 0 of the process group, or,
+    before the group is joined, the one torchrun started as RANK 0 (every plain process)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    rank = os.environ.get("RANK", "0")
+    return not rank.isdigit() or int(rank) == 0
+
+
+def silence_non_main_ranks() -> None:
+    """Only the main rank prints; other ranks keep stderr for their errors."""
+    if not is_main_rank() and sys.stdout is sys.__stdout__:
         sys.stdout = open(os.devnull, "w")
 
 
 def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """print() on the main rank only."""
+    if is_main_rank():
         print(*args, **kwargs)

@@ -1,15 +1,15 @@
 """The LLaMA transformer: RMSNorm, rotary embedding, grouped-query attention with a
-KV cache, SwiGLU feed-forward. Linear layers are fairscale's model-parallel layers, so
-each rank holds only its shard; the model knows nothing else about ranks or devices.
+KV cache, SwiGLU feed-forward. Linear and embedding layers are the model-parallel ones of
+llama.parallel, so each rank holds only its slice; the model knows nothing else about
+ranks or devices, and nothing of tokenizers, chat formats, quantization or kernel choice.
 
 Shapes: B batch, S tokens in this call, L cached length, H query heads, K key/value
 heads (both local to this rank), D head dim.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +37,6 @@ class ModelArgs:
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
-
-    # Recorded by llama.convert: which chat format the model was trained with.
-    chat_format: Optional[str] = None
-    default_system_prompt: Optional[str] = None
 
     @classmethod
     def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
@@ -253,23 +249,10 @@ class Transformer(nn.Module):
             slots = torch.arange(kv_len, device=tokens.device)
             mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
 
-        with _onednn_matmuls(enabled=not (tokens.numel() == 1 and tokens.device.type == "cpu")):
-            h = self.tok_embeddings(tokens)
-            for layer in self.layers:
-                h = layer(h, positions, kv_len, rotation, mask)
-            h = self.norm(h)
-            if last_index is not None:
-                h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
-            return self.output(h).float()
-
-
-@contextlib.contextmanager
-def _onednn_matmuls(enabled: bool) -> Iterator[None]:
-    """For a single row (batch-1 decode), PyTorch's plain CPU kernels read bf16 weights about
-    twice as fast as oneDNN's, whose fixed cost only pays off from two rows up."""
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = saved
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, kv_len, rotation, mask)
+        h = self.norm(h)
+        if last_index is not None:
+            h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
+        return self.output(h).float()

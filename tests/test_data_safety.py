@@ -18,7 +18,7 @@ from llama import LlamaError
 from llama.batch import owning_output
 from llama.convert import MARKER, convert
 
-from test_fuzz import write_tiny_gguf, write_tiny_hf_dir
+from conftest import write_tiny_gguf, write_tiny_hf_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

