@@ -25,6 +25,7 @@ from .checkpoint import check_params, check_weights_fit, save_checkpoint
 from .errors import LlamaError
 from .fields import (BOOL, INT, OBJECT, POSITIVE_INT, POSITIVE_NUMBER, STRING, Kind, field, list_of, one_of,
                      read_json_object)
+from .loading import DTYPES
 from .locking import hold
 from .progress import progress
 
@@ -386,7 +387,6 @@ def _llama31_scaling_from_factors(factors: torch.Tensor, params: dict) -> dict:
 
 # ---- the command ---------------------------------------------------------------------
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Written into every folder llama.convert makes: what --force may replace, and what a
 # leftover of an interrupted run may be removed by.
 MARKER = ".llama-convert.json"
@@ -403,8 +403,8 @@ def convert(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], model_pa
     holds MARKER and nothing else); a folder that is or holds SRC is never replaced.
     """
     source, target = _path_arg(src, "SRC"), _path_arg(dst, "DST")
-    if dtype not in _DTYPES:
-        raise LlamaError(f"--dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise LlamaError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if isinstance(model_parallel_size, bool) or not isinstance(model_parallel_size, int) or model_parallel_size < 1:
         raise LlamaError(f"--model-parallel-size {model_parallel_size!r} must be a positive integer")
     if not source.exists():
@@ -425,7 +425,7 @@ def convert(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], model_pa
             check_weights_fit(weights, params, str(src))
             # Tied weights stay one tensor. Keying on id() is safe here: every tensor stays alive in
             # `weights` throughout, so no id can be reused (unlike the address of a freed temporary).
-            cast = {id(v): v.to(_DTYPES[dtype]) for v in weights.values()}
+            cast = {id(v): v.to(DTYPES[dtype]) for v in weights.values()}
             weights = {k: cast[id(v)] for k, v in weights.items()}
             save_checkpoint(weights, params, str(work), model_parallel_size)
             _write_marker(work, {"source": str(source.resolve()), "files": sorted(p.name for p in work.iterdir())})
