@@ -7,7 +7,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Optional, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -99,9 +99,7 @@ def init_distributed(model_parallel_size: Optional[int] = None,
     Under torchrun the environment names rank and world; as plain `python script.py`
     this sets up a world of one by itself. Safe to call more than once.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = launch_env(announce=True)
     if dist.is_initialized():
         world_size, rank = dist.get_world_size(), dist.get_rank()
 
@@ -135,6 +133,48 @@ def init_distributed(model_parallel_size: Optional[int] = None,
     # The same seed everywhere, so every rank samples the same tokens.
     torch.manual_seed(seed)
     return DistContext(rank, world_size, local_rank, mp, fs_init.get_model_parallel_rank(), chosen, backend)
+
+
+def launch_env(announce: bool = False) -> Tuple[int, int, int]:
+    """(rank, world size, local rank) that the launcher (torchrun) put in the environment:
+    RANK, WORLD_SIZE, LOCAL_RANK (defaults 0, 1, 0), checked against each other.
+
+    A world of one is rank 0's whatever RANK and LOCAL_RANK say (so its output is never
+    silenced); with `announce`, ignored values are named on stderr. Anything else that
+    cannot be (not whole numbers, RANK outside the world, a world of several processes
+    without torchrun's MASTER_ADDR/MASTER_PORT) is a LlamaError: never silence, never a hang."""
+    env = {name: os.environ.get(name) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    numbers = {}
+    for name, text in env.items():
+        if text is not None and not text.strip().isdigit():
+            raise LlamaError(f"environment variable {name}={text!r} must be a whole number >= 0; unset it "
+                             f"(plain python runs one process) or start the job with torchrun")
+        numbers[name] = None if text is None else int(text)
+    world_size = 1 if numbers["WORLD_SIZE"] is None else numbers["WORLD_SIZE"]
+    rank, local_rank, local_world = numbers["RANK"] or 0, numbers["LOCAL_RANK"] or 0, numbers["LOCAL_WORLD_SIZE"]
+    fix = "unset RANK, WORLD_SIZE and LOCAL_RANK for one process, or start the job with torchrun"
+    if world_size < 1:
+        raise LlamaError(f"WORLD_SIZE={world_size} must be at least 1; {fix}")
+    if world_size == 1:
+        ignored = [f"{n}={env[n]}" for n in ("RANK", "LOCAL_RANK") if numbers[n]]
+        if ignored and announce:
+            print(f"note: ignoring {' '.join(ignored)}: a world of one process (WORLD_SIZE=1) is rank 0",
+                  file=sys.stderr, flush=True)
+        return 0, 1, 0
+    if rank >= world_size:
+        raise LlamaError(f"RANK={rank} is outside a world of WORLD_SIZE={world_size} processes (ranks 0 to "
+                         f"{world_size - 1}); {fix}")
+    if local_rank > rank or (local_world is not None and not local_rank < local_world <= world_size):
+        raise LlamaError(f"LOCAL_RANK={local_rank} does not fit RANK={rank}, WORLD_SIZE={world_size}"
+                         f"{'' if local_world is None else f', LOCAL_WORLD_SIZE={local_world}'} (a process's "
+                         f"rank on its machine is below its machine's process count and at most its "
+                         f"global rank); {fix}")
+    if not dist.is_initialized():
+        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise LlamaError(f"WORLD_SIZE={world_size} says this is one of {world_size} processes, but "
+                             f"{' and '.join(missing)} (where they meet) {'is' if len(missing) == 1 else 'are'} not set; {fix}")
+    return rank, world_size, local_rank
 
 
 def _bound_fairscale_timeouts(timeout: timedelta) -> None:
@@ -182,8 +222,10 @@ def is_main_rank() -> bool:
     before the group is joined, the one torchrun started as RANK 0 (every plain process)."""
     if dist.is_initialized():
         return dist.get_rank() == 0
-    rank = os.environ.get("RANK", "0")
-    return not rank.isdigit() or int(rank) == 0
+    try:
+        return launch_env()[0] == 0
+    except LlamaError:  # init_distributed will say what is wrong; until then, speak
+        return True
 
 
 def silence_non_main_ranks() -> None:
