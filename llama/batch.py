@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set, Tuple
 import torch
 import torch.distributed as dist
 
-from .chat_format import check_dialog
+from .chat_format import check_messages
 from .cli import path_flags
 from .distributed import is_main_rank
 from .errors import LlamaError
@@ -85,7 +85,7 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[Job]:
             prompt = rec[field]
             if chat:
                 try:
-                    check_dialog(prompt)
+                    check_messages(prompt)
                 except LlamaError as exc:
                     raise LlamaError(f"{where} (id {ident!r}): {exc}") from None
             else:
@@ -155,9 +155,15 @@ def plan(jobs: List[Job], done: Set[str], batch_size: int) -> List[Tuple[int, Li
 
 
 def check_lengths(generator: Llama, jobs: List[Job], chat: bool, path: str) -> None:
-    """Refuse prompts that cannot fit max_seq_len before any work starts."""
+    """Refuse dialogs the model's chat format cannot take, and prompts that cannot fit
+    max_seq_len, before any work starts."""
     limit = generator.model.params.max_seq_len
     for job in jobs:
+        if chat:
+            try:  # the order of the roles is the model's chat format's to judge
+                generator.formatter.check_dialog(job.prompt)
+            except LlamaError as exc:
+                raise LlamaError(f"{path} line {job.line} (id {job.id!r}): {exc}") from None
         if chat and generator.formatter.is_unsafe(job.prompt):
             continue  # answered with the format's error text, never encoded
         tokens = generator.formatter.encode_dialog_prompt(job.prompt) if chat else \

@@ -9,7 +9,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, TypedDict, Un
 import torch
 
 from . import kernels
-from .chat_format import ChatFormat, Dialog, Message, check_dialog, make_chat_format
+from .chat_format import ChatFormat, Dialog, Message, make_chat_format
 from .distributed import DistContext
 from .errors import LlamaError
 from .loading import load
@@ -254,7 +254,7 @@ class Llama:
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
                     max_gen_len: Optional[int] = None) -> Iterator[str]:
         """Yield the assistant's answer to one dialog as text pieces (see stream_completion)."""
-        check_dialog(dialog)
+        self.formatter.check_dialog(dialog)
         if self.formatter.is_unsafe(dialog):
             return iter([self.formatter.UNSAFE_ERROR])
         tokens = self.formatter.encode_dialog_prompt(dialog)
@@ -314,7 +314,7 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
+            self.formatter.check_dialog(dialog, i)
         unsafe = [self.formatter.is_unsafe(d) for d in dialogs]
         safe_prompts = [self.formatter.encode_dialog_prompt(d) for d, bad in zip(dialogs, unsafe) if not bad]
         tokens, lps = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs,
