@@ -104,6 +104,12 @@ class Llama2ChatFormat(ChatFormat):
     def check_dialog(self, dialog: Sequence[Message], index: int = 0) -> None:
         """Meta's Llama 2 rules: an optional system message, then user and assistant turns
         alternating, ending with the user."""
+        if getattr(self.tokenizer, "step_id", None) is not None:
+            # Meta's codellama answers such a model with its "Source: ... <step>" format instead.
+            raise LlamaError(f"tokenizer {getattr(self.tokenizer, 'model_path', '')!r} has Code Llama 70B's "
+                             f"<step> piece, whose chat format (Source: ... <step>) this engine does not "
+                             f"implement; the Llama 2 format would give that model a prompt it was not trained "
+                             f"on. Build the prompt yourself and use generate(..., stop_tokens=[tokenizer.step_id])")
         check_messages(dialog, index, self.ROLES)
         turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
         for i, msg in enumerate(turns):

@@ -12,13 +12,22 @@ from . import kernels
 from .chat_format import ChatFormat, Dialog, Message, make_chat_format
 from .distributed import DistContext
 from .errors import LlamaError
+from .infilling import infilling_prompt_tokens, infilling_tokens
 from .loading import load
 from .model import Transformer
+from .text import check_text
 from .tokenizer import Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str  # prefix + generation + suffix
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
 
@@ -305,6 +314,39 @@ class Llama:
         return [self._prediction(self.tokenizer.decode(t), t, lps[i] if lps else None)
                 for i, t in enumerate(tokens)]
 
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Fill the gap between each prefix and its suffix (Code Llama 7B and 13B), as Meta's
+        codellama: the prompt layouts of llama.infilling (SPM with suffix_first), generation
+        up to ▁<EOT>; `full_text` is prefix + generation + suffix, and with logprobs, `tokens`
+        are the vocabulary's pieces. max_gen_len defaults to max_seq_len - 1."""
+        _check_texts(prefixes, "prefixes")
+        _check_texts(suffixes, "suffixes")
+        if len(prefixes) != len(suffixes):
+            raise LlamaError(f"text_infilling got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
+                             f"give one suffix per prefix")
+        eot = infilling_tokens(self.tokenizer).eot
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [infilling_prompt_tokens(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_tokens=[eot])
+        results: List[InfillingPrediction] = []
+        for i, (prefix, suffix, t) in enumerate(zip(prefixes, suffixes, tokens)):
+            generation = self.tokenizer.decode_infilling(t)
+            result: InfillingPrediction = {"generation": generation, "full_text": prefix + generation + suffix}
+            if lps is not None:
+                result.update(tokens=[self.tokenizer.token_piece(x) for x in t], logprobs=lps[i])
+            results.append(result)
+        return results
+
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False) -> List[ChatPrediction]:
         """Answer each dialog as the assistant. Dialogs holding the chat format's control
@@ -337,6 +379,14 @@ class Llama:
             return {"generation": text}
         return {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in tokens],
                 "logprobs": logprobs}
+
+
+def _check_texts(texts: Any, name: str) -> None:
+    """LlamaError unless `texts` (the argument `name`) is a non-empty list of valid text."""
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise LlamaError(f"{name} must be a non-empty list of strings, got {texts!r:.80}")
+    for i, text in enumerate(texts):
+        check_text(text, f"{name}[{i}]")
 
 
 def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any,

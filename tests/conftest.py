@@ -397,11 +397,13 @@ CODE_LLAMA_PIECES = ["▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"]
 DATA = Path(__file__).resolve().parent / "data"
 
 
-def train_code_llama_tokenizer(dst: Path, vocab_size: int = 1200, with_mark: bool = True) -> Path:
+def train_code_llama_tokenizer(dst: Path, vocab_size: int = 1200, with_mark: bool = True,
+                               extra_symbols: tuple = ()) -> Path:
     """A Code Llama-like sentencepiece BPE model trained on the frozen texts in tests/data:
     unk 0, bos 1, eos 2, byte fallback, digits split, no whitespace folding (as Llama's),
     with the infilling pieces as user-defined symbols. with_mark adds "☺" as a piece of its
-    own, as Code Llama's vocabulary has it (Meta's encode_infilling relies on it)."""
+    own, as Code Llama's vocabulary has it (Meta's encode_infilling relies on it);
+    extra_symbols are more pieces of that kind (Code Llama 70B's "<step>")."""
     import io
 
     import sentencepiece as spm
@@ -410,7 +412,7 @@ def train_code_llama_tokenizer(dst: Path, vocab_size: int = 1200, with_mark: boo
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(text.splitlines()), model_writer=model, vocab_size=vocab_size,
-        model_type="bpe", user_defined_symbols=CODE_LLAMA_PIECES + (["☺"] if with_mark else []),
+        model_type="bpe", user_defined_symbols=CODE_LLAMA_PIECES + (["☺"] if with_mark else []) + list(extra_symbols),
         byte_fallback=True, character_coverage=1.0, split_digits=True, unk_id=0, bos_id=1, eos_id=2,
         pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", num_threads=1, minloglevel=2)

@@ -170,6 +170,20 @@ def test_unknown_roles_refused_by_every_format(sp_tokenizer, llama3, role):
             fmt.check_dialog(dialog)
 
 
+def test_code_llama_70b_dialogs_refused(tmp_path, code_llama_tokenizer):
+    """Meta's codellama gives a tokenizer with <step> its own "Source: ... <step>" format, which
+    we lack: refuse rather than prompt that model in Llama 2's format. Other Code Llama
+    tokenizers (no <step>) keep the Llama 2 format."""
+    from conftest import train_code_llama_tokenizer
+
+    dialog = [{"role": "user", "content": "Write a loop"}]
+    assert make_chat_format(Tokenizer(str(code_llama_tokenizer))).encode_dialog_prompt(dialog)
+    tok = Tokenizer(str(train_code_llama_tokenizer(tmp_path / "tokenizer.model", extra_symbols=("<step>",))))
+    assert tok.step_id is not None
+    with pytest.raises(LlamaError, match="tokenizer.model' has Code Llama 70B's <step> piece"):
+        make_chat_format(tok).check_dialog(dialog)
+
+
 def test_empty_dialog_refused(llama3):
     with pytest.raises(LlamaError, match="dialog 2 is empty"):
         make_chat_format(llama3).check_dialog([], 2)
