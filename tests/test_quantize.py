@@ -50,8 +50,9 @@ def status(key):  # bytes
     return int(line.split()[1]) * 1024
 
 init_distributed(device="cpu")
-# A bf16 model in memory whose largest matrix (the output layer, 32000 x 1024) takes 131 MB in fp32.
-model = Transformer(ModelArgs(dim=1024, n_layers=1, n_heads=8, vocab_size=32000, multiple_of=256)).to(torch.bfloat16)
+# A bf16 model in memory whose largest matrix (the output layer, 32000 x 1024) takes 131 MB in fp32,
+# and whose other projections together are larger than that one in int8.
+model = Transformer(ModelArgs(dim=1024, n_layers=4, n_heads=8, vocab_size=32000, multiple_of=256)).to(torch.bfloat16)
 with torch.no_grad():
     for p in model.parameters():
         p.normal_()
