@@ -2,6 +2,7 @@
 matrix at once, and the device rule (an accelerator without torch's int8 kernel is refused)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +70,19 @@ def test_quantizing_holds_one_int8_layer_and_one_block_beside_the_model():
     """Peak memory growth while quantizing a bf16 model: the int8 copy of its largest layer plus
     bounded fp32 temporaries (quantizing the whole matrix at once in fp32, and keeping every
     original layer until the end, measured 3x the largest matrix's fp32 size here)."""
+    # A fixed mmap threshold makes glibc hand every large block back when it is freed, so that peak
+    # RSS follows the tensors alive. (By default glibc raises its threshold after the first large
+    # free, and the freed blocks stay in its heap: peak growth then varied from 69 to 120 MB.)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     done = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(REPO)], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+                          cwd=REPO, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     largest_int8, largest_fp32 = got["largest"], 4 * got["largest"]
     print(f"peak growth {got['peak_growth'] / 2**20:.0f} MB; largest matrix {largest_fp32 / 2**20:.0f} MB in fp32")
-    # Beside the int8 layer and the block: the allocator's own slack, measured about 17 MB.
-    assert got["peak_growth"] <= largest_int8 + 2 * BLOCK_BYTES + 24 * 2**20
+    # Measured 63 MB (the 33 MB int8 layer, a 16 MB block and some 13 MB of small temporaries);
+    # keeping the original layers until the end measured 99 MB.
+    assert got["peak_growth"] <= largest_int8 + BLOCK_BYTES + 32 * 2**20
     assert got["peak_growth"] < largest_fp32  # not even one fp32 copy of the largest matrix
 
 
