@@ -140,3 +140,19 @@ def test_model_with_real_rotation_equals_complex(tiny_ckpt, sp_tokenizer, monkey
     prompt = tokens[0].tolist()
     assert (real_gen.generate([prompt], max_gen_len=10, temperature=0)[0]
             == complex_gen.generate([prompt], max_gen_len=10, temperature=0)[0])
+
+
+def test_forward_in_chunks_equals_one_pass(generator):
+    """Whatever mask the model leaves out must not change its logits: a prompt fed in chunks at
+    later positions (Meta's int start_pos), and one token read with stale cache slots beyond it
+    (an explicit kv_len), equal one pass over the whole prompt."""
+    model = generator.model
+    text = "Once upon a time, in a land far away, there lived a very old king and his three daughters"
+    tokens = torch.tensor([generator.tokenizer.encode(text, bos=True, eos=False)[:12]])
+    model(torch.flip(tokens, [1]), 0)  # other keys in every slot, to be overwritten or masked
+    whole = model(tokens[:, :10], 0)
+
+    model(torch.flip(tokens, [1]), 0)
+    chunks = [model(tokens[:, :6], 0), model(tokens[:, 6:9], 6),
+              model(tokens[:, 9:10], torch.tensor([9]), kv_len=12)]  # slots 10, 11 hold stale keys
+    torch.testing.assert_close(torch.cat(chunks, dim=1), whole, atol=2e-2, rtol=0)
