@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
-import torch.distributed as dist
 
 from .chat_format import check_messages
 from .cli import path_flags
-from .distributed import is_main_rank
+from .distributed import FromMainRank, is_main_rank
 from .errors import LlamaError
 from .generation import GenerationStats, Llama, check_sampling
 from .locking import lock_path, try_hold
@@ -270,8 +269,9 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
 
 def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: Params, logprobs: bool,
                seed: int, work: Optional[Tuple[List[Job], Set[str]]], main_rank: bool) -> None:
-    chunks: List[Tuple[int, List[Job]]] = []
-    if main_rank:
+    def plan_work() -> Tuple[List[Tuple[int, List[Job]]], int]:
+        """Rank 0: the chunks still to do (prompts checked against max_seq_len), and how many
+        results the output already holds."""
         jobs, done = work if work is not None else load_work(input, output, chat, defaults)
         chunks = plan(jobs, done, generator.model.params.max_batch_size)
         check_lengths(generator, [job for _, chunk in chunks for job in chunk], chat, input)
@@ -280,10 +280,10 @@ def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: 
             _note(f"{output}: keeping {extra} results whose ids are not in {input}")
         if not chunks:
             _note(f"nothing to do: all {len(jobs)} ids of {input} are already in {output}")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [chunks]
-        dist.broadcast_object_list(shared, src=0)
-        chunks = shared[0]
+        return chunks, len(done)
+
+    # The other ranks wait in bounded steps while rank 0 reads and tokenizes, however large the input.
+    chunks, n_done = FromMainRank().get(plan_work, f"reading {input}")
     if not chunks:
         return
     if not main_rank:
@@ -292,7 +292,7 @@ def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: 
     with open(output, "ab") as out:
         tokens, seconds = run_chunks(generator, chunks, chat, logprobs, seed, out)
     written = sum(job.pending for _, chunk in chunks for job in chunk)
-    _note(f"wrote {written} results to {output} ({len(done)} were there already); {tokens} tokens "
+    _note(f"wrote {written} results to {output} ({n_done} were there already); {tokens} tokens "
           f"generated in {seconds:.1f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s")
 
 
