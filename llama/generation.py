@@ -246,22 +246,22 @@ class Llama:
             return tokens, None
         return tokens, [(h.prompt_logprobs or []) + h.logprobs if echo else h.logprobs for h in handles]
 
-    def complete(self, requests: Sequence[Request]) -> Iterator[Handle]:
-        """Submit requests to the engine and step it, yielding each handle as its request
-        finishes (in the order they finish). Closing the iterator early cancels the rest.
-        last_stats covers these requests once all are done."""
+    def complete(self, requests: Sequence[Request]) -> Iterator[Tuple[int, Handle]]:
+        """Submit requests to the engine and step it, yielding (index in `requests`, handle) as
+        each request finishes, in the order they finish. Closing the iterator early cancels
+        the rest. last_stats covers these requests once all are done."""
         with self._driving():
             start = time.perf_counter()
             handles = self._submit(list(requests))
-            waiting = list(handles)
+            waiting = list(enumerate(handles))
             try:
                 while waiting:
-                    finished = [h for h in waiting if h.done]
+                    finished = [(i, h) for i, h in waiting if h.done]
                     if not finished:
-                        self._advance(waiting)
+                        self._advance([h for _, h in waiting])
                         continue
-                    _raise_errors(finished)
-                    waiting = [h for h in waiting if not h.done]
+                    _raise_errors([h for _, h in finished])
+                    waiting = [(i, h) for i, h in waiting if not h.done]
                     yield from finished
             finally:
                 self._cancel(handles)
@@ -274,8 +274,10 @@ class Llama:
 
     def _run(self, requests: List[Request]) -> List[Handle]:
         """complete(), the handles in the order of the requests."""
-        done = {h.id: h for h in self.complete(requests)}
-        return [done[i] for i in sorted(done)]
+        handles: List[Optional[Handle]] = [None] * len(requests)
+        for i, handle in self.complete(requests):
+            handles[i] = handle
+        return handles  # type: ignore[return-value]
 
     # ---- text in, text out -------------------------------------------------------------
 

@@ -26,6 +26,9 @@ def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any,
                    where: str = "") -> Tuple[float, float, Optional[int]]:
     """Validate sampling settings -> (temperature, top_p, max_gen_len) as Python numbers;
     numpy scalars are accepted. `where` prefixes the names in error messages (e.g. "--")."""
+    def shown(value: Any) -> str:  # numpy scalars as the plain numbers they hold
+        return repr(value.item() if type(value).__module__ == "numpy" else value)
+
     def real(value: Any) -> Optional[float]:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             return None
@@ -34,12 +37,12 @@ def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any,
 
     t, p = real(temperature), real(top_p)
     if t is None or t < 0:
-        raise LlamaError(f"{where}temperature={temperature!r} must be a finite number >= 0 (0 means greedy)")
+        raise LlamaError(f"{where}temperature={shown(temperature)} must be a finite number >= 0 (0 means greedy)")
     if p is None or not 0 < p <= 1:
-        raise LlamaError(f"{where}top_p={top_p!r} must be in (0, 1]")
+        raise LlamaError(f"{where}top_p={shown(top_p)} must be in (0, 1]")
     if max_gen_len is not None:
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 1:
-            raise LlamaError(f"{where}max_gen_len={max_gen_len!r} must be a positive integer (or left out)")
+            raise LlamaError(f"{where}max_gen_len={shown(max_gen_len)} must be a positive integer (or left out)")
         max_gen_len = int(max_gen_len)
     return t, p, max_gen_len
 
