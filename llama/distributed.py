@@ -43,6 +43,9 @@ def timeout_s() -> float:
 
 @dataclass(frozen=True)
 class DistContext:
+    """Where this process stands. The world is data_parallel_size replicas of the model, each a
+    model-parallel group of model_parallel_size consecutive ranks (fairscale's layout): replica
+    rank // model_parallel_size, holding slice rank % model_parallel_size of every weight."""
     rank: int
     world_size: int
     local_rank: int
@@ -50,6 +53,8 @@ class DistContext:
     model_parallel_rank: int
     device: torch.device
     backend: str
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
 
 
 def choose_device(local_rank: int, world_size: int, requested: Union[str, torch.device, None] = None,
@@ -198,7 +203,8 @@ def init_distributed(model_parallel_size: Optional[int] = None,
 
     # The same seed everywhere, so every rank samples the same tokens.
     torch.manual_seed(seed)
-    return DistContext(rank, world_size, local_rank, mp, fs_init.get_model_parallel_rank(), chosen, backend)
+    return DistContext(rank, world_size, local_rank, mp, fs_init.get_model_parallel_rank(), chosen, backend,
+                       fs_init.get_data_parallel_world_size(), fs_init.get_data_parallel_rank())
 
 
 def launch_env(announce: bool = False) -> Tuple[int, int, int]:

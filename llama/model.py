@@ -143,14 +143,24 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, S, K, D] at `positions` [B, S]; return the first kv_len slots [B, L, K, D]."""
-        batch = k.shape[0]
-        rows = torch.arange(batch, device=k.device).unsqueeze(1)
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               slots: Optional[torch.Tensor] = None, fresh: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, S, K, D] at `positions` [B, S] of the cache rows `slots` [B] (default:
+        rows 0..B-1); return those rows' first kv_len positions [B, L, K, D]. fresh: every row
+        starts at position 0 and L == S, so the keys are k and v themselves (no gather)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if slots is None:
+            batch = k.shape[0]
+            rows = torch.arange(batch, device=k.device).unsqueeze(1)
+            self.k[rows, positions] = k
+            self.v[rows, positions] = v
+            return self.k[:batch, :kv_len], self.v[:batch, :kv_len]
+        rows = slots.unsqueeze(1)
         self.k[rows, positions] = k
         self.v[rows, positions] = v
-        return self.k[:batch, :kv_len], self.v[:batch, :kv_len]
+        if fresh:
+            return k, v
+        return self.k[slots, :kv_len], self.v[slots, :kv_len]  # a gather: a copy of those rows
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -197,7 +207,8 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+                rotation: torch.Tensor, mask: Optional[torch.Tensor],
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -205,7 +216,8 @@ class Attention(nn.Module):
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
         dtype = self.cache.k.dtype  # attention runs in the cache's dtype
         q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
-        keys, values = self.cache.update(positions, k, v.to(dtype), kv_len)
+        # fresh (no gather from the cache) only where the keys are exactly these S tokens
+        keys, values = self.cache.update(positions, k, v, kv_len, slots, fresh=mask is None and kv_len == seqlen)
         out = attend(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).to(x.dtype))
 
@@ -232,8 +244,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, kv_len, rotation, mask)
+                rotation: torch.Tensor, mask: Optional[torch.Tensor],
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, kv_len, rotation, mask, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -269,13 +282,17 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
-                kv_len: Optional[int] = None, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_len: Optional[int] = None, last_index: Optional[torch.Tensor] = None,
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run tokens [B, S] through the model, appending them to the KV cache.
 
         start_pos: position of tokens[:, 0], an int shared by all rows (Meta's signature)
-            or a tensor [B] with one position per row.
+            or a tensor [B] with one position per row (positions past max_seq_len - 1, which
+            only padding can reach, are clamped there).
         kv_len: how many cache slots attention reads; defaults to max(start_pos) + S.
         last_index: optional [B] index into S; if given, return logits only there, [B, V].
+        slots: optional [B] cache rows the rows use (default: rows 0..B-1), so a scheduler can
+            run any subset of the cache's rows.
         Returns fp32 logits [B, S, V] (or [B, V]).
         """
         batch, seqlen = tokens.shape
@@ -286,8 +303,8 @@ class Transformer(nn.Module):
                                  f"{self.rope.shape[0]} given to setup_caches()")
             positions = (start_pos + offsets).expand(batch, seqlen)
             kv_len = kv_len or start_pos + seqlen
-        else:  # the caller keeps every row's position below max_seq_len
-            positions = start_pos.to(tokens.device).unsqueeze(1) + offsets
+        else:  # the caller keeps every real token's position below max_seq_len
+            positions = (start_pos.to(tokens.device).unsqueeze(1) + offsets).clamp(max=self.rope.shape[0] - 1)
             kv_len = kv_len or int(positions.max()) + 1
 
         rotation = self.rope[positions].unsqueeze(2)
@@ -297,12 +314,14 @@ class Transformer(nn.Module):
         if _rows_end_at(start_pos, seqlen, kv_len):
             mask = None
         else:
-            slots = torch.arange(kv_len, device=tokens.device)
-            mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
+            cache_slots = torch.arange(kv_len, device=tokens.device)
+            mask = (cache_slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
 
         h = self.tok_embeddings(tokens)
+        if slots is not None:
+            slots = slots.to(tokens.device)
         for layer in self.layers:
-            h = layer(h, positions, kv_len, rotation, mask)
+            h = layer(h, positions, kv_len, rotation, mask, slots)
         h = self.norm(h)
         if last_index is not None:
             h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
