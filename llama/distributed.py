@@ -1,6 +1,7 @@
 """Device and backend choice, process-group set-up with or without torchrun, seeding,
 and rank-0-only printing. Everything that knows about ranks and hardware lives here."""
 
+import atexit
 import contextlib
 import gc
 import io
@@ -183,6 +184,10 @@ def init_distributed(model_parallel_size: Optional[int] = None,
         # instead of in the first collective (the build's agreement, with the weights loaded).
         bound = {"device_id": chosen} if backend != "gloo" else {}
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **bound)
+        # Scripts that never leave the group (Meta's examples) still leave it before interpreter
+        # shutdown: replicas finishing at different times otherwise abort at exit now and then.
+        atexit.unregister(leave_process_group)  # once, however often a process re-joins
+        atexit.register(leave_process_group)
 
     mp = world_size if model_parallel_size is None else model_parallel_size
     if mp < 1 or world_size % mp != 0:
