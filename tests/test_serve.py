@@ -289,3 +289,54 @@ def test_two_rank_torchrun_server_and_queue_full(tiny_ckpt_mp2, sp_tokenizer, re
         rc, stderr = stop_server(proc)
     # torchrun itself exits 1 with its own traceback when signalled; the servers end cleanly.
     assert "SignalException" in stderr and "/llama/" not in stderr and "error:" not in stderr, stderr[-3000:]
+
+
+# ---- llama.serve_text: tokens -> final text pieces, without a server -------------------------
+
+@pytest.fixture(scope="module")
+def sp(sp_tokenizer):
+    from llama.tokenizer import Tokenizer
+
+    return Tokenizer(sp_tokenizer)
+
+
+def released(stream, tokens):
+    pieces = []
+    for token in tokens:
+        stream.add(token)
+        pieces.append(stream.take())
+    return pieces + [stream.finish()]
+
+
+def test_text_stream_never_releases_half_characters_and_joins_to_the_decoded_text(sp):
+    from llama.serve_text import TextStream
+
+    text = "Hello 🦙 world, naïve 日本語"
+    tokens = sp.encode(text, bos=False, eos=False)
+    assert any("\ufffd" in sp.decode(tokens[:i]) for i in range(len(tokens)))  # the llama is split in bytes
+    pieces = released(TextStream(sp), tokens)
+    assert "".join(pieces) == sp.decode(tokens) and not any("\ufffd" in p for p in pieces)
+
+
+def test_text_stream_cuts_at_the_first_stop_string_and_holds_back_its_beginnings(sp):
+    from llama.serve_text import TextStream
+
+    tokens = sp.encode("Hello world, this is it", bos=False, eos=False)
+    stream = TextStream(sp, stops=["world!", "d, th"])
+    stream.add(tokens[0])
+    stream.add(tokens[1])
+    assert stream.take() == "Hello "  # "world" may begin "world!": held back
+    stream.add(tokens[2])
+    assert stream.take() == "worl" and not stream.stopped  # "d," may begin "d, th"
+    stream.add(tokens[3])
+    assert stream.take() == "" and stream.stopped  # "d, th" spans three tokens
+    assert stream.finish() == "" and stream.sent == "Hello worl"
+
+
+def test_text_stream_keeps_the_space_before_a_continuation(sp):
+    from llama.serve_text import TextStream
+
+    prompt = sp.encode("Hello", bos=True, eos=False)
+    answer = sp.encode("Hello world again", bos=True, eos=False)[len(prompt):]
+    assert "".join(released(TextStream(sp, context=prompt), answer)) == " world again"
+    assert "".join(released(TextStream(sp), answer)) == "world again"  # a chat answer: as chat_completion
