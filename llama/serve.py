@@ -23,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, Optional, Sequence, Tuple
@@ -144,8 +145,8 @@ class Job:
     stream: bool
     include_usage: bool
     logprobs: bool
-    echo_text: Optional[str] = None  # /v1/completions: the prompt's text (leads the answer with echo)
-    echo: bool = False
+    prompt_text: Optional[str] = None  # /v1/completions: the prompt's text, which the answer continues
+    echo: bool = False  # the answer's text starts with prompt_text
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -200,18 +201,24 @@ class OpenAIServer:
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/health", self.health, methods=["GET"])
-        app.add_exception_handler(APIError, lambda request, exc: exc.response())
-        app.add_exception_handler(HTTPException, lambda request, exc: APIError(
-            exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-            code="not_found" if exc.status_code == 404 else None).response())
+        app.add_exception_handler(APIError, self._api_error)
+        app.add_exception_handler(HTTPException, self._http_error)
         app.add_exception_handler(Exception, self._bug)
         return Guard(app, api_key, max_request_bytes)
 
     @staticmethod
-    def _bug(request: HTTPRequest, exc: Exception) -> JSONResponse:
-        """An error of ours, not the client's: 500 in OpenAI's shape (the traceback goes to stderr)."""
-        import traceback
+    async def _api_error(request: HTTPRequest, exc: APIError) -> JSONResponse:
+        return exc.response()
 
+    @staticmethod
+    async def _http_error(request: HTTPRequest, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (an unknown path, a wrong method) in OpenAI's shape."""
+        return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                        code="not_found" if exc.status_code == 404 else None).response()
+
+    @staticmethod
+    async def _bug(request: HTTPRequest, exc: Exception) -> JSONResponse:
+        """An error of ours, not the client's: 500 in OpenAI's shape (the traceback goes to stderr)."""
         traceback.print_exception(exc)
         return APIError(500, f"{type(exc).__name__}: {exc} (a bug in llama: please report it)",
                         "server_error").response()
@@ -234,35 +241,35 @@ class OpenAIServer:
                         logprobs=_flag(body, "logprobs"), top=_whole(body, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0)
         if job.request.top_logprobs and not job.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-        answer_id = f"chatcmpl-{secrets.token_hex(12)}"
-        if job.stream:
-            return self._sse(self._chat_chunks(job, answer_id, self._submit(job)))
-        pieces = await self._collect(job, request)
-        text, tokens, finish = "".join(p.text for p in pieces), [t for p in pieces for t in p.tokens], pieces[-1].finish_reason
-        return JSONResponse({
-            "id": answer_id, "object": "chat.completion", "created": job.created, "model": self.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": self._chat_logprobs(tokens) if job.logprobs else None,
-                         "finish_reason": finish}],
-            "usage": self._usage(job, tokens)})
+        return await self._respond(job, request, "chatcmpl", "chat.completion", self._chat_chunks,
+                                   lambda text, tokens, last: {
+                                       "message": {"role": "assistant", "content": text},
+                                       "logprobs": self._chat_logprobs(tokens) if job.logprobs else None})
 
     async def completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
         prompt = self._prompt_tokens(body)
         top = _whole(body, "logprobs", 0, COMPLETION_LOGPROBS_MAX)
-        echo = _flag(body, "echo")
-        job = self._job(body, prompt, self.tokenizer.stop_tokens, logprobs=top is not None, top=top or 0, echo=echo)
-        job.echo_text, job.echo = self.tokenizer.decode(prompt), echo
-        answer_id = f"cmpl-{secrets.token_hex(12)}"
+        job = self._job(body, prompt, self.tokenizer.stop_tokens, logprobs=top is not None, top=top or 0,
+                        echo=_flag(body, "echo"))
+        job.prompt_text, job.echo = self.tokenizer.decode(prompt), _flag(body, "echo")
+        return await self._respond(job, request, "cmpl", "text_completion", self._completion_chunks,
+                                   lambda text, tokens, last: {
+                                       "text": job.prompt_text + text if job.echo else text,
+                                       "logprobs": self._completion_logprobs(job, tokens, last.prompt_logprobs)
+                                       if job.logprobs else None})
+
+    async def _respond(self, job: "Job", request: HTTPRequest, prefix: str, kind: str, chunks, choice) -> Response:
+        """The answer as a stream of chunks (chunks(job, id, submission)), or whole: an object
+        `kind` whose one choice holds choice(text, tokens, last piece) and its finish_reason."""
+        answer_id = f"{prefix}-{secrets.token_hex(12)}"
         if job.stream:
-            return self._sse(self._completion_chunks(job, answer_id, self._submit(job)))
+            return self._sse(chunks(job, answer_id, self._submit(job)))
         pieces = await self._collect(job, request)
         text, tokens = "".join(p.text for p in pieces), [t for p in pieces for t in p.tokens]
         return JSONResponse({
-            "id": answer_id, "object": "text_completion", "created": job.created, "model": self.model_name,
-            "choices": [{"index": 0, "text": job.echo_text + text if echo else text, "finish_reason": pieces[-1].finish_reason,
-                         "logprobs": self._completion_logprobs(job, tokens, pieces[-1].prompt_logprobs)
-                         if job.logprobs else None}],
+            "id": answer_id, "object": kind, "created": job.created, "model": self.model_name,
+            "choices": [{"index": 0, **choice(text, tokens, pieces[-1]), "finish_reason": pieces[-1].finish_reason}],
             "usage": self._usage(job, tokens)})
 
     # ---- requests in ---------------------------------------------------------------------
@@ -365,8 +372,13 @@ class OpenAIServer:
         """Queue the job now (503 when the server is full)."""
         loop = asyncio.get_running_loop()
         updates: "asyncio.Queue[Update]" = asyncio.Queue()
+
+        def post(update: Update) -> None:  # called by the engine thread
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody waits
+                loop.call_soon_threadsafe(updates.put_nowait, update)
+
         try:
-            ident = self.service.submit(job.request, lambda u: loop.call_soon_threadsafe(updates.put_nowait, u))
+            ident = self.service.submit(job.request, post)
         except QueueFull as exc:
             raise APIError(503, str(exc), "server_error", code="queue_full") from None
         except LlamaError as exc:
@@ -376,7 +388,7 @@ class OpenAIServer:
     async def _pieces(self, job: Job, submission: "Submission") -> AsyncIterator[Piece]:
         """The answer's text as it becomes final (see llama.serve_text); the request is cancelled
         if this ends early (a client that went away) or a stop string ends the text."""
-        text = TextStream(self.tokenizer, job.stops, job.request.prompt_tokens if job.echo_text is not None else ())
+        text = TextStream(self.tokenizer, job.stops, job.request.prompt_tokens if job.prompt_text is not None else ())
         tokens: List[Tuple[int, float, Optional[List[Tuple[int, float]]]]] = []  # not yet sent
         try:
             while True:
@@ -466,11 +478,12 @@ class OpenAIServer:
         sent: List[Tuple[int, float, Any]] = []
         async with submission.closing(self._pieces(job, submission)) as pieces:
             if job.echo:
-                yield chunk(job.echo_text)
+                yield chunk(job.prompt_text)
             async for piece in pieces:
                 sent += piece.tokens
                 if piece.text or piece.tokens:
-                    yield chunk(piece.text, self._completion_logprobs(job, piece.tokens, None) if job.logprobs else None)
+                    logprobs = self._completion_logprobs(job, piece.tokens, None) if job.logprobs else None
+                    yield chunk(piece.text, logprobs)
                 if piece.finish_reason is not None:
                     yield chunk("", None, piece.finish_reason)
         if job.include_usage:
@@ -567,7 +580,8 @@ def main(
     """
     for name, value, low in (("port", port, 0), ("max_request_bytes", max_request_bytes, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low or (name == "port" and value > 65535):
-            raise LlamaError(f"--{name}={value!r} must be a whole number {'from 0 to 65535' if name == 'port' else '>= 1'}")
+            limits = "from 0 to 65535" if name == "port" else ">= 1"
+            raise LlamaError(f"--{name}={value!r} must be a whole number {limits}")
     api_key = api_key if api_key is not None else os.environ.get("LLAMA_API_KEY") or None
     from .demo import DEMO_NAME, ensure_demo
 

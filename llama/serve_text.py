@@ -41,7 +41,10 @@ class TextStream:
         if self.stopped:
             return ""
         text = self.tokenizer.decode(self.context + self.tokens)
-        text = text[len(self.context_text):] if text.startswith(self.context_text) else self.tokenizer.decode(self.tokens)
+        if text.startswith(self.context_text):
+            text = text[len(self.context_text):]
+        else:  # the context decodes differently with the answer after it: the answer alone
+            text = self.tokenizer.decode(self.tokens)
         cut = self._first_stop(text)
         if cut is not None:
             text, final, self.stopped = text[:cut], True, True
