@@ -246,6 +246,8 @@ def test_errors_in_openai_shape_with_status_codes(client, server):
         client.chat.completions.create(model="gpt-4", messages=dialog(0))
     big = httpx.post(f"{server}/v1/completions", headers=auth(), json={"model": MODEL, "prompt": "x" * 30000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(f"{server}/v1/completions", headers=auth(), content=iter([b"{" + b" " * 15000] * 2))
+    assert chunked.status_code == 413  # no Content-Length: counted while read
     bad = httpx.post(f"{server}/v1/completions", headers={**auth(), "Content-Type": "application/json"}, content=b"{")
     assert bad.status_code == 400 and set(bad.json()["error"]) == {"message", "type", "param", "code"}
 
