@@ -25,7 +25,8 @@ MODEL = "tiny"
 MAX_SEQ_LEN = 2048  # long answers take seconds: room to disconnect mid-stream
 
 
-def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1) -> "tuple[subprocess.Popen, str]":
+def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1,
+                 dtype: str = "fp32") -> "tuple[subprocess.Popen, str]":
     """The server in its own process group (torchrun with nproc > 1); (process, base URL) once /health answers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -36,7 +37,7 @@ def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1) -> "tu
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd = [*launcher, "-m", "llama.serve", "--ckpt_dir", str(ckpt), "--tokenizer_path", tokenizer,
-           "--port", str(port), "--dtype", "fp32", "--api-key", KEY, "--model_name", MODEL, *flags]
+           "--port", str(port), "--dtype", dtype, "--api-key", KEY, "--model_name", MODEL, *flags]
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -342,3 +343,20 @@ def test_text_stream_keeps_the_space_before_a_continuation(sp):
     answer = sp.encode("Hello world again", bos=True, eos=False)[len(prompt):]
     assert "".join(released(TextStream(sp, context=prompt), answer)) == " world again"
     assert "".join(released(TextStream(sp), answer)) == "world again"  # a chat answer: as chat_completion
+
+
+def test_bf16_server_answers_as_chat_completion_in_bf16(tiny_ckpt, sp_tokenizer, reference):
+    """The default dtype on this CPU: one request alone decodes the same rows as chat_completion
+    alone, so the greedy answers and logprobs agree in bf16 too."""
+    proc, url = start_server(tiny_ckpt, sp_tokenizer, "--max_seq_len", "256", "--max_batch_size", "4", dtype="bf16")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        d = dialog(3)
+        answer = client.chat.completions.create(model=MODEL, messages=d, temperature=0, max_tokens=16, logprobs=True)
+    finally:
+        rc, stderr = stop_server(proc)
+    assert rc == 0, stderr[-3000:]
+    bf16 = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=256, max_batch_size=4, device="cpu", dtype="bf16")
+    expected = bf16.chat_completion([d], temperature=0, max_gen_len=16, logprobs=True)[0]
+    assert answer.choices[0].message.content == expected["generation"]["content"]
+    assert [e.logprob for e in answer.choices[0].logprobs.content] == pytest.approx(expected["logprobs"], abs=1e-3)
