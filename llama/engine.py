@@ -68,7 +68,6 @@ class Handle:
         self.budget = budget  # most tokens it may generate
         self.tokens: List[int] = []
         self.logprobs: List[float] = []
-        self.top_logprobs: List[List[Tuple[int, float]]] = []  # per token, when request.top_logprobs
         self.prompt_logprobs: Optional[List[float]] = [0.0] if request.prompt_logprobs else None
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
@@ -355,8 +354,6 @@ class Engine:
                 continue
             handle.tokens.append(token)
             handle.logprobs.append(logprob)
-            if top is not None:
-                handle.top_logprobs.append(top)
             if len(handle.tokens) >= handle.budget:
                 self._finish(handle, "length", events, token, logprob, top)
             else:

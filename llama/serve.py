@@ -44,8 +44,11 @@ try:  # the `serve` extra: pip install -e .[serve]
     from starlette.requests import Request as HTTPRequest
     from starlette.responses import JSONResponse, Response, StreamingResponse
 except ImportError as _missing:  # pragma: no cover - the message says what to do
-    raise LlamaError(f"python -m llama.serve needs the HTTP stack ({_missing.name} is not installed); "
-                     f"install it with: pip install -e '.[serve]'") from None
+    _HOW = (f"python -m llama.serve needs the HTTP stack ({_missing.name} is not installed); install it "
+            f"with: pip install -e '.[serve]'")
+    if __name__ == "__main__":
+        sys.exit(f"error: {_HOW}")  # one line, as every CLI's errors
+    raise LlamaError(_HOW) from None
 
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20  # 1 MiB of JSON: far more than any max_seq_len of text
 COMPLETION_LOGPROBS_MAX = 5  # /v1/completions' `logprobs` (an int), as OpenAI's legacy API
