@@ -462,9 +462,10 @@ class OpenAIServer:
         async with submission.closing(self._pieces(job, submission)) as pieces:
             yield chunk({"role": "assistant", "content": ""})
             async for piece in pieces:
-                sent += piece.tokens
                 if piece.text or piece.tokens:
-                    yield chunk({"content": piece.text}, self._chat_logprobs(piece.tokens) if job.logprobs else None)
+                    logprobs = self._chat_logprobs(piece.tokens, sent) if job.logprobs else None
+                    yield chunk({"content": piece.text}, logprobs)
+                sent += piece.tokens
                 if piece.finish_reason is not None:
                     yield chunk({}, None, piece.finish_reason)
         if job.include_usage:
@@ -506,14 +507,20 @@ class OpenAIServer:
         text = self.tokenizer.decode(list(before[-8:]) + [token])
         return text[len(context):] if text.startswith(context) else self.tokenizer.decode([token])
 
-    def _chat_logprobs(self, tokens) -> Dict[str, Any]:
+    def _chat_logprobs(self, tokens, before: Sequence[Tuple[int, float, Any]] = ()) -> Dict[str, Any]:
+        """OpenAI's chat logprobs of `tokens`, which follow the tokens `before` (already sent)."""
         def entry(token: int, logprob: float, before: List[int]) -> Dict[str, Any]:
             text = self._piece(token, before)
             return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-        ids = [t for t, _, _ in tokens]
-        return {"content": [{**entry(t, lp, ids[:i]), "top_logprobs": [entry(a, alp, ids[:i]) for a, alp in top or []]}
-                            for i, (t, lp, top) in enumerate(tokens)]}
+        context = [t for t, _, _ in before][-8:]
+        ids = context + [t for t, _, _ in tokens]
+        content = []
+        for i, (token, logprob, top) in enumerate(tokens):
+            prior = ids[: len(context) + i]
+            alternatives = [entry(a, alp, prior) for a, alp in top or []]
+            content.append({**entry(token, logprob, prior), "top_logprobs": alternatives})
+        return {"content": content}
 
     def _completion_logprobs(self, job: Job, tokens, prompt_logprobs: Optional[List[float]]) -> Dict[str, Any]:
         """OpenAI's legacy logprobs; with echo (non-streamed), the prompt's tokens first (the first

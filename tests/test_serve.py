@@ -125,6 +125,11 @@ def test_chat_equals_chat_completion_with_usage_and_logprobs(client, reference):
         assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
         assert [t.logprob for t in entry.top_logprobs] == sorted((t.logprob for t in entry.top_logprobs), reverse=True)
     assert "".join(entry.token for entry in choice.logprobs.content) == text
+    chunks = [c for c in client.chat.completions.create(model=MODEL, messages=d, temperature=0, max_tokens=12,
+                                                        logprobs=True, stream=True) if c.choices]
+    entries = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.logprob for e in entries] == pytest.approx(logprobs, abs=1e-4)
+    assert "".join(e.token for e in entries) == "".join(c.choices[0].delta.content or "" for c in chunks) == text
 
 
 def test_stop_string_cuts_the_text_as_openai_does(client, reference):
