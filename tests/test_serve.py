@@ -274,7 +274,9 @@ def test_client_disconnect_mid_stream_frees_the_row(server):
             time.sleep(0.02)
     steps_after = health["decode_steps"] - before["decode_steps"]
     assert health["outstanding"] == 0
-    assert steps_after < 100, steps_after  # the answer would have taken ~1980 steps
+    # Measured 1 to 5 here under heavy load (steps since the last snapshot, the client still reading
+    # then); the answer would have taken ~1980.
+    assert steps_after < 25, steps_after
 
 
 def test_two_rank_torchrun_server_and_queue_full(tiny_ckpt_mp2, sp_tokenizer, reference):
