@@ -23,6 +23,9 @@ setup(
     extras_require={
         # References for parity tests, never runtime deps: transformers/accelerate, and
         # pillow/pydantic so Meta's own llama_models chat format can be imported.
-        "test": ["pytest", "hypothesis", "pexpect", "transformers", "accelerate", "pillow", "pydantic"],
+        # The OpenAI-compatible server (python -m llama.serve).
+        "serve": ["fastapi", "uvicorn"],
+        "test": ["pytest", "hypothesis", "pexpect", "transformers", "accelerate", "pillow", "pydantic",
+                 "fastapi", "uvicorn", "openai", "httpx"],  # the server, and real clients to test it
     },
 )

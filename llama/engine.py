@@ -25,7 +25,7 @@ is not thread-safe: one thread drives it (llama.generation.Llama holds a lock ar
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Sequence
+from typing import Deque, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,6 +39,7 @@ POLICIES = ("continuous", "static")
 # free rows in between riding along; "active" only the busy rows, whose cache rows are then
 # gathered (copied) for attention; "all" every row. See README ("Batching") for the measurement.
 DECODE_ROWS = ("prefix", "active", "all")
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Request:
     stop_tokens: Sequence[int] = ()
     logprobs: bool = False
     prompt_logprobs: bool = False  # also score each prompt token given those before it (echo)
+    top_logprobs: int = 0  # also report this many most likely tokens per step, with their logprobs
 
 
 class Handle:
@@ -91,6 +93,7 @@ class Event:
     token: Optional[int]
     logprob: float = 0.0
     finish_reason: Optional[str] = None
+    top: Optional[List[Tuple[int, float]]] = None  # the most likely tokens, if the request asked
 
 
 @dataclass
@@ -168,8 +171,11 @@ class Engine:
             raise LlamaError(f"{where}: max_gen_len must be a positive integer")
         if isinstance(request.key, bool) or not isinstance(request.key, int) or not 0 <= request.key < 2**63:
             raise LlamaError(f"{where}: key={request.key!r} must be an integer in [0, 2**63)")
+        top = request.top_logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise LlamaError(f"{where}: top_logprobs={top!r} must be an integer from 0 to {MAX_TOP_LOGPROBS}")
         request = Request(prompt, max_gen_len, temperature, top_p, request.key, tuple(request.stop_tokens),
-                          bool(request.logprobs), bool(request.prompt_logprobs))
+                          bool(request.logprobs or top), bool(request.prompt_logprobs), top)
         handle = Handle(self._next_id, request, min(max_gen_len, params.max_seq_len - len(prompt)))
         self._next_id += 1
         self.waiting.append(handle)
@@ -185,12 +191,12 @@ class Engine:
         self._finish(handle, "cancelled", self._events)
 
     def _finish(self, handle: Handle, reason: str, events: List[Event], token: Optional[int] = None,
-                logprob: float = 0.0) -> None:
+                logprob: float = 0.0, top: Optional[List[Tuple[int, float]]] = None) -> None:
         handle.finish_reason = reason
         if handle.slot is not None:
             self.slots[handle.slot] = None
             handle.slot = None
-        events.append(Event(handle, token, logprob, reason))
+        events.append(Event(handle, token, logprob, reason, top))
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -336,9 +342,10 @@ class Engine:
         chosen = next_tokens.tolist()
         scores = token_logprobs(logits, next_tokens).tolist() if any(r.logprobs for r in requests) \
             else [0.0] * len(rows)
+        tops = self._top_logprobs(logits, requests)
         now = time.perf_counter()
         self.stats.generated += len(rows)
-        for handle, token, logprob in zip(rows, chosen, scores):
+        for handle, token, logprob, top in zip(rows, chosen, scores, tops):
             logprob = logprob if handle.request.logprobs else 0.0
             if handle.first_token_at is None:
                 handle.first_token_at = now
@@ -348,6 +355,18 @@ class Engine:
             handle.tokens.append(token)
             handle.logprobs.append(logprob)
             if len(handle.tokens) >= handle.budget:
-                self._finish(handle, "length", events, token, logprob)
+                self._finish(handle, "length", events, token, logprob, top)
             else:
-                events.append(Event(handle, token, logprob))
+                events.append(Event(handle, token, logprob, top=top))
+
+    @staticmethod
+    def _top_logprobs(logits: torch.Tensor, requests: List[Request]) -> List[Optional[List[Tuple[int, float]]]]:
+        """Per row, its request's top_logprobs most likely (token, logprob), most likely first,
+        or None where it asked for none; logits [N, V]."""
+        most = max(r.top_logprobs for r in requests)
+        if not most:
+            return [None] * len(requests)
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(most, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        return [list(zip(ids[i][: r.top_logprobs], values[i][: r.top_logprobs])) if r.top_logprobs else None
+                for i, r in enumerate(requests)]
