@@ -48,7 +48,8 @@ class Mutation:
     path: str  # file under the repository
     edits: Sequence[Tuple[str, str]]  # (old, new); each old must occur exactly once
     tests: Sequence[str]
-    why: str = ""  # what the mutant breaks (or why it is equivalent)
+    why: str = ""  # what the mutant breaks
+    equivalent: str = ""  # if it cannot be told apart from the original by its results: why
 
 
 M = Mutation
@@ -92,7 +93,10 @@ MUTATIONS: List[Mutation] = [
       [("_hash32(_hash32(low) ^ high)", "_hash32(_hash32(low))")], SAMPLING,
       "keys that differ only in their high 32 bits sample alike"),
     M("hash-mask-wrong", "llama/sampling.py", [("high &= 0xFFFF\n", "high &= 0xFFFFF\n")], SAMPLING,
-      "the split multiply is not mod 2^32"),
+      "the split multiply keeps 4 more bits", equivalent="the extra bits are shifted to bits 32-35, which "
+      "the final & 0xFFFFFFFF removes: the same hash"),
+    M("hash-shift-wrong", "llama/sampling.py", [("high <<= 16", "high <<= 15")], SAMPLING,
+      "the split multiply is not (x * c) mod 2^32"),
     M("hot-threshold", "llama/sampling.py", [("hot = temperature > 0", "hot = temperature > 1")], SAMPLING,
       "temperatures up to 1 decode greedily"),
     M("engine-step-counter-zero", "llama/engine.py",
@@ -136,7 +140,8 @@ MUTATIONS: List[Mutation] = [
         "logits = logits[: len(rows)]")], ENGINE, "rows with gaps take their neighbours' logits"),
     M("admit-highest-row-first", "llama/engine.py",
       [("for slot in range(len(self.slots)):", "for slot in reversed(range(len(self.slots))):")], ENGINE,
-      "busy rows no longer a prefix (results equal; more rows computed)"),
+      "busy rows no longer a prefix", equivalent="results are the same by design (rows never see each "
+      "other); only the rows a decode pass computes grow (EngineStats)"),
     # ---- positions, rotary, attention ----------------------------------------------------------
     M("rope-theta-ignored", "llama/model.py",
       [("1.0 / (args.rope_theta ** ", "1.0 / (10000.0 ** ")], MODEL + ["tests/test_infilling.py"],
@@ -297,9 +302,13 @@ def main() -> None:
             print(f"[{i}/{len(chosen)}] {m.name}: {result} ({seconds:.0f}s) {detail}", flush=True)
     lines = ["| mutant | file | breaks | result | killed by |", "|---|---|---|---|---|"]
     for m, result, detail, _ in rows:
+        if result == "SURVIVED" and m.equivalent:
+            result = f"equivalent: {m.equivalent}"
         lines.append(f"| {m.name} | {m.path} | {m.why} | {result} | {detail.replace('|', '/')} |")
-    survived = sum(r == "SURVIVED" for _, r, _, _ in rows)
-    lines.append(f"\n{len(rows)} mutants, {len(rows) - survived} killed, {survived} survived.")
+    survived = sum(r == "SURVIVED" and not m.equivalent for m, r, _, _ in rows)
+    equivalent = sum(r == "SURVIVED" and bool(m.equivalent) for m, r, _, _ in rows)
+    lines.append(f"\n{len(rows)} mutants: {len(rows) - survived - equivalent} killed, {equivalent} equivalent, "
+                 f"{survived} survived.")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
