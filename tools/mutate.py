@@ -36,9 +36,9 @@ ENGINE = ["tests/test_generation.py", "tests/test_engine.py", "tests/test_sampli
 MODEL = ["tests/test_hf_parity.py", "tests/test_generation.py", "tests/test_engine.py"]
 LOADING = ["tests/test_loading.py", "tests/test_default_dtype.py"]
 MP = ["tests/test_loading.py", "tests/test_multiprocess.py", "tests/test_more_ranks.py"]
-CHAT = ["tests/test_chat_format.py", "tests/test_generation.py", "tests/test_llama3_e2e.py"]
-DTYPE = ["tests/test_devices.py", "tests/test_default_dtype.py"]
-INT8 = ["tests/test_quantize.py", "tests/test_precision.py", "tests/test_int8_kernel.py"]
+CHAT = ["tests/test_llama3_e2e.py", "tests/test_chat_format.py", "tests/test_generation.py"]
+DTYPE = ["tests/test_default_dtype.py", "tests/test_devices.py"]
+INT8 = ["tests/test_int8_kernel.py", "tests/test_quantize.py", "tests/test_precision.py"]
 CONVERT = ["tests/test_convert.py", "tests/test_hf_parity.py", "tests/test_demo_gguf.py"]
 
 
