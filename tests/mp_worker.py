@@ -2,11 +2,11 @@
 
 Usage: python -m torch.distributed.run --nproc_per_node N tests/mp_worker.py SPEC.json
 
-SPEC holds the tokenizer path, the output folder, the prompts and a list of jobs,
-each naming a checkpoint folder (and optionally a dtype; "default": none given). For every job this process builds a Llama (the
-model-parallel size is the world size unless the spec
-sets model_parallel_size), runs the same workloads the test runs
-in-process, and finally writes everything to OUT/rank{RANK}.json. Every rank writes
+SPEC holds the tokenizer path, the output folder, the prompts and a list of jobs, each
+naming a checkpoint folder and optionally a dtype ("default": none given, whatever
+LLAMA_DTYPE says). For every job this process builds a Llama (the model-parallel size is
+the world size unless the spec sets model_parallel_size), runs the same workloads the test
+runs in-process, and finally writes everything to OUT/rank{RANK}.json. Every rank writes
 its own file, since Llama.build silences stdout on ranks other than 0.
 """
 
