@@ -2,11 +2,11 @@
 
 Usage: python -m torch.distributed.run --nproc_per_node N tests/mp_worker.py SPEC.json
 
-SPEC holds the tokenizer path, the output folder, the prompts and a list of jobs,
-each naming a checkpoint folder. For every job this process builds a Llama (the
-model-parallel size is the world size unless the spec
-sets model_parallel_size), runs the same workloads the test runs
-in-process, and finally writes everything to OUT/rank{RANK}.json. Every rank writes
+SPEC holds the tokenizer path, the output folder, the prompts and a list of jobs, each
+naming a checkpoint folder and optionally a dtype ("default": none given, whatever
+LLAMA_DTYPE says). For every job this process builds a Llama (the model-parallel size is
+the world size unless the spec sets model_parallel_size), runs the same workloads the test
+runs in-process, and finally writes everything to OUT/rank{RANK}.json. Every rank writes
 its own file, since Llama.build silences stdout on ranks other than 0.
 """
 
@@ -24,9 +24,16 @@ def run_job(job: dict, spec: dict) -> dict:
     from llama import Llama
 
     start = time.time()
-    gen = Llama.build(job["ckpt"], spec["tokenizer"], max_seq_len=spec["max_seq_len"],
-                      max_batch_size=spec["max_batch_size"], device="cpu",
-                      model_parallel_size=spec.get("model_parallel_size"))
+    dtype = job.get("dtype")  # "default": the engine's own choice, whatever LLAMA_DTYPE says
+    saved = os.environ.pop("LLAMA_DTYPE", None) if dtype == "default" else None
+    try:
+        gen = Llama.build(job["ckpt"], spec["tokenizer"], max_seq_len=spec["max_seq_len"],
+                          max_batch_size=spec["max_batch_size"], device="cpu",
+                          model_parallel_size=spec.get("model_parallel_size"),
+                          dtype=None if dtype == "default" else dtype)
+    finally:
+        if saved is not None:
+            os.environ["LLAMA_DTYPE"] = saved
     built_s = time.time() - start
     ctx = gen.ctx
     result = {
@@ -39,6 +46,7 @@ def run_job(job: dict, spec: dict) -> dict:
         "data_parallel_rank": ctx.data_parallel_rank,
         "backend": ctx.backend,
         "device": str(gen.device),
+        "dtype": str(gen.model.norm.weight.dtype),
         "local_shapes": {name: list(p.shape) for name, p in gen.model.state_dict().items()
                          if name in ("output.weight", "tok_embeddings.weight",
                                      "layers.0.attention.wq.weight", "layers.0.attention.wo.weight")},

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # in the test extra: CI has it, so no skip hides these tests
 
 from llama import Llama, LlamaError
 from llama.convert import MARKER, convert
-
-transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -114,8 +114,12 @@ def test_generation_never_crashes_and_respects_budget_and_stop_tokens(
             event("stopped early" if first_stop < len(out) else "ran its whole budget")
         assert len(stopped) == len(ids) and not any(t in stops for out in stopped for t in out)
 
+    # text_completion is generate() decoded: the same draws (same seed, default stop tokens).
+    torch.manual_seed(seed)
     texts = generator.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-    assert len(texts) == len(prompts) and all(isinstance(t["generation"], str) for t in texts)
+    torch.manual_seed(seed)
+    tokens, _ = generator.generate(ids, max_gen_len, temperature, top_p)
+    assert [t["generation"] for t in texts] == [tok.decode(out) for out in tokens]
 
 
 # ---- params.json ------------------------------------------------------------------------------
@@ -207,8 +211,12 @@ def test_tiny_gguf_converts_and_runs(tiny_gguf, tmp_path):
     (tmp_path / "tiny.gguf").write_bytes(tiny_gguf)
     dst = convert(str(tmp_path / "tiny.gguf"), str(tmp_path / "out"), dtype="fp32")
     gen = Llama.build(str(dst), max_seq_len=16, max_batch_size=1, device="cpu", dtype="fp32")
-    answer = gen.chat_completion([[{"role": "user", "content": "abc"}]], temperature=0, max_gen_len=3)
-    assert isinstance(answer[0]["generation"]["content"], str)
+    dialog = [{"role": "user", "content": "abc"}]
+    answer = gen.chat_completion([dialog], temperature=0, max_gen_len=3)
+    prompt = gen.formatter.encode_dialog_prompt(dialog)
+    assert prompt[0] == 6  # <|im_start|>
+    tokens, _ = gen.generate([prompt], 3, temperature=0, stop_tokens=gen.formatter.stop_tokens)
+    assert answer[0]["generation"] == {"role": "assistant", "content": gen.tokenizer.decode(tokens[0])}
 
 
 def _convert_or_llama_error(data: bytes) -> None:

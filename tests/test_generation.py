@@ -78,10 +78,18 @@ def test_text_completion_shapes(generator):
         assert all(lp <= 0 for lp in r["logprobs"])
 
 
-def test_temperature_zero_is_deterministic(generator):
-    a = generator.text_completion(PROMPTS, temperature=0, max_gen_len=8)
-    b = generator.text_completion(PROMPTS, temperature=0, max_gen_len=8)
-    assert a == b
+def test_temperature_zero_is_the_argmax_chain_whatever_top_p_and_seed(generator):
+    """Greedy decoding of a ragged batch is, for every prompt, the chain of argmaxes of full
+    (uncached) forward passes; top_p and seed change nothing at temperature 0."""
+    prompts = _ids(generator, PROMPTS)
+    tokens, _ = generator.generate(prompts, max_gen_len=6, temperature=0, top_p=0.3, stop_tokens=[], seed=9)
+    for prompt, got in zip(prompts, tokens):
+        chain = list(prompt)
+        for _ in range(6):
+            chain.append(int(generator.model(torch.tensor([chain]), 0)[0, -1].argmax()))
+        assert got == chain[len(prompt):]
+    texts = generator.text_completion(PROMPTS, temperature=0, top_p=0.9, max_gen_len=6)
+    assert texts == generator.text_completion(PROMPTS, temperature=0, top_p=0.5, max_gen_len=6, seed=1)
 
 
 def test_same_seed_same_text(tiny_ckpt, sp_tokenizer):

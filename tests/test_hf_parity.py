@@ -4,12 +4,11 @@ undoes HF's rotary permutation of wq/wk) and loaded through Llama.build."""
 
 import pytest
 import torch
+import transformers  # in the test extra: CI has it, so no skip hides these tests
 
-transformers = pytest.importorskip("transformers")
-
-from llama import Llama  # noqa: E402
-from llama.checkpoint import save_checkpoint  # noqa: E402
-from llama.convert import meta_from_hf_state_dict, params_from_hf_config  # noqa: E402
+from llama import Llama
+from llama.checkpoint import save_checkpoint
+from llama.convert import meta_from_hf_state_dict, params_from_hf_config
 
 CONFIGS = {
     "gqa": dict(),

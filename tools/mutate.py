@@ -1,0 +1,317 @@
+"""By-hand mutation testing of the engine's core (not part of CI: it takes tens of minutes).
+
+Each named mutation is a small edit of one spot in llama/ (a textual replacement that must match
+exactly once). For each, a scratch copy of the repository gets the edit, the test files that
+guard that spot run there (`pytest -x`), and the result is recorded: "killed" when the tests
+fail (or run past the time limit: a hang), "SURVIVED" when they all pass. Writes a markdown
+table (default tests/MUTATIONS.md's "latest run" file, see --out).
+
+    python tools/mutate.py                       # every mutation
+    python tools/mutate.py --only budget-one-short,temperature-ignored
+    python tools/mutate.py --list                # names, files, tests
+    python tools/mutate.py --out /tmp/table.md   # where the table goes
+
+Test files that do not exist (yet) are left out of a mutation's run, so the script also runs on
+older checkouts (for a "before" table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 900  # per mutation; a hang counts as killed
+
+SAMPLING = ["tests/test_sampling.py", "tests/test_generation.py", "tests/test_engine.py", "tests/test_sampling_e2e.py"]
+ENGINE = ["tests/test_generation.py", "tests/test_engine.py", "tests/test_sampling_e2e.py"]
+MODEL = ["tests/test_hf_parity.py", "tests/test_generation.py", "tests/test_engine.py"]
+LOADING = ["tests/test_loading.py", "tests/test_default_dtype.py"]
+MP = ["tests/test_loading.py", "tests/test_multiprocess.py", "tests/test_more_ranks.py"]
+CHAT = ["tests/test_llama3_e2e.py", "tests/test_chat_format.py", "tests/test_generation.py"]
+DTYPE = ["tests/test_default_dtype.py", "tests/test_devices.py"]
+INT8 = ["tests/test_int8_kernel.py", "tests/test_quantize.py", "tests/test_precision.py"]
+CONVERT = ["tests/test_convert.py", "tests/test_hf_parity.py", "tests/test_demo_gguf.py"]
+
+
+@dataclass
+class Mutation:
+    name: str
+    path: str  # file under the repository
+    edits: Sequence[Tuple[str, str]]  # (old, new); each old must occur exactly once
+    tests: Sequence[str]
+    why: str = ""  # what the mutant breaks
+    equivalent: str = ""  # if it cannot be told apart from the original by its results: why
+
+
+M = Mutation
+MUTATIONS: List[Mutation] = [
+    # ---- the five survivors named in issue 16's review (reconstructed on today's code) -------
+    M("budget-one-short", "llama/engine.py",
+      [("params.max_seq_len - len(prompt))", "params.max_seq_len - len(prompt) - 1)")], ENGINE,
+      "a request may generate one token fewer than max_seq_len leaves room for"),
+    M("temperature-ignored", "llama/sampling.py",
+      [("torch.softmax(shifted / t, dim=-1)", "torch.softmax(shifted, dim=-1)")], SAMPLING,
+      "softmax(logits) whatever the temperature"),
+    M("temperature-ignored-in-engine", "llama/engine.py",
+      [("[r.temperature for r in requests]", "[float(r.temperature > 0) for r in requests]")], SAMPLING,
+      "the engine hands the sampler 1.0 for every sampled row"),
+    M("cpu-default-fp16", "llama/loading.py",
+      [("return torch.bfloat16 if cpu_has_native_bf16() else torch.float32",
+        "return torch.float16 if cpu_has_native_bf16() else torch.float32")], DTYPE,
+      "the CPU default dtype bf16 -> fp16"),
+    M("int8-fused-2x-scale", "llama/quantize.py",
+      [("_weight_int8pack_mm(flat, self.q, self.scale)", "_weight_int8pack_mm(flat, self.q, self.scale * 2)")],
+      INT8, "the fused int8 decode kernel given twice the scale"),
+    M("gguf-gate-up-swapped", "llama/convert.py",
+      [('"ffn_gate": "feed_forward.w1"', '"ffn_gate": "feed_forward.w3"'),
+       ('"ffn_up": "feed_forward.w3"', '"ffn_up": "feed_forward.w1"')], CONVERT,
+      "GGUF ffn_gate/ffn_up tensors swapped"),
+    # ---- sampling ---------------------------------------------------------------------------
+    M("nucleus-one-short", "llama/sampling.py",
+      [("mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs",
+        "mass_before = torch.cumsum(sorted_probs, dim=-1)")], SAMPLING, "the token that crosses top_p is left out"),
+    M("nucleus-first-not-forced", "llama/sampling.py",
+      [("member[:, 0] = True", "member[:, 0] = member[:, 0]")], SAMPLING, "a tiny top_p keeps no token"),
+    M("race-sign", "llama/sampling.py",
+      [("torch.log(probs) - torch.log(noise)", "torch.log(probs) + torch.log(noise)")], SAMPLING,
+      "the exponential race run backwards"),
+    M("noise-ignores-token", "llama/sampling.py",
+      [("row_seeds(keys, steps).unsqueeze(1) ^ token_ids)", "row_seeds(keys, steps).unsqueeze(1) + 0 * token_ids)")],
+      SAMPLING, "one uniform for all tokens of a row: always the argmax"),
+    M("noise-ignores-step", "llama/sampling.py",
+      [("^ (steps & _MASK32))", ")")], SAMPLING, "the same noise at every step of a request"),
+    M("noise-ignores-key-high-bits", "llama/sampling.py",
+      [("_hash32(_hash32(low) ^ high)", "_hash32(_hash32(low))")], SAMPLING,
+      "keys that differ only in their high 32 bits sample alike"),
+    M("hash-mask-wrong", "llama/sampling.py", [("high &= 0xFFFF\n", "high &= 0xFFFFF\n")], SAMPLING,
+      "the split multiply keeps 4 more bits", equivalent="the extra bits are shifted to bits 32-35, which "
+      "the final & 0xFFFFFFFF removes: the same hash"),
+    M("hash-shift-wrong", "llama/sampling.py", [("high <<= 16", "high <<= 15")], SAMPLING,
+      "the split multiply is not (x * c) mod 2^32"),
+    M("hot-threshold", "llama/sampling.py", [("hot = temperature > 0", "hot = temperature > 1")], SAMPLING,
+      "temperatures up to 1 decode greedily"),
+    M("engine-step-counter-zero", "llama/engine.py",
+      [("self._tensor([len(h.tokens) for h in rows]))", "self._tensor([0 for h in rows]))")], SAMPLING,
+      "every step of a request samples with step 0's noise"),
+    M("same-key-for-every-prompt", "llama/generation.py",
+      [("return [request_key(call, i) for i in range(count)]", "return [request_key(call, 0) for i in range(count)]")],
+      SAMPLING, "all prompts of a call share one key"),
+    M("global-rng-unused", "llama/sampling.py",
+      [("return int(torch.randint(0, 2**62, (1,)).item())", "return 12345")], SAMPLING,
+      "successive calls sample alike"),
+    M("greedy-temperature-draws", "llama/generation.py",
+      [("random_key() if temperature > 0 else 0", "random_key()")], SAMPLING,
+      "greedy calls consume the global RNG (Meta's draw nothing)"),
+    # ---- budget, stop tokens, the scheduler's slots -----------------------------------------------
+    M("budget-one-long", "llama/engine.py",
+      [("if len(handle.tokens) >= handle.budget:", "if len(handle.tokens) > handle.budget:")], ENGINE,
+      "one token past max_gen_len"),
+    M("budget-ignores-max-gen-len", "llama/engine.py",
+      [("min(max_gen_len, params.max_seq_len - len(prompt))", "(params.max_seq_len - len(prompt))")], ENGINE,
+      "max_gen_len not applied"),
+    M("stop-tokens-ignored", "llama/engine.py",
+      [("if token in handle._stops:", "if token in handle._stops and False:")], ENGINE + CHAT,
+      "generation runs past a stop token"),
+    M("stop-token-kept", "llama/engine.py",
+      [('self._finish(handle, "stop", events)', 'handle.tokens.append(token); self._finish(handle, "stop", events)')],
+      ENGINE + CHAT, "the stop token is returned with the text"),
+    M("eot-not-a-stop-token", "llama/tokenizer.py",
+      [('END_MARKERS = ("<|eot_id|>", ', 'END_MARKERS = (')], CHAT, "Llama 3 runs past <|eot_id|>"),
+    M("slot-not-freed", "llama/engine.py",
+      [("            self.slots[handle.slot] = None\n", "            pass\n")], ENGINE,
+      "a finished request keeps its row"),
+    M("decode-position-off-by-one", "llama/engine.py",
+      [("len(h.request.prompt_tokens) + len(h.tokens) - 1 for h in rows}",
+        "len(h.request.prompt_tokens) + len(h.tokens) for h in rows}")], ENGINE, "decode writes one slot late"),
+    M("chunked-prefill-from-zero", "llama/engine.py",
+      [("starts = [h.prefilled for h in rows]", "starts = [0 for h in rows]")], ENGINE,
+      "every prompt chunk is placed at position 0"),
+    M("decode-wrong-logit-rows", "llama/engine.py",
+      [("logits = logits[self._tensor([h.slot for h in rows])] if len(rows) < len(computed) else logits",
+        "logits = logits[: len(rows)]")], ENGINE, "rows with gaps take their neighbours' logits"),
+    M("admit-highest-row-first", "llama/engine.py",
+      [("for slot in range(len(self.slots)):", "for slot in reversed(range(len(self.slots))):")], ENGINE,
+      "busy rows no longer a prefix", equivalent="results are the same by design (rows never see each "
+      "other); only the rows a decode pass computes grow (EngineStats)"),
+    # ---- positions, rotary, attention ----------------------------------------------------------
+    M("rope-theta-ignored", "llama/model.py",
+      [("1.0 / (args.rope_theta ** ", "1.0 / (10000.0 ** ")], MODEL + ["tests/test_infilling.py"],
+      "rope_theta from params.json unused"),
+    M("rotary-halves-layout", "llama/model.py",
+      [("pairs = x.float().unflatten(-1, (-1, 2))", "pairs = x.float().unflatten(-1, (2, -1)).transpose(-1, -2)")],
+      MODEL, "HF's rotate-half pairs instead of Meta's interleaved ones"),
+    M("positions-ignore-start", "llama/model.py",
+      [("positions = (start_pos + offsets).expand(batch, seqlen)", "positions = offsets.expand(batch, seqlen)")],
+      MODEL, "every call starts at position 0"),
+    M("mask-excludes-self", "llama/model.py",
+      [("(cache_slots <= positions.unsqueeze(-1))", "(cache_slots < positions.unsqueeze(-1))")], MODEL,
+      "a query cannot see its own key"),
+    M("mask-dropped-for-ragged-decode", "llama/model.py",
+      [("return seqlen == 1 and bool((start_pos == kv_len - 1).all())", "return seqlen == 1")], MODEL,
+      "rows at different positions read stale slots"),
+    M("llama31-scaling-off", "llama/model.py",
+      [("freqs = _llama31_scale(freqs, args)", "freqs = freqs")], MODEL, "use_scaled_rope ignored"),
+    M("swiglu-gate-up-swapped", "llama/model.py",
+      [("self.w2(F.silu(self.w1(x)) * self.w3(x))", "self.w2(F.silu(self.w3(x)) * self.w1(x))")], MODEL,
+      "silu on the up projection"),
+    M("rmsnorm-eps", "llama/model.py", [("eps=self.eps)", "eps=1e-2)")], MODEL, "norm_eps unused"),
+    M("cache-rows-ignore-slots", "llama/model.py",
+      [("return self.k[slots, :kv_len], self.v[slots, :kv_len]",
+        "return self.k[: k.shape[0], :kv_len], self.v[: k.shape[0], :kv_len]")], MODEL,
+      "a scheduler's rows read rows 0..B-1"),
+    M("gqa-fold-mask-order", "llama/model.py",
+      [("attn_mask=mask.repeat(1, 1, groups, 1))", "attn_mask=mask.repeat_interleave(groups, dim=2))")],
+      MODEL + ["tests/test_accelerator_paths.py"], "the folded GQA mask in the wrong row order (accelerators)"),
+    # ---- shard axes, resharding offsets, collectives -----------------------------------------------
+    M("shard-axis-w3-as-row", "llama/checkpoint.py",
+      [('_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3")', '_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1")'),
+       ('_ROW_PARALLEL = ("wo", "w2")', '_ROW_PARALLEL = ("wo", "w2", "w3")')], MP, "w3 split on the wrong axis"),
+    M("embedding-axis-llama3-as-llama2", "llama/checkpoint.py",
+      [("return 0 if vocab_parallel_embedding else 1", "return 1 if vocab_parallel_embedding else 1")], MP,
+      "Llama 3's vocabulary-split embedding cut on the dim"),
+    M("narrow-offset-zero", "llama/checkpoint.py",
+      [("piece.narrow(axis, lo - i * size, hi - lo)", "piece.narrow(axis, 0, hi - lo)")], MP,
+      "N -> M resharding reads the start of each shard"),
+    M("join-offset-zero", "llama/checkpoint.py",
+      [("lo - mp_rank * shape[axis]))", "0))")], MP, "joined parts all written at offset 0"),
+    M("gather-order-reversed", "llama/parallel.py",
+      [("return torch.cat(parts, dim=-1)", "return torch.cat(parts[::-1], dim=-1)")], MP,
+      "the ranks' column parts gathered in the wrong order"),
+    M("vocab-embedding-no-offset", "llama/parallel.py",
+      [("F.embedding((tokens - self.start).masked_fill(elsewhere, 0), self.weight)",
+        "F.embedding(tokens.masked_fill(elsewhere, 0), self.weight)")], MP + ["tests/test_llama3_e2e.py"],
+      "vocabulary-parallel ranks look up global ids in their local rows"),
+    # ---- dtype choice ----------------------------------------------------------------------------
+    M("cpu-bf16-flag-missed", "llama/loading.py",
+      [('flags & {"avx512_bf16", "amx_bf16", "bf16"}', 'flags & {"amx_bf16", "bf16"}')], DTYPE,
+      "AVX512-BF16 CPUs get fp32"),
+    M("llama-dtype-env-ignored", "llama/loading.py",
+      [('dtype = os.environ.get("LLAMA_DTYPE") or None', 'dtype = None')], DTYPE + ["tests/test_loading.py"],
+      "LLAMA_DTYPE unused"),
+    M("mps-gets-bf16", "llama/loading.py",
+      [('    if device.type == "mps":\n        return torch.float16', '    if device.type == "mps":\n        return torch.bfloat16')],
+      DTYPE, "MPS default dtype"),
+    # ---- chat templates ----------------------------------------------------------------------------
+    M("llama2-sys-tags-swapped", "llama/chat_format.py",
+      [('merged = self.B_SYS + dialog[0]["content"] + self.E_SYS', 'merged = self.E_SYS + dialog[0]["content"] + self.B_SYS')],
+      CHAT, "<<SYS>> block written backwards"),
+    M("llama2-answer-no-eos", "llama/chat_format.py",
+      [("tokens += self.tokenizer.encode(text, bos=True, eos=True)", "tokens += self.tokenizer.encode(text, bos=True, eos=False)")],
+      CHAT, "a past exchange not closed by EOS"),
+    M("llama3-content-not-stripped", "llama/chat_format.py",
+      [('self._text(msg["content"].strip())', 'self._text(msg["content"])')], CHAT, "Llama 3 keeps surrounding spaces"),
+    M("llama3-tool-role-kept", "llama/chat_format.py",
+      [('role = "ipython" if role == "tool" else role', "role = role")], CHAT, "tool written as 'tool', not 'ipython'"),
+    M("chatml-no-newline-after-end", "llama/chat_format.py",
+      [('tokens += [self.im_end] + self._text("\\n")', "tokens += [self.im_end]")], CHAT, "ChatML loses its newline"),
+    # ---- int8 scales ---------------------------------------------------------------------------------
+    M("int8-dequant-2x-scale", "llama/quantize.py",
+      [("out = F.linear(x, self.q.to(x.dtype)) * self.scale", "out = F.linear(x, self.q.to(x.dtype)) * self.scale * 2")],
+      INT8, "the prefill (dequantize) path given twice the scale"),
+    M("int8-absmax-positive-only", "llama/quantize.py",
+      [("torch.maximum(-low, high) / 127", "high.clamp(min=0) / 127")], INT8,
+      "scale from the largest positive value only: negative outliers clipped"),
+    M("int8-fused-never", "llama/quantize.py",
+      [("if self.fused and flat.shape[0] <= FUSED_MAX_ROWS:", "if False:")], INT8,
+      "the fused kernel never runs (equal results, slower)"),
+    # ---- conversion ---------------------------------------------------------------------------------
+    M("hf-rotary-not-unpermuted", "llama/convert.py",
+      [("weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)",
+        "weight.reshape(rows, cols)")], CONVERT, "HF q/k kept in rotate-half order"),
+]
+
+
+def _copy_repo(dst: Path) -> None:
+    """The tracked and untracked (not ignored) files of the repository, into dst."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+def _apply(text: str, mutation: Mutation) -> str:
+    for old, new in mutation.edits:
+        count = text.count(old)
+        if count != 1:
+            raise SystemExit(f"mutation {mutation.name}: {old!r} occurs {count} times in {mutation.path}")
+        text = text.replace(old, new)
+    return text
+
+
+def run_one(copy: Path, mutation: Mutation) -> Tuple[str, str, float]:
+    """(result, detail, seconds): the mutant's tests run in `copy` with the edit applied."""
+    target = copy / mutation.path
+    original = target.read_text()
+    target.write_text(_apply(original, mutation))
+    tests = [t for t in mutation.tests if (copy / t).exists()]
+    tests = list(dict.fromkeys(tests))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["PYTHONPATH"] = str(copy)
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                               "-p", "no:randomly", *tests], cwd=copy, env=env, capture_output=True,
+                              text=True, timeout=TIMEOUT_S, start_new_session=True)
+        out = proc.stdout.strip().splitlines()
+        failed = [line for line in out if line.startswith(("FAILED", "ERROR"))]
+        if proc.returncode == 0:
+            result, detail = "SURVIVED", out[-1] if out else ""
+        elif proc.returncode == 1:
+            result, detail = "killed", (failed[0].split(" - ")[0].replace("FAILED ", "") if failed else out[-1])
+        else:
+            result, detail = f"error rc={proc.returncode}", out[-1] if out else proc.stderr[-300:]
+    except subprocess.TimeoutExpired:
+        result, detail = "killed", f"timeout after {TIMEOUT_S}s (hang)"
+    finally:
+        target.write_text(original)
+    return result, detail, time.monotonic() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated mutation names")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "tests" / "mutations_latest.md"))
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only.split(",")]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34} {m.path:22} {' '.join(m.tests)}")
+        return
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
+        copy = Path(tmp)
+        _copy_repo(copy)
+        for m in chosen:
+            _apply((copy / m.path).read_text(), m)  # every edit must apply before anything runs
+        for i, m in enumerate(chosen, 1):
+            result, detail, seconds = run_one(copy, m)
+            rows.append((m, result, detail, seconds))
+            print(f"[{i}/{len(chosen)}] {m.name}: {result} ({seconds:.0f}s) {detail}", flush=True)
+    lines = ["| mutant | file | breaks | result | killed by |", "|---|---|---|---|---|"]
+    for m, result, detail, _ in rows:
+        if result == "SURVIVED" and m.equivalent:
+            result = f"equivalent: {m.equivalent}"
+        lines.append(f"| {m.name} | {m.path} | {m.why} | {result} | {detail.replace('|', '/')} |")
+    survived = sum(r == "SURVIVED" and not m.equivalent for m, r, _, _ in rows)
+    equivalent = sum(r == "SURVIVED" and bool(m.equivalent) for m, r, _, _ in rows)
+    lines.append(f"\n{len(rows)} mutants: {len(rows) - survived - equivalent} killed, {equivalent} equivalent, "
+                 f"{survived} survived.")
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
