@@ -1,0 +1,50 @@
+// y[M, N] = x[M, K] @ W[N, K]^T for decode-sized M (1..32): W is read once for all M rows.
+// Each code path lives in its own file, compiled with its own instruction-set flags; the
+// entry point (linear.cpp) picks one. Everything here has internal linkage or a distinct
+// name per path, so no inline function compiled for AVX-512 can leak into the scalar path.
+#pragma once
+
+#include "common.h"
+
+namespace llama {
+
+struct LinearArgs {
+    int layout;
+    int64_t m, n, k;
+    const void* x;       // [m, k], contiguous, x_dtype
+    int x_dtype;
+    const uint8_t* w;    // [n, row_bytes(layout, k)]
+    void* y;             // [m, n], contiguous, y_dtype
+    int y_dtype;
+    int threads;         // 1: the calling thread only; otherwise the OpenMP team (torch's)
+};
+
+// Runs fn(begin, end) over [0, count) split in contiguous ranges across the OpenMP team
+// that torch's intra-op parallelism also uses (the same libgomp), so the two never compete
+// for the cores.
+using RangeFn = void (*)(const void* ctx, int64_t begin, int64_t end);
+void parallel_ranges(const void* ctx, int64_t count, RangeFn fn, int threads);
+
+// A scratch buffer per calling thread that grows and is reused (no allocation per call).
+void* scratch(size_t bytes, int slot);
+
+static inline void store_output(void* y, int y_dtype, int64_t index, float value) {
+    if (y_dtype == DT_F32) ((float*)y)[index] = value;
+    else ((uint16_t*)y)[index] = f32_to_bf16(value);
+}
+
+// Activations as fp32 rows: x itself, or x converted into scratch slot 0.
+const float* activations_f32(const LinearArgs& a);
+
+// Activations as int8 blocks in their natural order (scratch slots 0-3): q [m, k],
+// d and s [m, k/32] (see quantize_activation_row).
+struct ActBlocks { const int8_t* q; const float* d; const int32_t* s; };
+ActBlocks activation_blocks(const LinearArgs& a);
+
+// The code paths; each returns 0, or -1 for a layout it does not implement.
+int linear_scalar(const LinearArgs& a);
+int linear_avx2(const LinearArgs& a);
+int linear_avx512(const LinearArgs& a);
+int linear_avx512_bf16(const LinearArgs& a);
+
+}  // namespace llama
