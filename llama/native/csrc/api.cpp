@@ -63,16 +63,7 @@ int llama_linear(int layout, int path, const void* x, int x_dtype, int64_t m, in
     if (!cpu_has(path)) return BAD_PATH;
     if (m < 1 || n < 1 || k < QK || k % QK != 0) return BAD_SHAPE;
     if ((x_dtype != DT_F32 && x_dtype != DT_BF16) || (y_dtype != DT_F32 && y_dtype != DT_BF16)) return BAD_DTYPE;
-    const LinearArgs a{layout, m, n, k, x, x_dtype, (const uint8_t*)w, y, y_dtype, threads};
-    switch (path) {
-        case SCALAR: return linear_scalar(a);
-#ifdef LLAMA_X86
-        case AVX2: return linear_avx2(a);
-        case AVX512: return linear_avx512(a);
-        case AVX512_BF16: return linear_avx512_bf16(a);
-#endif
-    }
-    return BAD_PATH;
+    return run_linear({layout, m, n, k, x, x_dtype, (const uint8_t*)w, y, y_dtype, threads}, path);
 }
 
 namespace {
@@ -94,7 +85,7 @@ void quantize_rows(const void* ctx, int64_t begin, int64_t end) {
 void dequantize_rows(const void* ctx, int64_t begin, int64_t end) {
     const RowsJob& j = *(const RowsJob*)ctx;
     const size_t rb = row_bytes(j.layout, j.k);
-    float* tmp = (float*)scratch(sizeof(float) * j.k, 7);  // per thread
+    float* tmp = (float*)scratch(sizeof(float) * j.k, SCRATCH_SLOTS - 1);  // per thread
     for (int64_t r = begin; r < end; r++) {
         const uint8_t* in = (const uint8_t*)j.src + r * rb;
         if (j.dtype == DT_F32) {

@@ -36,7 +36,7 @@ void* scratch(size_t bytes, int slot) {
         size_t size = 0;
         ~Buffer() { std::free(data); }
     };
-    static thread_local Buffer buffers[8];
+    static thread_local Buffer buffers[SCRATCH_SLOTS];
     Buffer& b = buffers[slot];
     if (b.size < bytes) {
         std::free(b.data);
@@ -46,20 +46,20 @@ void* scratch(size_t bytes, int slot) {
     return b.data;
 }
 
-const float* activations_f32(const LinearArgs& a) {
+const float* activations_f32(const LinearArgs& a, int base) {
     if (a.x_dtype == DT_F32) return (const float*)a.x;
-    float* xf = (float*)scratch(sizeof(float) * a.m * a.k, 0);
+    float* xf = (float*)scratch(sizeof(float) * a.m * a.k, base);
     const uint16_t* xb = (const uint16_t*)a.x;
     for (int64_t i = 0; i < a.m * a.k; i++) xf[i] = bf16_to_f32(xb[i]);
     return xf;
 }
 
-ActBlocks activation_blocks(const LinearArgs& a) {
-    const float* xf = activations_f32(a);
+ActBlocks activation_blocks(const LinearArgs& a, int base) {
+    const float* xf = activations_f32(a, base);
     const int64_t nb = a.k / QK;
-    int8_t* q = (int8_t*)scratch(a.m * a.k, 1);
-    float* d = (float*)scratch(sizeof(float) * a.m * nb, 2);
-    int32_t* s = (int32_t*)scratch(sizeof(int32_t) * a.m * nb, 3);
+    int8_t* q = (int8_t*)scratch(a.m * a.k, base + 1);
+    float* d = (float*)scratch(sizeof(float) * a.m * nb, base + 2);
+    int32_t* s = (int32_t*)scratch(sizeof(int32_t) * a.m * nb, base + 3);
     for (int64_t m = 0; m < a.m; m++) quantize_activation_row(xf + m * a.k, a.k, q + m * a.k, d + m * nb, s + m * nb);
     return {q, d, s};
 }
@@ -134,17 +134,40 @@ void scalar_quant_range(const void* vctx, int64_t begin, int64_t end) {
 
 }  // namespace
 
-int linear_scalar(const LinearArgs& a) {
-    ScalarCtx c{&a, nullptr, nullptr, nullptr, nullptr};
+int plan_scalar(Plan& p, int base) {
+    ScalarCtx& c = plan_context<ScalarCtx>(p);
+    const LinearArgs& a = p.args;
+    c.a = &p.args;
+    p.count = a.n;
     if (a.layout == F32 || a.layout == BF16) {
-        c.xf = activations_f32(a);
-        parallel_ranges(&c, a.n, scalar_float_range, a.threads);
-        return 0;
+        c.xf = activations_f32(a, base);
+        p.fn = scalar_float_range;
+    } else {
+        const ActBlocks x = activation_blocks(a, base);
+        c.q = x.q; c.d = x.d; c.s = x.s;
+        p.fn = scalar_quant_range;
     }
-    const ActBlocks x = activation_blocks(a);
-    c.q = x.q; c.d = x.d; c.s = x.s;
-    parallel_ranges(&c, a.n, scalar_quant_range, a.threads);
     return 0;
+}
+
+int plan_linear(Plan& p, const LinearArgs& a, int path, int scratch_base) {
+    p.args = a;
+    switch (path) {
+        case SCALAR: return plan_scalar(p, scratch_base);
+#ifdef LLAMA_X86
+        case AVX2: return plan_avx2(p, scratch_base);
+        case AVX512: return plan_avx512(p, scratch_base);
+        case AVX512_BF16: return plan_avx512_bf16(p, scratch_base);
+#endif
+    }
+    return -2;
+}
+
+int run_linear(const LinearArgs& a, int path) {
+    Plan p;
+    const int rc = plan_linear(p, a, path, 0);
+    if (rc == 0) parallel_ranges(p.ctx, p.count, p.fn, a.threads);
+    return rc;
 }
 
 }  // namespace llama

@@ -110,24 +110,24 @@ void quant_range(const void* vctx, int64_t begin, int64_t end) {
 
 }  // namespace
 
-int linear_avx2(const LinearArgs& a) {
-    Ctx c{&a, nullptr, nullptr, nullptr, nullptr};
-    RangeFn fn;
+int plan_avx2(Plan& p, int base) {
+    Ctx& c = plan_context<Ctx>(p);
+    const LinearArgs& a = p.args;
+    c.a = &p.args;
+    p.count = column_groups(a.n);
     if (a.layout == F32 || a.layout == BF16) {
-        c.xf = activations_f32(a);
-        fn = a.layout == F32 ? float_range<F32> : float_range<BF16>;
-    } else {
-        const ActBlocks x = activation_blocks(a);
-        c.q = x.q; c.d = x.d; c.s = x.s;
-        switch (a.layout) {
-            case Q8_0: fn = quant_range<Q8_0>; break;
-            case Q4_0: fn = quant_range<Q4_0>; break;
-            case Q4_1: fn = quant_range<Q4_1>; break;
-            default: return -1;
-        }
+        c.xf = activations_f32(a, base);
+        p.fn = a.layout == F32 ? float_range<F32> : float_range<BF16>;
+        return 0;
     }
-    parallel_ranges(&c, column_groups(a.n), fn, a.threads);
-    return 0;
+    const ActBlocks x = activation_blocks(a, base);
+    c.q = x.q; c.d = x.d; c.s = x.s;
+    switch (a.layout) {
+        case Q8_0: p.fn = quant_range<Q8_0>; return 0;
+        case Q4_0: p.fn = quant_range<Q4_0>; return 0;
+        case Q4_1: p.fn = quant_range<Q4_1>; return 0;
+    }
+    return -1;
 }
 
 }  // namespace llama

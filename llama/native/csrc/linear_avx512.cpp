@@ -62,16 +62,16 @@ inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* s) {
     *s = _mm512_reduce_add_epi32(sum);
 }
 
-Act prepare_activations(const LinearArgs& a) {
-    const float* xf = activations_f32(a);  // scratch slot 0 when x is bf16
+Act prepare_activations(const LinearArgs& a, int base) {
+    const float* xf = activations_f32(a, base);  // scratch slot base when x is bf16
     const int64_t nb = a.k / QK;
     Act act;
     act.pairs = (nb + 1) / 2;
     const int64_t units = a.m * act.pairs;
-    int8_t* q = (int8_t*)scratch(64 * units, 1);
-    float* dv = (float*)scratch(64 * units, 2);
-    int32_t* iv = (int32_t*)scratch(64 * units, 3);
-    float* sv = a.layout == Q4_1 ? (float*)scratch(64 * units, 4) : nullptr;
+    int8_t* q = (int8_t*)scratch(64 * units, base + 1);
+    float* dv = (float*)scratch(64 * units, base + 2);
+    int32_t* iv = (int32_t*)scratch(64 * units, base + 3);
+    float* sv = a.layout == Q4_1 ? (float*)scratch(64 * units, base + 4) : nullptr;
     const __m512i lanes = lane_blocks(a.layout);
     alignas(64) int8_t qa[QK], qb[QK];
     for (int64_t m = 0; m < a.m; m++) {
@@ -274,18 +274,20 @@ void column_range(const void* vctx, int64_t begin, int64_t end) {
 
 }  // namespace
 
-int linear_avx512(const LinearArgs& a) {
-    Ctx c{&a, nullptr, Act{}};
-    RangeFn fn;
+int plan_avx512(Plan& p, int base) {
+    Ctx& c = plan_context<Ctx>(p);
+    const LinearArgs& a = p.args;
+    c.a = &p.args;
+    p.count = column_groups(a.n);
     switch (a.layout) {
-        case F32: fn = column_range<F32>; c.xf = activations_f32(a); break;
-        case BF16: fn = column_range<BF16>; c.xf = activations_f32(a); break;
-        case Q8_0: fn = column_range<Q8_0>; c.act = prepare_activations(a); break;
-        case Q4_0: fn = column_range<Q4_0>; c.act = prepare_activations(a); break;
-        case Q4_1: fn = column_range<Q4_1>; c.act = prepare_activations(a); break;
+        case F32: p.fn = column_range<F32>; c.xf = activations_f32(a, base); return 0;
+        case BF16: p.fn = column_range<BF16>; c.xf = activations_f32(a, base); return 0;
+        case Q8_0: p.fn = column_range<Q8_0>; break;
+        case Q4_0: p.fn = column_range<Q4_0>; break;
+        case Q4_1: p.fn = column_range<Q4_1>; break;
         default: return -1;
     }
-    parallel_ranges(&c, column_groups(a.n), fn, a.threads);
+    c.act = prepare_activations(a, base);
     return 0;
 }
 

@@ -55,16 +55,18 @@ void tiles(const LinearArgs& a, int64_t begin, int64_t end) {
 }
 
 void column_range(const void* vctx, int64_t begin, int64_t end) {
-    const LinearArgs& a = *(const LinearArgs*)vctx;
+    const LinearArgs& a = **(const LinearArgs* const*)vctx;
     if (a.m <= STREAM_ROWS) tiles<1>(a, begin, end);
     else tiles<WIDE>(a, begin, end);
 }
 
 }  // namespace
 
-int linear_avx512_bf16(const LinearArgs& a) {
-    if (a.layout != BF16 || a.x_dtype != DT_BF16) return linear_avx512(a);
-    parallel_ranges(&a, column_groups(a.n), column_range, a.threads);
+int plan_avx512_bf16(Plan& p, int base) {
+    if (p.args.layout != BF16 || p.args.x_dtype != DT_BF16) return plan_avx512(p, base);
+    plan_context<const LinearArgs*>(p) = &p.args;
+    p.fn = column_range;
+    p.count = column_groups(p.args.n);
     return 0;
 }
 

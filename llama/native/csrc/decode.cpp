@@ -1,0 +1,294 @@
+// One decode step of a LLaMA transformer in a single native call (model-parallel size 1,
+// CPU): embedding, then per layer RMSNorm, q/k/v projections, interleaved-pair rotary
+// (Meta's layout), KV-cache write at each row's own position, attention over the cache in
+// fp32 with grouped-query heads, wo and the residual, RMSNorm, SwiGLU, w2 and the
+// residual; then the final norm and the output projection.
+//
+// It all runs in one OpenMP parallel region on torch's thread team: the matmuls split
+// their output columns across threads, attention splits its (row, head) pairs, and the
+// small serial steps (norms, activation quantization) run on the calling thread between
+// barriers. No Python, no per-op dispatch.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "linear.h"
+
+namespace llama {
+
+struct Matrix {
+    const void* w;   // [n, row_bytes(layout, k)]
+    int64_t n, k;
+    int32_t layout;
+    int32_t path;    // the native code path that runs it
+};
+
+struct LayerWeights {
+    const void* attention_norm;  // [dim], param_dtype
+    const void* ffn_norm;        // [dim], param_dtype
+    Matrix wq, wk, wv, wo, w1, w2, w3;
+    float* cache_k;              // [max_batch, max_seq, n_kv_heads, head_dim]
+    float* cache_v;
+};
+
+struct ModelWeights {
+    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, hidden, vocab, max_batch, max_seq;
+    float norm_eps;
+    int32_t param_dtype;   // of the embedding and norm weights: DT_F32 or DT_BF16
+    int32_t act_dtype;     // DT_BF16: activations rounded where a bf16 PyTorch model rounds them
+    const void* tok_embeddings;  // [vocab, dim], param_dtype
+    const void* norm;            // [dim], param_dtype
+    Matrix output;
+    const float* rope;           // [max_seq, head_dim / 2, 2]: cos, sin of each position's angles
+    const LayerWeights* layers;
+};
+
+namespace {
+
+inline float load_param(const void* p, int dtype, int64_t i) {
+    return dtype == DT_F32 ? ((const float*)p)[i] : bf16_to_f32(((const uint16_t*)p)[i]);
+}
+
+inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+struct Step {
+    const ModelWeights& m;
+    int64_t batch;
+    const int64_t* positions;
+    bool bf16;  // emulate a bf16 model's rounding
+    // activations: h is the residual stream (fp32, rounded to bf16 in a bf16 model)
+    float *h, *q, *k, *v, *tmp, *gate, *up;
+    void *xn, *att, *act;  // matmul inputs, in the activation dtype
+    Plan plans[3];
+
+    int xdt() const { return bf16 ? DT_BF16 : DT_F32; }
+
+    void store_act(void* dst, int64_t i, float value) const {
+        if (bf16) ((uint16_t*)dst)[i] = f32_to_bf16(value);
+        else ((float*)dst)[i] = value;
+    }
+
+    // xn = RMSNorm(h) * weight, as F.rms_norm(h.float()).type_as(h) * weight does.
+    void rms_norm(const void* weight) const {
+        const int64_t d = m.dim;
+        for (int64_t b = 0; b < batch; b++) {
+            const float* x = h + b * d;
+            float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+            const float inv = 1.0f / std::sqrt(ss / (float)d + m.norm_eps);
+            for (int64_t i = 0; i < d; i++)
+                store_act(xn, b * d + i, round_to(xdt(), round_to(xdt(), x[i] * inv) * load_param(weight, m.param_dtype, i)));
+        }
+    }
+
+    // Called by one thread: plans y = x @ W^T for each matrix (sharing one x).
+    void plan(int count, const Matrix* const* mats, const void* x, float* const* ys) {
+        for (int i = 0; i < count; i++) {
+            const Matrix& w = *mats[i];
+            const LinearArgs a{w.layout, batch, w.n, w.k, x, xdt(), (const uint8_t*)w.w, ys[i], DT_F32, 0};
+            plan_linear(plans[i], a, w.path, i * SLOTS_PER_PLAN);
+        }
+    }
+
+    // Every thread: its share of the planned matmuls' units (no barrier).
+    void run(int count) const {
+        int64_t total = 0;
+        for (int i = 0; i < count; i++) total += plans[i].count;
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t team = 1, id = 0;
+#endif
+        const int64_t per = (total + team - 1) / team, begin = id * per, end = std::min(total, begin + per);
+        int64_t offset = 0;
+        for (int i = 0; i < count; i++) {
+            const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + plans[i].count);
+            if (lo < hi) plans[i].fn(plans[i].ctx, lo - offset, hi - offset);
+            offset += plans[i].count;
+        }
+    }
+
+    // Rotate pairs (x[2i], x[2i+1]) by the angles of position pos, as complex numbers.
+    void rotate(float* x, int64_t pos) const {
+        const float* cs = m.rope + pos * m.head_dim;  // (cos, sin) per pair
+        for (int64_t i = 0; i < m.head_dim / 2; i++) {
+            const float re = x[2 * i], im = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+            x[2 * i] = re * c - im * s;
+            x[2 * i + 1] = re * s + im * c;
+        }
+    }
+
+    // Task t < batch * n_heads rotates a query head; the rest rotate a key head and write
+    // it, with its value head, into the cache at the row's position.
+    void rope_and_cache(const LayerWeights& lw, int64_t t) const {
+        const int64_t hd = m.head_dim, qheads = batch * m.n_heads;
+        if (t < qheads) {
+            float* x = q + t * hd;
+            for (int64_t i = 0; i < hd; i++) x[i] = round_to(xdt(), x[i]);
+            rotate(x, positions[t / m.n_heads]);
+            return;
+        }
+        t -= qheads;
+        const int64_t b = t / m.n_kv_heads, kvh = t % m.n_kv_heads, pos = positions[b];
+        float* x = k + t * hd;
+        for (int64_t i = 0; i < hd; i++) x[i] = round_to(xdt(), x[i]);
+        rotate(x, pos);
+        const int64_t slot = ((b * m.max_seq + pos) * m.n_kv_heads + kvh) * hd;
+        for (int64_t i = 0; i < hd; i++) {
+            lw.cache_k[slot + i] = x[i];
+            lw.cache_v[slot + i] = round_to(xdt(), v[t * hd + i]);
+        }
+    }
+
+    // softmax(q . K / sqrt(D)) . V over the row's cache slots 0 .. pos, for head t of batch * n_heads.
+    void attend(const LayerWeights& lw, int64_t t, float* scores) const {
+        const int64_t hd = m.head_dim, b = t / m.n_heads, head = t % m.n_heads;
+        const int64_t kvh = head / (m.n_heads / m.n_kv_heads), len = positions[b] + 1;
+        const int64_t stride = m.n_kv_heads * hd;
+        const float* qv = q + t * hd;
+        const float* keys = lw.cache_k + (b * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float* values = lw.cache_v + (b * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float scale = 1.0f / std::sqrt((float)hd);
+        float top = -INFINITY;
+        for (int64_t s = 0; s < len; s++) {
+            const float* kv = keys + s * stride;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < hd; i++) dot += qv[i] * kv[i];
+            scores[s] = dot * scale;
+            top = std::max(top, scores[s]);
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < len; s++) total += (scores[s] = std::exp(scores[s] - top));
+        float out[512];  // head_dim <= 512, checked by the caller
+        for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+        for (int64_t s = 0; s < len; s++) {
+            const float p = scores[s] / total;
+            const float* vv = values + s * stride;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) out[i] += p * vv[i];
+        }
+        for (int64_t i = 0; i < hd; i++) store_act(att, t * hd + i, out[i]);
+    }
+
+    void add_residual() const {
+        for (int64_t i = 0; i < batch * m.dim; i++) h[i] = round_to(xdt(), h[i] + round_to(xdt(), tmp[i]));
+    }
+
+    void swiglu() const {  // act = silu(gate) * up
+        for (int64_t i = 0; i < batch * m.hidden; i++) {
+            const float g = round_to(xdt(), gate[i]), u = round_to(xdt(), up[i]);
+            store_act(act, i, round_to(xdt(), g / (1.0f + std::exp(-g))) * u);
+        }
+    }
+};
+
+// Barriers between phases; `master` runs the serial parts on the calling thread, whose
+// scratch buffers hold the planned matmuls' prepared activations.
+#ifdef _OPENMP
+#define BARRIER _Pragma("omp barrier")
+#define MASTER_THEN_BARRIER(...) { _Pragma("omp master") { __VA_ARGS__; } _Pragma("omp barrier") }
+#define FOR_EACH(var, count) _Pragma("omp for schedule(static)") for (int64_t var = 0; var < (count); var++)
+#else
+#define BARRIER
+#define MASTER_THEN_BARRIER(...) { __VA_ARGS__; }
+#define FOR_EACH(var, count) for (int64_t var = 0; var < (count); var++)
+#endif
+
+void step_all(Step& st, const int64_t* tokens, float* logits) {
+    const ModelWeights& m = st.m;
+    MASTER_THEN_BARRIER({
+        for (int64_t b = 0; b < st.batch; b++)
+            for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
+    })
+    for (int64_t l = 0; l < m.n_layers; l++) {
+        const LayerWeights& lw = m.layers[l];
+        MASTER_THEN_BARRIER({
+            st.rms_norm(lw.attention_norm);
+            const Matrix* mats[3] = {&lw.wq, &lw.wk, &lw.wv};
+            float* ys[3] = {st.q, st.k, st.v};
+            st.plan(3, mats, st.xn, ys);
+        })
+        st.run(3);
+        BARRIER
+        FOR_EACH(t, st.batch * (m.n_heads + m.n_kv_heads)) st.rope_and_cache(lw, t);
+        {
+            float* scores = (float*)scratch(sizeof(float) * m.max_seq, SCRATCH_SLOTS - 2);  // per thread
+            FOR_EACH(t, st.batch * m.n_heads) st.attend(lw, t, scores);
+        }
+        MASTER_THEN_BARRIER({
+            const Matrix* mats[1] = {&lw.wo};
+            float* ys[1] = {st.tmp};
+            st.plan(1, mats, st.att, ys);
+        })
+        st.run(1);
+        BARRIER
+        MASTER_THEN_BARRIER({
+            st.add_residual();
+            st.rms_norm(lw.ffn_norm);
+            const Matrix* mats[2] = {&lw.w1, &lw.w3};
+            float* ys[2] = {st.gate, st.up};
+            st.plan(2, mats, st.xn, ys);
+        })
+        st.run(2);
+        BARRIER
+        MASTER_THEN_BARRIER({
+            st.swiglu();
+            const Matrix* mats[1] = {&lw.w2};
+            float* ys[1] = {st.tmp};
+            st.plan(1, mats, st.act, ys);
+        })
+        st.run(1);
+        BARRIER
+        MASTER_THEN_BARRIER(st.add_residual())
+    }
+    MASTER_THEN_BARRIER({
+        st.rms_norm(m.norm);
+        const Matrix* mats[1] = {&m.output};
+        float* ys[1] = {logits};
+        st.plan(1, mats, st.xn, ys);
+    })
+    st.run(1);
+}
+
+}  // namespace
+}  // namespace llama
+
+using namespace llama;
+
+extern "C" {
+
+// logits [batch, vocab] (fp32) for one new token per row: tokens [batch] at positions [batch]
+// (each below max_seq; a row attends to its cache slots 0 .. position). Returns 0, or -3
+// for shapes the step does not handle.
+int llama_decode_step(const ModelWeights* m, int64_t batch, const int64_t* tokens, const int64_t* positions,
+                      float* logits, int threads) {
+    if (batch < 1 || batch > m->max_batch || m->head_dim > 512 || m->head_dim % 2 ||
+        m->n_heads % m->n_kv_heads)
+        return -3;
+    for (int64_t b = 0; b < batch; b++)
+        if (positions[b] < 0 || positions[b] >= m->max_seq || tokens[b] < 0 || tokens[b] >= m->vocab) return -3;
+    const bool bf16 = m->act_dtype == DT_BF16;
+    const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim, es = bf16 ? 2 : 4;
+    // Buffers of the calling thread, reused across steps.
+    static thread_local std::vector<float> floats;
+    static thread_local std::vector<uint8_t> acts;
+    const int64_t nf = batch * (2 * m->dim + qd + 2 * kvd + 2 * m->hidden);
+    floats.resize(nf);
+    acts.resize(es * batch * (m->dim + qd + m->hidden));
+    float* f = floats.data();
+    uint8_t* a = acts.data();
+    Step st{*m, batch, positions, bf16,
+            f, f + batch * m->dim, f + batch * (m->dim + qd), f + batch * (m->dim + qd + kvd),
+            f + batch * (m->dim + qd + 2 * kvd), f + batch * (2 * m->dim + qd + 2 * kvd),
+            f + batch * (2 * m->dim + qd + 2 * kvd + m->hidden),
+            a, a + es * batch * m->dim, a + es * batch * (m->dim + qd), {}};
+#ifdef _OPENMP
+#pragma omp parallel if (threads != 1 && !omp_in_parallel())
+#endif
+    step_all(st, tokens, logits);
+    return 0;
+}
+
+}  // extern "C"
