@@ -287,10 +287,10 @@ def test_tuner_measures_caches_and_reuses(concurrent_build, monkeypatch, tmp_pat
 
 # ---- the fused decode step --------------------------------------------------------------------
 
-def _decode_both_ways(model, steps: int = 5, layout=None):
+def _decode_both_ways(model, steps: int = 5, layout=None, make_step=None):
     """Prefill ragged prompts, then decode `steps` tokens with Transformer.forward and again,
-    from the same caches and fed the same tokens, with NativeDecoder. Returns per step
-    (reference logits, native logits) and the caches after both."""
+    from the same caches and fed the same tokens, with NativeDecoder (or make_step(model)).
+    Returns per step (reference logits, our logits) and the caches after both."""
     from llama.native.decode import NativeDecoder
 
     g = torch.Generator().manual_seed(0)
@@ -309,7 +309,7 @@ def _decode_both_ways(model, steps: int = 5, layout=None):
     for c, (k, v) in zip(caches, after_prefill):
         c.k.copy_(k)
         c.v.copy_(v)
-    decoder = NativeDecoder(model, layout)
+    decoder = make_step(model) if make_step else NativeDecoder(model, layout)
     ours = [decoder(feeds[step], lengths + step) for step in range(steps)]
     return ref, ours, ref_caches, [(c.k, c.v) for c in caches]
 
@@ -347,3 +347,17 @@ def test_decode_step_on_quantized_weights(concurrent_build, tiny_ckpt, sp_tokeni
     ref, ours, _, _ = _decode_both_ways(model, steps=3, layout="q8_0")
     for r, o in zip(ref, ours):  # int8 weights and activations through the whole model
         assert ((o - r).norm() / r.norm()).item() < 0.05
+
+
+def test_torch_compile_step_equals_transformer(tiny_ckpt, sp_tokenizer):
+    """The step written for torch.compile (run eagerly here: compiling takes a minute)."""
+    from llama import Llama
+    from llama.native.torch_step import decode_step
+
+    model = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=3, device="cpu",
+                        dtype="fp32").model
+    ref, ours, ref_caches, caches = _decode_both_ways(model, make_step=decode_step)
+    for r, o in zip(ref, ours):
+        torch.testing.assert_close(o, r, rtol=0, atol=1e-4)
+    for (rk, rv), (k, v) in zip(ref_caches, caches):
+        torch.testing.assert_close(k, rk, rtol=0, atol=1e-5)

@@ -135,6 +135,10 @@ def native_linear(x: torch.Tensor, packed: torch.Tensor, layout: str, path: str,
     lib = _lib()
     m, k = x.shape
     n = packed.shape[0]
+    dtype, row = FLOAT_LAYOUTS.get(layout, torch.uint8), k // BLOCK * BLOCK_BYTES.get(layout, BLOCK)
+    if packed.dtype != dtype or packed.shape[1] != row or k % BLOCK or not packed.is_contiguous():
+        raise LlamaError(f"a {layout} weight for x with {k} features must be contiguous {dtype} [{n}, {row}] "
+                         f"(K a multiple of {BLOCK}); got {packed.dtype} {list(packed.shape)}")
     y = torch.empty(m, n, dtype=x.dtype)
     dt = _DTYPE_IDS[x.dtype]
     _check(lib.llama_linear(LAYOUT_IDS[layout], PATHS.index(path), x.data_ptr(), dt, m, k, packed.data_ptr(), n,

@@ -36,7 +36,7 @@ _BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 # file -> its instruction-set flags; the SIMD files are only built for x86-64
-_SOURCES = {"api.cpp": [], "linear.cpp": [], "quant.cpp": [], "decode.cpp": []}
+_SOURCES = {"api.cpp": [], "linear.cpp": [], "quant.cpp": [], "decode.cpp": [], "pool.cpp": []}
 _X86_SOURCES = {"linear_avx2.cpp": _AVX2, "linear_avx512.cpp": _AVX512,
                 "linear_avx512_bf16.cpp": _AVX512 + ["-mavx512bf16"]}
 
