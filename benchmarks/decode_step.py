@@ -7,7 +7,7 @@ Each variant runs in its own process on the demo model (SmolLM2-135M-Instruct): 
 32 tokens, then --steps decode steps; the table gives ms per step (fastest of 3 rounds)
 and, for torch.compile, the compile time of the first call with an empty inductor cache
 ("cold") and again in a new process with the cache that run left on disk ("warm").
-Writes benchmarks/results/decode-step-<cpu>.json.
+Writes benchmarks/results/decode-step-b<batch>-<cpu>.json.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("eager", "native", "native-q8_0", "native-q4_0", "compile", "compile-freezing")
+VARIANTS = ("eager", "native", "native-q8_0", "native-q4_0", "native-q4_1", "compile", "compile-freezing")
 
 
 def child(variant: str, dtype: str, batch: int, steps: int) -> dict:
@@ -106,7 +106,7 @@ def main() -> None:
         compile_s = (f"{result['compile_s']:.1f} / {result['compile_warm_s']:.1f}"
                      if result.get("compile_s") is not None else "")
         print(f"{variant:18} {result['ms_per_step']:8.2f} {result['tok_s']:7.1f}  {compile_s}", flush=True)
-    path = ROOT / "benchmarks" / "results" / f"decode-step-{cpu_slug()}.json"
+    path = ROOT / "benchmarks" / "results" / f"decode-step-b{args.batch}-{cpu_slug()}.json"
     path.write_text(json.dumps({"cpu": cpu_model(), "dtype": args.dtype, "batch": args.batch,
                                 "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "results": rows}, indent=1))
     print(f"wrote {path}")

@@ -2,7 +2,7 @@
 
     python benchmarks/kernels.py [--models demo,1b] [--rows 1,16] [--reps 15]
 
-Measures the memory bandwidth (reading and copying a 512 MB tensor with torch's threads),
+Measures the memory bandwidth (reading and copying a 1 GB tensor with torch's threads),
 then for each matmul shape of SmolLM2-135M ("demo") and Llama-3.2-1B ("1b") at M rows of
 x: our native kernels (bf16, q8_0, q4_0, q4_1 weights) beside PyTorch's plain bf16 kernel,
 oneDNN's bf16 GEMM and torch's int8 weight-only kernel (`_weight_int8pack_mm`).
@@ -32,6 +32,9 @@ from llama.native import build  # noqa: E402
 from llama.native.cpu import cpu_flags, cpu_model, cpu_slug  # noqa: E402
 from llama.native.tune import MODEL_SHAPES, model_shapes  # noqa: E402
 
+LAYERS = {"demo": 30, "1b": 16}
+PER_LAYER = {"wq/wo": 2, "wk/wv": 2, "w1/w3": 2, "w2": 1, "output": 0}  # the output runs once a step
+
 COLD_BYTES = 256 << 20  # small weights rotate through this many bytes of copies
 
 
@@ -48,12 +51,16 @@ def timings(calls: List[Callable[[], object]], reps: int) -> Dict[str, float]:
 
 
 def bandwidth(reps: int) -> Dict[str, float]:
-    """GB/s of reading (sum) and of copying (read + write) 512 MB with torch's threads."""
-    a = torch.ones(128 << 20)  # 512 MB of fp32
+    """Memory bandwidth with torch's threads on a 1 GB tensor: reading it (the best of a
+    few reductions that PyTorch runs at memory speed; no single one always does) and
+    copying it (read + write)."""
+    a = torch.ones(256 << 20)  # 1 GB of fp32
+    nbytes = a.numel() * 4
+    probes = {"dot": lambda: torch.dot(a, a), "sum": lambda: a.sum(), "max_uint8": lambda: a.view(torch.uint8).max()}
+    read = {name: nbytes / timings([probe], reps)["best_s"] / 1e9 for name, probe in probes.items()}
     b = torch.empty_like(a)
-    read = timings([lambda: a.sum()], reps)["best_s"]
-    copy = timings([lambda: b.copy_(a)], reps)["best_s"]
-    return {"read_GBps": a.numel() * 4 / read / 1e9, "copy_GBps": 2 * a.numel() * 4 / copy / 1e9}
+    copy = 2 * nbytes / timings([lambda: b.copy_(a)], reps)["best_s"] / 1e9
+    return {"read_GBps": max(read.values()), "read_probes_GBps": read, "copy_GBps": copy}
 
 
 def _copies(tensor: torch.Tensor) -> List[torch.Tensor]:
@@ -132,12 +139,27 @@ def main() -> None:
                     cells.append(f"{gbps:11.1f}")
                 print(f"{model:5} {name:7} {n:>6} x {k:<6} {m:>3}  " + "  ".join(cells), flush=True)
 
+    print("\nall matmuls of one decode step (each shape as often as a step runs it): GB/s and % of read bandwidth")
+    steps = {}
+    for r in results:
+        count = PER_LAYER[r["matmul"]] * LAYERS[r["model"]] or 1
+        total = steps.setdefault((r["model"], r["m"], r["kernel"]), [0.0, 0.0])
+        total[0] += count * r["weight_bytes"]
+        total[1] += count * r["best_s"]
+    summary = []
+    for (model, m, kernel), (nbytes, seconds) in steps.items():
+        gbps = nbytes / seconds / 1e9
+        summary.append({"model": model, "m": m, "kernel": kernel, "step_weight_bytes": nbytes, "step_matmul_s": seconds,
+                        "GBps": gbps, "fraction_of_read_bandwidth": gbps / bw["read_GBps"]})
+        print(f"{model:5} M={m:<3} {kernel:12} {seconds * 1e3:8.2f} ms  {gbps:6.1f} GB/s  "
+              f"{100 * gbps / bw['read_GBps']:5.0f}%")
+
     path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"kernels-{cpu_slug()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
         "cpu": cpu_model(), "flags": cpu_flags(), "machine": platform.machine(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "native_path": native.paths()[-1], "bandwidth": bw,
-        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}, indent=1))
+        "timestamp": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results, "decode_step": summary}, indent=1))
     print(f"wrote {path}")
 
 
