@@ -68,18 +68,19 @@ struct Step {
         else ((float*)dst)[i] = value;
     }
 
+    // Row b: h += tmp (the last sublayer's output) if `add`, then
     // xn = RMSNorm(h) * weight, as F.rms_norm(h.float()).type_as(h) * weight does.
-    void rms_norm(const void* weight) const {
+    void add_and_norm(int64_t b, bool add, const void* weight) const {
         const int64_t d = m.dim;
-        for (int64_t b = 0; b < batch; b++) {
-            const float* x = h + b * d;
-            float ss = 0.0f;
+        float* x = h + b * d;
+        if (add)
+            for (int64_t i = 0; i < d; i++) x[i] = round_to(xdt(), x[i] + round_to(xdt(), tmp[b * d + i]));
+        float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
-            for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
-            const float inv = 1.0f / std::sqrt(ss / (float)d + m.norm_eps);
-            for (int64_t i = 0; i < d; i++)
-                store_act(xn, b * d + i, round_to(xdt(), round_to(xdt(), x[i] * inv) * load_param(weight, m.param_dtype, i)));
-        }
+        for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+        const float inv = 1.0f / std::sqrt(ss / (float)d + m.norm_eps);
+        for (int64_t i = 0; i < d; i++)
+            store_act(xn, b * d + i, round_to(xdt(), round_to(xdt(), x[i] * inv) * load_param(weight, m.param_dtype, i)));
     }
 
     // Called by one thread: plans y = x @ W^T for each matrix (sharing one x).
@@ -172,12 +173,12 @@ struct Step {
         for (int64_t i = 0; i < hd; i++) store_act(att, t * hd + i, out[i]);
     }
 
-    void add_residual() const {
-        for (int64_t i = 0; i < batch * m.dim; i++) h[i] = round_to(xdt(), h[i] + round_to(xdt(), tmp[i]));
-    }
+    static constexpr int64_t CHUNK = 512;  // elements of the SwiGLU per task
+    int64_t swiglu_chunks() const { return (batch * m.hidden + CHUNK - 1) / CHUNK; }
 
-    void swiglu() const {  // act = silu(gate) * up
-        for (int64_t i = 0; i < batch * m.hidden; i++) {
+    void swiglu(int64_t chunk) const {  // act = silu(gate) * up
+        const int64_t end = std::min(batch * m.hidden, (chunk + 1) * CHUNK);
+        for (int64_t i = chunk * CHUNK; i < end; i++) {
             const float g = round_to(xdt(), gate[i]), u = round_to(xdt(), up[i]);
             store_act(act, i, round_to(xdt(), g / (1.0f + std::exp(-g))) * u);
         }
@@ -198,14 +199,12 @@ struct Step {
 
 void step_all(Step& st, const int64_t* tokens, float* logits) {
     const ModelWeights& m = st.m;
-    MASTER_THEN_BARRIER({
-        for (int64_t b = 0; b < st.batch; b++)
-            for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
-    })
+    FOR_EACH(b, st.batch)
+        for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
     for (int64_t l = 0; l < m.n_layers; l++) {
         const LayerWeights& lw = m.layers[l];
+        FOR_EACH(b, st.batch) st.add_and_norm(b, l > 0, lw.attention_norm);
         MASTER_THEN_BARRIER({
-            st.rms_norm(lw.attention_norm);
             const Matrix* mats[3] = {&lw.wq, &lw.wk, &lw.wv};
             float* ys[3] = {st.q, st.k, st.v};
             st.plan(3, mats, st.xn, ys);
@@ -224,27 +223,25 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
         })
         st.run(1);
         BARRIER
+        FOR_EACH(b, st.batch) st.add_and_norm(b, true, lw.ffn_norm);
         MASTER_THEN_BARRIER({
-            st.add_residual();
-            st.rms_norm(lw.ffn_norm);
             const Matrix* mats[2] = {&lw.w1, &lw.w3};
             float* ys[2] = {st.gate, st.up};
             st.plan(2, mats, st.xn, ys);
         })
         st.run(2);
         BARRIER
+        FOR_EACH(c, st.swiglu_chunks()) st.swiglu(c);
         MASTER_THEN_BARRIER({
-            st.swiglu();
             const Matrix* mats[1] = {&lw.w2};
             float* ys[1] = {st.tmp};
             st.plan(1, mats, st.act, ys);
         })
         st.run(1);
         BARRIER
-        MASTER_THEN_BARRIER(st.add_residual())
     }
+    FOR_EACH(b, st.batch) st.add_and_norm(b, true, m.norm);
     MASTER_THEN_BARRIER({
-        st.rms_norm(m.norm);
         const Matrix* mats[1] = {&m.output};
         float* ys[1] = {logits};
         st.plan(1, mats, st.xn, ys);
