@@ -10,6 +10,7 @@
 // barriers. No Python, no per-op dispatch.
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "linear.h"
@@ -51,6 +52,18 @@ inline float load_param(const void* p, int dtype, int64_t i) {
 
 inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
+// Barriers between phases; `master` runs the serial parts on the calling thread, whose
+// scratch buffers hold the planned matmuls' prepared activations.
+#ifdef _OPENMP
+#define BARRIER _Pragma("omp barrier")
+#define MASTER_THEN_BARRIER(...) { _Pragma("omp master") { __VA_ARGS__; } _Pragma("omp barrier") }
+#define FOR_EACH(var, count) _Pragma("omp for schedule(static)") for (int64_t var = 0; var < (count); var++)
+#else
+#define BARRIER
+#define MASTER_THEN_BARRIER(...) { __VA_ARGS__; }
+#define FOR_EACH(var, count) for (int64_t var = 0; var < (count); var++)
+#endif
+
 struct Step {
     const ModelWeights& m;
     int64_t batch;
@@ -83,13 +96,19 @@ struct Step {
             store_act(xn, b * d + i, round_to(xdt(), round_to(xdt(), x[i] * inv) * load_param(weight, m.param_dtype, i)));
     }
 
-    // Called by one thread: plans y = x @ W^T for each matrix (sharing one x).
-    void plan(int count, const Matrix* const* mats, const void* x, float* const* ys) {
-        for (int i = 0; i < count; i++) {
-            const Matrix& w = *mats[i];
-            const LinearArgs a{w.layout, batch, w.n, w.k, x, xdt(), (const uint8_t*)w.w, ys[i], DT_F32, 0};
-            plan_linear(plans[i], a, w.path, i * SLOTS_PER_PLAN);
-        }
+    // Every thread: y_i = x @ W_i^T (fp32) for up to 3 matrices sharing x; the calling
+    // thread prepares x (its scratch holds the plans' activations), then all share the work.
+    void matmuls(std::initializer_list<const Matrix*> mats, const void* x, std::initializer_list<float*> ys) {
+        const int count = (int)mats.size();
+        MASTER_THEN_BARRIER({
+            for (int i = 0; i < count; i++) {
+                const Matrix& w = *mats.begin()[i];
+                const LinearArgs a{w.layout, batch, w.n, w.k, x, xdt(), (const uint8_t*)w.w, ys.begin()[i], DT_F32, 0};
+                plan_linear(plans[i], a, w.path, i * SLOTS_PER_PLAN);
+            }
+        })
+        run(count);
+        BARRIER
     }
 
     // Every thread: its share of the planned matmuls' units (no barrier).
@@ -185,18 +204,6 @@ struct Step {
     }
 };
 
-// Barriers between phases; `master` runs the serial parts on the calling thread, whose
-// scratch buffers hold the planned matmuls' prepared activations.
-#ifdef _OPENMP
-#define BARRIER _Pragma("omp barrier")
-#define MASTER_THEN_BARRIER(...) { _Pragma("omp master") { __VA_ARGS__; } _Pragma("omp barrier") }
-#define FOR_EACH(var, count) _Pragma("omp for schedule(static)") for (int64_t var = 0; var < (count); var++)
-#else
-#define BARRIER
-#define MASTER_THEN_BARRIER(...) { __VA_ARGS__; }
-#define FOR_EACH(var, count) for (int64_t var = 0; var < (count); var++)
-#endif
-
 void step_all(Step& st, const int64_t* tokens, float* logits) {
     const ModelWeights& m = st.m;
     FOR_EACH(b, st.batch)
@@ -204,49 +211,20 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
     for (int64_t l = 0; l < m.n_layers; l++) {
         const LayerWeights& lw = m.layers[l];
         FOR_EACH(b, st.batch) st.add_and_norm(b, l > 0, lw.attention_norm);
-        MASTER_THEN_BARRIER({
-            const Matrix* mats[3] = {&lw.wq, &lw.wk, &lw.wv};
-            float* ys[3] = {st.q, st.k, st.v};
-            st.plan(3, mats, st.xn, ys);
-        })
-        st.run(3);
-        BARRIER
+        st.matmuls({&lw.wq, &lw.wk, &lw.wv}, st.xn, {st.q, st.k, st.v});
         FOR_EACH(t, st.batch * (m.n_heads + m.n_kv_heads)) st.rope_and_cache(lw, t);
         {
             float* scores = (float*)scratch(sizeof(float) * m.max_seq, SCRATCH_SLOTS - 2);  // per thread
             FOR_EACH(t, st.batch * m.n_heads) st.attend(lw, t, scores);
         }
-        MASTER_THEN_BARRIER({
-            const Matrix* mats[1] = {&lw.wo};
-            float* ys[1] = {st.tmp};
-            st.plan(1, mats, st.att, ys);
-        })
-        st.run(1);
-        BARRIER
+        st.matmuls({&lw.wo}, st.att, {st.tmp});
         FOR_EACH(b, st.batch) st.add_and_norm(b, true, lw.ffn_norm);
-        MASTER_THEN_BARRIER({
-            const Matrix* mats[2] = {&lw.w1, &lw.w3};
-            float* ys[2] = {st.gate, st.up};
-            st.plan(2, mats, st.xn, ys);
-        })
-        st.run(2);
-        BARRIER
+        st.matmuls({&lw.w1, &lw.w3}, st.xn, {st.gate, st.up});
         FOR_EACH(c, st.swiglu_chunks()) st.swiglu(c);
-        MASTER_THEN_BARRIER({
-            const Matrix* mats[1] = {&lw.w2};
-            float* ys[1] = {st.tmp};
-            st.plan(1, mats, st.act, ys);
-        })
-        st.run(1);
-        BARRIER
+        st.matmuls({&lw.w2}, st.act, {st.tmp});
     }
     FOR_EACH(b, st.batch) st.add_and_norm(b, true, m.norm);
-    MASTER_THEN_BARRIER({
-        const Matrix* mats[1] = {&m.output};
-        float* ys[1] = {logits};
-        st.plan(1, mats, st.xn, ys);
-    })
-    st.run(1);
+    st.matmuls({&m.output}, st.xn, {logits});
 }
 
 }  // namespace
