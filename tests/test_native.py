@@ -60,6 +60,7 @@ def concurrent_build(tmp_path_factory):
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     out, err = rival.communicate(timeout=600)
     assert rival.returncode == 0, err
+    assert ours["path"], f"a compiler is here but the build failed: {build.status()['reason']}"
     return [ours, json.loads(out.strip().splitlines()[-1])]
 
 

@@ -80,16 +80,8 @@ inline void float_tile(const Ctx& c, const uint8_t* const rows[W], int64_t m0, f
             for (int j = 0; j < W; j++) acc[r][j][u] = _mm256_fmadd_ps(w[j], x, acc[r][j][u]);
         }
     };
-    int64_t k = 0;
-    for (; k + 8 * U <= a.k; k += 8 * U)
-        for (int u = 0; u < U; u++) step(k + 8 * u, u);
-    for (; k < a.k; k += 8) step(k, 0);
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < W; j++) {
-            __m256 sum = acc[r][j][0];
-            for (int u = 1; u < U; u++) sum = _mm256_add_ps(sum, acc[r][j][u]);
-            out[r][j] = hsum(sum);
-        }
+    unrolled<U>(a.k, 8, step);
+    reduce_tile(acc, out, [](__m256 x, __m256 y) { return _mm256_add_ps(x, y); }, hsum);
 }
 
 template <int L>

@@ -14,6 +14,9 @@ namespace {
 
 constexpr int MT = 4;  // rows of x per tile
 
+inline __m512 add_vectors(__m512 x, __m512 y) { return _mm512_add_ps(x, y); }
+inline float sum_lanes(__m512 x) { return _mm512_reduce_add_ps(x); }
+
 // ---- activations for the quantized layouts ----------------------------------------------
 // Per row and per pair of blocks (a = 2p, b = 2p + 1; b is zero when K/32 is odd):
 //   q:  64 int8 in the order the weights unpack to (Q8_0: a, b; Q4_x: a[0:16], b[0:16],
@@ -188,12 +191,7 @@ inline void quant_tile(const LinearArgs& a, const Act& act, const uint8_t* const
         for (int u = 0; u < U; u++) step(p + u, u, false);
     for (; p < full; p++) step(p, 0, false);
     if (act.pairs > full) step(full, 0, true);  // an odd block count: the last block alone
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < NT; c++) {
-            __m512 sum = acc[r][c][0];
-            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[r][c][u]);
-            out[r][c] = _mm512_reduce_add_ps(sum);
-        }
+    reduce_tile(acc, out, add_vectors, sum_lanes);
 }
 
 // ---- float layouts ------------------------------------------------------------------------
@@ -227,16 +225,8 @@ inline void float_tile(const LinearArgs& a, const float* xf, const uint8_t* cons
             for (int c = 0; c < NT; c++) acc[r][c][u] = _mm512_fmadd_ps(w[c], x, acc[r][c][u]);
         }
     };
-    int64_t j = 0;
-    for (; j + 16 * U <= a.k; j += 16 * U)
-        for (int u = 0; u < U; u++) step(j + 16 * u, u);
-    for (; j < a.k; j += 16) step(j, 0);
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < NT; c++) {
-            __m512 sum = acc[r][c][0];
-            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[r][c][u]);
-            out[r][c] = _mm512_reduce_add_ps(sum);
-        }
+    unrolled<U>(a.k, 16, step);
+    reduce_tile(acc, out, add_vectors, sum_lanes);
 }
 
 // ---- driver -------------------------------------------------------------------------------

@@ -30,16 +30,9 @@ inline void tile(const LinearArgs& a, const uint8_t* const rows[NT], int64_t m0,
             for (int c = 0; c < NT; c++) acc[r][c][u] = _mm512_dpbf16_ps(acc[r][c][u], xv, w[c]);
         }
     };
-    int64_t j = 0;
-    for (; j + 32 * U <= a.k; j += 32 * U)
-        for (int u = 0; u < U; u++) step(j + 32 * u, u);
-    for (; j < a.k; j += 32) step(j, 0);
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < NT; c++) {
-            __m512 sum = acc[r][c][0];
-            for (int u = 1; u < U; u++) sum = _mm512_add_ps(sum, acc[r][c][u]);
-            out[r][c] = _mm512_reduce_add_ps(sum);
-        }
+    unrolled<U>(a.k, 32, step);
+    reduce_tile(acc, out, [](__m512 x, __m512 y) { return _mm512_add_ps(x, y); },
+                [](__m512 x) { return _mm512_reduce_add_ps(x); });
 }
 
 template <int NT>

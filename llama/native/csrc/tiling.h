@@ -39,5 +39,26 @@ inline void for_each_tile(const LinearArgs& a, int64_t begin, int64_t end, TileF
     }
 }
 
+// step(j, u) for j = 0, width, 2 * width, ... < k: in groups of U (u = 0 .. U-1, independent
+// accumulators, U loads in flight), then the rest one at a time (u = 0).
+template <int U, class StepFn>
+inline void unrolled(int64_t k, int64_t width, StepFn&& step) {
+    int64_t j = 0;
+    for (; j + width * U <= k; j += width * U)
+        for (int u = 0; u < U; u++) step(j + width * u, u);
+    for (; j < k; j += width) step(j, 0);
+}
+
+// out[r][c] = the sum over u and over all lanes of acc[r][c][u].
+template <int R, int W, int U, class V, class Add, class Lanes>
+inline void reduce_tile(V (&acc)[R][W][U], float out[][W], Add add, Lanes lanes) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < W; c++) {
+            V sum = acc[r][c][0];
+            for (int u = 1; u < U; u++) sum = add(sum, acc[r][c][u]);
+            out[r][c] = lanes(sum);
+        }
+}
+
 }  // namespace
 }  // namespace llama
