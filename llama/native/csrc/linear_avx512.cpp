@@ -122,18 +122,24 @@ template <int L>
 inline __m512i weight_pair(const uint8_t* row, int64_t p, bool single, __m512i lanes, __m512* scale, __m512* offset) {
     using B = typename Blocks<L>::T;
     const B* blk = (const B*)row + 2 * p;
-    const uint16_t db = single ? 0 : blk[1].d;
-    *scale = spread(lanes, _mm_cvtph_ps(_mm_cvtsi32_si128((int)blk[0].d | ((int)db << 16))));
+    if constexpr (L == Q4_1) {  // d and m side by side: one conversion gives da, ma, db, mb
+        uint32_t a, b = 0;
+        std::memcpy(&a, &blk[0], 4);
+        if (!single) std::memcpy(&b, &blk[1], 4);
+        const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((int64_t)a | ((int64_t)b << 32))));
+        const __m512i even = _mm512_add_epi32(lanes, lanes);
+        *scale = _mm512_permutexvar_ps(even, dm);
+        *offset = _mm512_permutexvar_ps(_mm512_add_epi32(even, _mm512_set1_epi32(1)), dm);
+    } else {
+        const uint16_t db = single ? 0 : blk[1].d;
+        *scale = spread(lanes, _mm_cvtph_ps(_mm_cvtsi32_si128((int)blk[0].d | ((int)db << 16))));
+    }
     if constexpr (L == Q8_0) {
         const __m256i qa = _mm256_loadu_si256((const __m256i*)blk[0].qs);
         const __m256i qb = single ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i*)blk[1].qs);
         const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1);
         return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));  // int8 q -> uint8 q + 128
     } else {
-        if constexpr (L == Q4_1) {
-            const uint16_t mb = single ? 0 : blk[1].m;
-            *offset = spread(lanes, _mm_cvtph_ps(_mm_cvtsi32_si128((int)blk[0].m | ((int)mb << 16))));
-        }
         const __m128i qa = _mm_loadu_si128((const __m128i*)blk[0].qs);
         const __m128i qb = single ? _mm_setzero_si128() : _mm_loadu_si128((const __m128i*)blk[1].qs);
         const __m256i ab = _mm256_inserti128_si256(_mm256_castsi128_si256(qa), qb, 1);
