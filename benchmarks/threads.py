@@ -1,6 +1,6 @@
 """Which threads should run the native kernels: torch's own OpenMP team, or a pool of our own?
 
-    python benchmarks/threads.py [--layers 30] [--steps 20] [--dim 576 --hidden 1536]
+    python benchmarks/threads.py [--layers 30] [--steps 20] [--dim 576 --hidden 1536] [--rows 1]
 
 A decode-like loop alternates our matmuls with the small PyTorch ops between them (RMSNorm,
 SiLU * up, residual add) for --layers layers per step, as a batch-1 decode step does. It
@@ -33,6 +33,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=576)
     parser.add_argument("--hidden", type=int, default=1536)
     parser.add_argument("--layout", default="bf16")
+    parser.add_argument("--rows", type=int, default=1, help="rows of x (batch); from about 16 rows of a 1B-sized "
+                        "model, PyTorch's elementwise ops run on its threads too")
     args = parser.parse_args()
     lib = build.load()
     if lib is None:
@@ -46,7 +48,7 @@ def main() -> None:
     norm = torch.ones(args.dim, dtype=torch.bfloat16)
 
     def step(matmul) -> None:
-        h = torch.randn(1, args.dim, dtype=torch.bfloat16)
+        h = torch.randn(args.rows, args.dim, dtype=torch.bfloat16)
         for i in range(args.layers):
             x = F.rms_norm(h.float(), (args.dim,)).type_as(h) * norm
             g = matmul(x, i, True)
@@ -75,7 +77,7 @@ def main() -> None:
               flush=True)
 
     torch.backends.mkldnn.enabled = False  # PyTorch's plain kernels: its fastest for one row
-    print(f"{cpu_model()}, {torch.get_num_threads()} torch threads, {args.layers} layers of "
+    print(f"{cpu_model()}, {torch.get_num_threads()} torch threads, {args.rows} rows, {args.layers} layers of "
           f"{args.layout} {args.hidden}x{args.dim} + {args.dim}x{args.hidden} per step")
     for _ in range(2):  # twice, to see the noise
         timed("native on torch's OpenMP team (default)", ours(0))

@@ -362,3 +362,33 @@ def test_torch_compile_step_equals_transformer(tiny_ckpt, sp_tokenizer):
         torch.testing.assert_close(o, r, rtol=0, atol=1e-4)
     for (rk, rv), (k, v) in zip(ref_caches, caches):
         torch.testing.assert_close(k, rk, rtol=0, atol=1e-5)
+
+
+def test_gguf_tensors_are_used_as_they_are(concurrent_build, tmp_path):
+    """Blocks written into a GGUF file by the gguf package feed the kernels unchanged."""
+    import gguf
+
+    from llama.native.gguf_tensors import gguf_weight
+
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(7)).numpy()
+    writer = gguf.GGUFWriter(str(tmp_path / "w.gguf"), "llama")
+    for kind in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+                 GGMLQuantizationType.Q5_0):
+        writer.add_tensor(kind.name, quants.quantize(w, kind), raw_dtype=kind)
+    writer.add_tensor("F16", w.astype("float16"))
+    writer.add_tensor("norm", w[0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    x = _exact_activations(3, 96, seed=1)
+    for tensor in gguf.GGUFReader(str(tmp_path / "w.gguf")).tensors:
+        if tensor.name in ("Q5_0", "norm"):
+            with pytest.raises(LlamaError, match=tensor.name):
+                gguf_weight(tensor)
+            continue
+        blocks, layout = gguf_weight(tensor)
+        values = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type)).reshape(40, 96).float()
+        y = native.NativeLinear(blocks, layout)(x)
+        ref = x @ values.T
+        torch.testing.assert_close(y, ref, rtol=2e-5, atol=2e-5 * ref.abs().max().item())

@@ -74,10 +74,16 @@ def _torch_gomp() -> Optional[Path]:
     return found[0] if found else None
 
 
-def build_key(cxx: str) -> str:
+def sources_digest() -> str:
+    """A hash of the C++ sources: another version of the kernels gets its own build and tuning."""
     digest = hashlib.sha256()
     for name in sorted(_sources()) + sorted(p.name for p in CSRC.glob("*.h")):
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    return digest.hexdigest()
+
+
+def build_key(cxx: str) -> str:
+    digest = hashlib.sha256(sources_digest().encode())
     for part in [_compiler_version(cxx), cpu_model(), " ".join(cpu_flags()), torch.__version__,
                  " ".join(_BASE_FLAGS), str(_torch_gomp()), str(ABI_VERSION)]:
         digest.update(part.encode() + b"\0")

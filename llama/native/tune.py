@@ -5,8 +5,9 @@ and the activation dtype, the candidates are each native code path this CPU runs
 PyTorch's plain kernels ("torch") and oneDNN ("onednn"); quantized weights reach the
 PyTorch candidates dequantized. Each is timed on weights it has not just read (copies
 rotate past the last-level cache, as in a decode step where every weight is read once),
-and the fastest is kept in $LLAMA_CACHE/tune/<machine>.json, keyed by CPU model, flags,
-core count and torch version, so another machine never inherits this one's choices.
+and the fastest is kept in $LLAMA_CACHE/tune/<machine>-torch<version>-kernels<hash>.json,
+keyed by CPU model, flags, core count, torch version and the kernels' sources, so another
+machine (or another version of the kernels) never inherits this one's choices.
 
 A shape nobody measured yet is measured at first use when that is cheap (weights up to
 AUTO_TUNE_MAX_BYTES); otherwise a default applies until `python -m llama.tune` runs.
@@ -27,7 +28,7 @@ from .layouts import is_quantized, packed_shape
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 AUTO_TUNE_MAX_BYTES = 64 << 20  # measure at first use only for weights up to this size
-_COLD_BYTES = 96 << 20           # copies of a small weight rotate through this much memory
+_COLD_BYTES = 192 << 20          # copies of a small weight rotate through this much memory
 _memo: Dict[str, str] = {}
 
 
@@ -45,7 +46,9 @@ def entry_key(layout: str, n: int, k: int, m: int, dtype: torch.dtype) -> str:
 
 
 def cache_file() -> Path:
-    return cache_dir() / "tune" / f"{machine_key()}-torch{torch.__version__}.json"
+    from .build import sources_digest
+
+    return cache_dir() / "tune" / f"{machine_key()}-torch{torch.__version__}-kernels{sources_digest()[:8]}.json"
 
 
 def candidates(layout: str, dtype: torch.dtype) -> List[str]:
@@ -97,16 +100,18 @@ def _write_entries(entries: Dict[str, dict]) -> None:
 
 
 def _best_time(calls: Sequence[Callable[[], object]], reps: int) -> float:
-    """Seconds of one uninterrupted call: the fastest of `reps`, cycling through `calls`
-    (one per weight copy). The fastest, not the median: on a shared machine a call that
-    waits for a preempted thread measures the neighbours, not the kernel."""
+    """Seconds of one uninterrupted call: each rep runs every call once (one per weight
+    copy, so no copy is still cached when it comes round again); the fastest rep counts,
+    not the median: on a shared machine a rep that waits for a preempted thread measures
+    the neighbours, not the kernel."""
     for call in calls[:2]:
         call()
     best = float("inf")
-    for i in range(reps):
+    for _ in range(reps):
         start = time.perf_counter()
-        calls[i % len(calls)]()
-        best = min(best, time.perf_counter() - start)
+        for call in calls:
+            call()
+        best = min(best, (time.perf_counter() - start) / len(calls))
     return best
 
 
@@ -119,13 +124,13 @@ def _sample_weight(layout: str, n: int, k: int) -> torch.Tensor:
 
 
 def measure(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat16,
-            weight: Optional[torch.Tensor] = None, reps: int = 9) -> Dict[str, float]:
+            weight: Optional[torch.Tensor] = None, reps: int = 5) -> Dict[str, float]:
     """Microseconds of each candidate kernel for x [m, k] @ W[n, k]^T (see _best_time)."""
     from . import linear
 
     weight = _sample_weight(layout, n, k) if weight is None else weight
     nbytes = weight.numel() * weight.element_size()
-    copies = [weight] + [weight.clone() for _ in range(min(15, _COLD_BYTES // max(nbytes, 1)))]
+    copies = [weight] + [weight.clone() for _ in range(min(255, _COLD_BYTES // max(nbytes, 1)))]
     x = torch.randn(m, k).to(dtype)
     return {kernel: 1e6 * _best_time([lambda w=w, kernel=kernel: linear(x, w, layout, kernel) for w in copies], reps)
             for kernel in candidates(layout, dtype)}
