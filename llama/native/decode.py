@@ -65,6 +65,8 @@ class NativeDecoder:
         first = model.layers[0].attention
         if first.cache is None:
             raise LlamaError("call model.setup_caches(max_batch_size, max_seq_len) before NativeDecoder(model)")
+        if first.cache.k.dtype != torch.float32:
+            raise LlamaError(f"NativeDecoder needs the fp32 KV cache of CPU models; this one is {first.cache.k.dtype}")
         if first.n_local_heads != model.params.n_heads:
             raise LlamaError("NativeDecoder runs at model-parallel size 1 only")
         if layout is not None:
