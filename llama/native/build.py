@@ -35,10 +35,12 @@ LIB_NAME = "libllama_native.so"
 _BASE_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno"]
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
-# file -> its instruction-set flags; the SIMD files are only built for x86-64
-_SOURCES = {"api.cpp": [], "linear.cpp": [], "quant.cpp": [], "decode.cpp": [], "pool.cpp": []}
-_X86_SOURCES = {"linear_avx2.cpp": _AVX2, "linear_avx512.cpp": _AVX512,
-                "linear_avx512_bf16.cpp": _AVX512 + ["-mavx512bf16"]}
+# object -> (source, its flags); the SIMD objects are only built for x86-64. decode.cpp is
+# built twice: for any CPU, and for AVX-512 (its attention and elementwise loops vectorize).
+_SOURCES = {name: (name, []) for name in ("api.cpp", "linear.cpp", "quant.cpp", "decode.cpp", "pool.cpp")}
+_X86_SOURCES = {"linear_avx2.cpp": ("linear_avx2.cpp", _AVX2), "linear_avx512.cpp": ("linear_avx512.cpp", _AVX512),
+                "linear_avx512_bf16.cpp": ("linear_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
+                "decode_avx512.cpp": ("decode.cpp", _AVX512 + ["-DLLAMA_DECODE_AVX512"])}
 
 _state: dict = {}  # "lib": the loaded library or None, "reason": why not, "build_s": seconds
 
@@ -51,6 +53,10 @@ def _x86() -> bool:
 
 def _sources() -> dict:
     return {**_SOURCES, **(_X86_SOURCES if _x86() else {})}
+
+
+def _source_files() -> List[str]:
+    return sorted({source for source, _ in _sources().values()} | {p.name for p in CSRC.glob("*.h")})
 
 
 def compiler() -> Optional[str]:
@@ -77,8 +83,9 @@ def _torch_gomp() -> Optional[Path]:
 def sources_digest() -> str:
     """A hash of the C++ sources: another version of the kernels gets its own build and tuning."""
     digest = hashlib.sha256()
-    for name in sorted(_sources()) + sorted(p.name for p in CSRC.glob("*.h")):
+    for name in _source_files():
         digest.update(name.encode() + b"\0" + (CSRC / name).read_bytes())
+    digest.update(repr(sorted(_sources().items())).encode())
     return digest.hexdigest()
 
 
@@ -94,10 +101,10 @@ def _compile(cxx: str, out_dir: Path) -> Tuple[bool, str]:
     """Compile every source in parallel, then link. Returns (ok, compiler output)."""
     jobs: List[Tuple[subprocess.Popen, str]] = []
     objects = []
-    for name, flags in _sources().items():
+    for name, (source, flags) in _sources().items():
         obj = out_dir / (name + ".o")
         objects.append(str(obj))
-        cmd = [cxx, *_BASE_FLAGS, *flags, "-c", str(CSRC / name), "-o", str(obj)]
+        cmd = [cxx, *_BASE_FLAGS, *flags, "-c", str(CSRC / source), "-o", str(obj)]
         jobs.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), " ".join(cmd)))
     log, ok = [], True
     for proc, cmd in jobs:
@@ -107,6 +114,8 @@ def _compile(cxx: str, out_dir: Path) -> Tuple[bool, str]:
     if not ok:
         return False, "\n".join(log)
     gomp = _torch_gomp()
+    # The portable objects come first: where SIMD and portable objects share an inline
+    # function (the linker keeps one copy), the portable copy is the one kept.
     link = [cxx, "-shared", "-fopenmp", *objects, "-o", str(out_dir / LIB_NAME)]
     if gomp is not None:  # resolve OpenMP to the runtime torch has already loaded
         link += [str(gomp), f"-Wl,-rpath,{gomp.parent}"]

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
-#include <vector>
 
 #include "linear.h"
 
@@ -232,13 +231,30 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
 
 using namespace llama;
 
+// Built twice (see build.py): for any CPU, and with AVX-512 enabled, which the first uses
+// where the CPU has it.
+#ifdef LLAMA_DECODE_AVX512
+#define DECODE_STEP llama_decode_step_avx512
+#else
+#define DECODE_STEP llama_decode_step
+#if defined(LLAMA_X86)
+extern "C" int llama_decode_step_avx512(const ModelWeights*, int64_t, const int64_t*, const int64_t*, float*, int);
+#endif
+#endif
+
 extern "C" {
 
 // logits [batch, vocab] (fp32) for one new token per row: tokens [batch] at positions [batch]
 // (each below max_seq; a row attends to its cache slots 0 .. position). Returns 0, or -3
 // for shapes the step does not handle.
-int llama_decode_step(const ModelWeights* m, int64_t batch, const int64_t* tokens, const int64_t* positions,
-                      float* logits, int threads) {
+int DECODE_STEP(const ModelWeights* m, int64_t batch, const int64_t* tokens, const int64_t* positions,
+                float* logits, int threads) {
+#if defined(LLAMA_X86) && !defined(LLAMA_DECODE_AVX512)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"))
+        return llama_decode_step_avx512(m, batch, tokens, positions, logits, threads);
+#endif
     if (batch < 1 || batch > m->max_batch || m->head_dim > 512 || m->head_dim % 2 ||
         m->n_heads % m->n_kv_heads)
         return -3;
@@ -247,13 +263,8 @@ int llama_decode_step(const ModelWeights* m, int64_t batch, const int64_t* token
     const bool bf16 = m->act_dtype == DT_BF16;
     const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim, es = bf16 ? 2 : 4;
     // Buffers of the calling thread, reused across steps.
-    static thread_local std::vector<float> floats;
-    static thread_local std::vector<uint8_t> acts;
-    const int64_t nf = batch * (2 * m->dim + qd + 2 * kvd + 2 * m->hidden);
-    floats.resize(nf);
-    acts.resize(es * batch * (m->dim + qd + m->hidden));
-    float* f = floats.data();
-    uint8_t* a = acts.data();
+    float* f = (float*)scratch(sizeof(float) * batch * (2 * m->dim + qd + 2 * kvd + 2 * m->hidden), SCRATCH_SLOTS - 3);
+    uint8_t* a = (uint8_t*)scratch(es * batch * (m->dim + qd + m->hidden), SCRATCH_SLOTS - 4);
     Step st{*m, batch, positions, bf16,
             f, f + batch * m->dim, f + batch * (m->dim + qd), f + batch * (m->dim + qd + kvd),
             f + batch * (m->dim + qd + 2 * kvd), f + batch * (2 * m->dim + qd + 2 * kvd),

@@ -9,13 +9,13 @@
 
 namespace llama {
 
+namespace {
+
 // Threads take contiguous ranges of column groups; a group of GROUP columns is a multiple
 // of every tile width, so tiles never straddle two threads.
 constexpr int GROUP = 4;
 
 inline int64_t column_groups(int64_t n) { return (n + GROUP - 1) / GROUP; }
-
-namespace {
 
 // Columns of groups [begin, end), NT at a time. A last, narrower tile repeats its last
 // column (the extra results are dropped). tile(rows, m0, r, out) fills out[0:r][0:NT] for
