@@ -40,7 +40,8 @@ Behaviour:
   * Each file is fetched into FILE.part (resumable) and renamed to FILE only once
     complete; rerunning after an interruption resumes the .part file.
   * Files already present (complete) are not downloaded again; every file in a
-    checklist is md5-verified on every run. Nothing is ever deleted by this script.
+    checklist is md5-verified on every run. Nothing is ever deleted by this script,
+    and a FILE.part that is a symbolic link is refused, never written through.
   * On a checksum mismatch the remaining models are still downloaded and checked;
     the bad files are listed at the end. Delete them and rerun to fetch them again.
   * A download error (expired URL, missing file, network) stops the run; rerun to
@@ -50,7 +51,8 @@ Exit status: 0 all verified, 1 checksum mismatch, 2 usage error, 3 download erro
 
 Tuning (env): LLAMA_DOWNLOADER=curl|wget (default: curl if installed),
   LLAMA_RETRIES (network retries per file, default 3), LLAMA_RETRY_DELAY (seconds,
-  default 5), LLAMA_READ_TIMEOUT (seconds to wait for piped answers, default 10).
+  default 5), LLAMA_READ_TIMEOUT (seconds to wait for piped answers, default 10);
+  plain numbers only (the delay and timeout may have a decimal point).
 EOF
 }
 
@@ -63,6 +65,17 @@ die_usage() {
 }
 
 # ---- Arguments / environment --------------------------------------------------
+# Numbers from the environment are checked before any use: bash evaluates the text of a
+# variable inside (( )) as an expression, so LLAMA_RETRIES='x[$(cmd)]' would run cmd.
+number_env() { # number_env NAME DEFAULT whole|decimal: sets NAME to its checked value
+  local value=${!1:-$2} pattern='^[0-9]{1,9}$'
+  [[ $3 == decimal ]] && pattern='^[0-9]{1,9}([.][0-9]{1,9})?$'
+  [[ $value =~ $pattern ]] ||
+    die_usage "$1='$value' must be a $3 number of at most 9 digits (e.g. $2); unset it to use the default ($2)"
+  [[ $3 == whole ]] && value=$((10#$value)) # 08 is eight, not a bad octal number
+  printf -v "$1" '%s' "$value"
+}
+
 url=${PRESIGNED_URL:-}
 models=${MODEL_SIZE:-}
 target=${TARGET_FOLDER:-.}
@@ -89,6 +102,10 @@ while (($#)); do
   esac
 done
 
+number_env LLAMA_RETRIES 3 whole
+number_env LLAMA_RETRY_DELAY 5 decimal
+number_env LLAMA_READ_TIMEOUT 10 decimal
+
 # Ask for a missing value. A terminal gets Meta's prompt; a pipe is read with a
 # timeout so a never-closing stdin cannot hang the script. Returns 1 on EOF/timeout.
 ask() { # ask VAR PROMPT
@@ -96,7 +113,7 @@ ask() { # ask VAR PROMPT
   if [[ -t 0 ]]; then
     read -r -p "$2" answer || [[ -n $answer ]] || return 1
   else
-    read -r -t "${LLAMA_READ_TIMEOUT:-10}" answer || [[ -n $answer ]] || return 1
+    read -r -t "$LLAMA_READ_TIMEOUT" answer || [[ -n $answer ]] || return 1
   fi
   printf -v "$1" '%s' "$answer"
 }
@@ -226,7 +243,6 @@ fetch_wget() { # fetch_wget URL PART
 fetch() {
   local rel=$1 dest="$target/$1" part="$target/$1.part"
   local src shown rc attempt=0
-  local retries=${LLAMA_RETRIES:-3}
   src=${url/\*/"$rel"}
   shown=$(redact "$src")
 
@@ -236,6 +252,12 @@ fetch() {
     return 0
   fi
   mkdir -p "$(dirname "$dest")"
+  # Never write through a link or into something that is not a plain file: a planted
+  # FILE.part -> ~/.bashrc would otherwise get the download appended to its target.
+  if [[ -L $part || (-e $part && ! -f $part) ]]; then
+    err "$rel.part is a symbolic link or not a regular file; refusing to write through it. Remove $part and rerun."
+    exit 3
+  fi
 
   while :; do
     if [[ -s $part ]]; then
@@ -274,7 +296,7 @@ fetch() {
     esac
 
     attempt=$((attempt + 1))
-    if ((attempt > retries)); then
+    if ((attempt > LLAMA_RETRIES)); then
       # A 2xx status with a failed transfer is a dropped connection, not an HTTP error.
       if [[ $http_status =~ ^[45][0-9][0-9]$ ]]; then
         err "HTTP $http_status while downloading $rel from $shown"
@@ -284,8 +306,8 @@ fetch() {
       [[ -s $part ]] && echo "Partial data kept in $part; rerun to resume." >&2
       exit 3
     fi
-    info "  $rel: download failed ($downloader exit code $rc, HTTP ${http_status:-none}); retry $attempt/$retries"
-    sleep "${LLAMA_RETRY_DELAY:-5}"
+    info "  $rel: download failed ($downloader exit code $rc, HTTP ${http_status:-none}); retry $attempt/$LLAMA_RETRIES"
+    sleep "$LLAMA_RETRY_DELAY"
   done
 }
 

@@ -4,10 +4,11 @@ or under `torchrun --nproc_per_node N example_chat_completion.py ...`."""
 from typing import List, Optional
 
 from llama import Dialog, Llama
-from llama.cli import print_streamed, print_timing, run
+from llama.cli import path_flags, print_streamed, print_timing, run
 from llama.demo import ensure_demo
 
 
+@path_flags("ckpt_dir", "tokenizer_path")
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,

@@ -39,7 +39,7 @@ def workload_ids() -> Dict[str, List[int]]:
     tok = Tokenizer(str(demo / "tokenizer.json"))
     chat = make_chat_format(tok, params.get("chat_format"), params.get("default_system_prompt"))
     prompt = chat.encode_dialog_prompt(CHAT)
-    text = (ROOT / "README.md").read_text() * 4
+    text = (ROOT / "tests" / "data" / "frozen_text.md").read_text() * 4  # fixed: README edits change nothing
     long = tok.encode(text, bos=False, eos=False)[:PREFILL_TOKENS]
     return {"chat": prompt, "prefill": long}
 

@@ -9,21 +9,27 @@ input and seeded by number, the results are those of an uninterrupted run. Also 
 torchrun (rank 0 reads and writes the files and hands the work list to the other ranks).
 """
 
+import contextlib
 import json
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, List, Optional, Set, Tuple
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .chat_format import check_dialog
+from .cli import path_flags
+from .distributed import is_main_rank
 from .errors import LlamaError
 from .generation import GenerationStats, Llama, check_sampling
+from .locking import lock_path, try_hold
 from .progress import progress
+from .text import check_text
 
 Params = Tuple[float, float, Optional[int]]  # temperature, top_p, max_gen_len
 
@@ -66,6 +72,8 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[Job]:
             ident = rec["id"]
             if isinstance(ident, bool) or not isinstance(ident, (str, int)):
                 raise LlamaError(f"{where}: id {ident!r} must be a string or an integer")
+            if isinstance(ident, str):
+                check_text(ident, f"{where}: the id")
             if id_key(ident) in seen:
                 raise LlamaError(f"{where}: id {ident!r} is already used on line {seen[id_key(ident)]}; "
                                  f"ids must be unique")
@@ -80,8 +88,8 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[Job]:
                     check_dialog(prompt)
                 except LlamaError as exc:
                     raise LlamaError(f"{where} (id {ident!r}): {exc}") from None
-            elif not isinstance(prompt, str):
-                raise LlamaError(f'{where} (id {ident!r}): "prompt" must be a string')
+            else:
+                check_text(prompt, f'{where} (id {ident!r}): "prompt"')
             settings = [rec.get(name, default) for name, default in
                         zip(("temperature", "top_p", "max_gen_len"), defaults)]
             params = check_sampling(*settings, where=f"{where} (id {ident!r}): ")
@@ -201,8 +209,43 @@ def _note(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def owning_output(path: str) -> Iterator[None]:
+    """Rank 0 holds the output for the job's lifetime: a second job on the same output is
+    refused (a job that was killed holds nothing: the OS drops its lock). The output must be
+    a regular file (or a new one) that can be appended to and read back."""
+    out = Path(path)
+    if out.exists() and not out.is_file():
+        mode = out.stat().st_mode
+        kind = "a directory" if stat.S_ISDIR(mode) else "a pipe" if stat.S_ISFIFO(mode) else \
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+        raise LlamaError(f"--output {path!r} is {kind}: llama.batch appends results to a regular file "
+                         f"and reads them back to resume a job; give a file path")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LlamaError(f"cannot create the folder of --output {path!r} ({exc.strerror or exc}); "
+                         f"give a path you can write to") from None
+    real = Path(os.path.realpath(out))  # one lock per file, whatever link or name leads to it
+    lock = try_hold(real)
+    if lock is None:
+        raise LlamaError(f"--output {path!r} is being written by another llama.batch job (it holds "
+                         f"{str(lock_path(real))!r}); wait for that job to end, or give another --output")
+    try:
+        if out.exists():
+            try:
+                open(out, "r+b").close()
+            except OSError as exc:
+                raise LlamaError(f"cannot read and append to --output {path!r} ({exc.strerror or exc}); "
+                                 f"give a file you can read and write") from None
+        yield
+    finally:
+        lock.release()
+
+
 def load_work(input: str, output: str, chat: bool, defaults: Params) -> Tuple[List[Job], Set[str]]:
-    """Rank 0: every input line (checked) and the ids already in the output."""
+    """Rank 0: every input line (checked) and the ids already in the output. Call it while
+    owning the output (owning_output)."""
     jobs = read_jobs(input, chat, defaults)
     if os.path.exists(output) and os.path.samefile(input, output):
         raise LlamaError(f"--output {output!r} is the input file; give another path")
@@ -214,7 +257,13 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
               seed: int = 1, work: Optional[Tuple[List[Job], Set[str]]] = None) -> None:
     """Generate what the output still lacks; every rank calls this, rank 0 reads and writes.
     `work` is load_work's result if rank 0 already has it."""
-    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    main_rank = is_main_rank()
+    with owning_output(output) if main_rank else contextlib.nullcontext():
+        _run_batch(generator, input, output, chat, defaults, logprobs, seed, work, main_rank)
+
+
+def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: Params, logprobs: bool,
+               seed: int, work: Optional[Tuple[List[Job], Set[str]]], main_rank: bool) -> None:
     chunks: List[Tuple[int, List[Job]]] = []
     if main_rank:
         jobs, done = work if work is not None else load_work(input, output, chat, defaults)
@@ -234,7 +283,6 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
     if not main_rank:
         run_chunks(generator, chunks, chat, logprobs, seed, None)
         return
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
     with open(output, "ab") as out:
         tokens, seconds = run_chunks(generator, chunks, chat, logprobs, seed, out)
     written = sum(job.pending for _, chunk in chunks for job in chunk)
@@ -242,6 +290,7 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
           f"generated in {seconds:.1f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s")
 
 
+@path_flags("input", "output", "ckpt_dir", "tokenizer_path")
 def main(
     input: str,  # noqa: A002 - the flag is --input
     output: str,
@@ -270,18 +319,19 @@ def main(
         logprobs: also write each result's "tokens" and "logprobs".
         seed: chunk n is sampled after torch.manual_seed(seed + n), so reruns draw alike.
     """
-    input, output = str(input), str(output)
     defaults = check_sampling(temperature, top_p, max_gen_len, where="--")
-    # Rank 0 checks the files before the (possibly long) model load; an error there ends the
-    # job, and torchrun then stops the other ranks.
-    work = load_work(input, output, chat, defaults) if int(os.environ.get("RANK", "0")) == 0 else None
-    from .demo import ensure_demo
+    main_rank = is_main_rank()
+    # Rank 0 owns the output and checks the files before the (possibly long) model load; an
+    # error there ends the job, and torchrun then stops the other ranks.
+    with owning_output(output) if main_rank else contextlib.nullcontext():
+        work = load_work(input, output, chat, defaults) if main_rank else None
+        from .demo import ensure_demo
 
-    generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
-                            tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
-                            seed=seed, dtype=dtype, quantize=quantize)
-    run_batch(generator, input, output, chat, defaults, logprobs, seed, work)
+        generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
+                                tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
+                                max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
+                                seed=seed, dtype=dtype, quantize=quantize)
+        run_batch(generator, input, output, chat, defaults, logprobs, seed, work)
 
 
 if __name__ == "__main__":

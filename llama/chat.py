@@ -6,15 +6,20 @@ exchanges are dropped (and you are told). Under torchrun, rank 0 reads the termi
 hands every line to the other ranks, so all of them run the same generation.
 """
 
+import queue
 import sys
+import threading
 from datetime import timedelta
 from typing import Callable, Iterator, List, Optional
 
 import torch.distributed as dist
 
 from .chat_format import Dialog, Message
+from .cli import path_flags
+from .distributed import is_main_rank, timeout_s
 from .errors import LlamaError
 from .generation import Llama, check_sampling
+from .text import check_text
 
 HELP = "/reset clears the conversation (keeps the system prompt), /exit or Ctrl-D quits"
 PROMPT = "> "
@@ -27,7 +32,7 @@ class ChatSession:
                  top_p: float = 0.9, max_gen_len: Optional[int] = None):
         check_sampling(temperature, top_p, max_gen_len, where="--")
         self.generator = generator
-        self.system = system
+        self.system = None if system is None else check_text(system, "--system")
         self.temperature, self.top_p, self.max_gen_len = temperature, top_p, max_gen_len
         self.turns: List[Message] = []  # user/assistant messages, alternating
         max_seq_len = generator.model.params.max_seq_len
@@ -74,23 +79,70 @@ class ChatSession:
         self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": "".join(reply)}]
 
 
+class SharedInput:
+    """The main rank's input lines, handed to every rank. While the user types, the main rank
+    reads in a thread and tells the others "still waiting" every few seconds, so each of
+    their waits is bounded by LLAMA_DIST_TIMEOUT however long the user takes, and a rank that
+    dies or hangs ends the chat on the others within that time. In a world of one it is
+    read_line itself."""
+
+    WAITING = ("waiting",)
+
+    def __init__(self, read_line: Callable[[], Optional[str]]):
+        self.read_line = read_line
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        timeout = timeout_s()
+        self.tick_s = min(10.0, timeout / 4)  # well inside every wait's bound
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if self.world > 1 else None
+
+    def next_line(self) -> Optional[str]:
+        """The next line (None: quit), the same on every rank."""
+        if self.group is None:
+            return self.read_line()
+        if not is_main_rank():
+            while True:
+                item = self._share(None)
+                if item != self.WAITING:
+                    return item
+        read: "queue.Queue[tuple]" = queue.Queue()
+        threading.Thread(target=self._read_into, args=(read,), daemon=True).start()
+        while True:
+            try:
+                line, error = read.get(timeout=self.tick_s)
+            except queue.Empty:
+                self._share(self.WAITING)
+                continue
+            except KeyboardInterrupt:  # Ctrl-C at the prompt: quit, on every rank
+                line, error = None, None
+            self._share(line)  # a failed read ends the chat on the other ranks too
+            if error is not None:
+                raise error
+            return line
+
+    def _read_into(self, read: "queue.Queue[tuple]") -> None:
+        try:
+            read.put((self.read_line(), None))
+        except BaseException as exc:  # handed to the main thread, which raises it
+            read.put((None, exc))
+
+    def _share(self, item):
+        shared = [item]
+        dist.broadcast_object_list(shared, src=0, group=self.group)
+        return shared[0]
+
+
 def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optional[str]]) -> None:
-    """Read lines (rank 0 calls read_line; None means quit) and answer them until /exit."""
+    """Read lines (the main rank calls read_line; None means quit) and answer them until /exit."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    main_rank = not dist.is_initialized() or dist.get_rank() == 0
-    # Its own group with a long timeout: the other ranks wait here while the user types.
-    group = dist.new_group(backend="gloo", timeout=timedelta(days=365)) if world > 1 else None
+    main_rank = is_main_rank()
+    lines = SharedInput(read_line)
 
     def note(text: str) -> None:
         if main_rank:
             print(text, file=sys.stderr, flush=True)
 
     while True:
-        line = read_line() if main_rank else None
-        if group is not None:
-            shared = [line]
-            dist.broadcast_object_list(shared, src=0, group=group)
-            line = shared[0]
+        line = lines.next_line()
         text = line.strip() if line is not None else "/exit"
         if text == "/exit":
             return
@@ -105,6 +157,7 @@ def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optiona
             continue
         printed = False  # part of a reply is on the screen
         try:
+            check_text(text, "this message")
             dropped = session.make_room(text)
             if dropped:
                 note(f"(history too long for max_seq_len={generator.model.params.max_seq_len}: "
@@ -116,16 +169,26 @@ def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optiona
             note(generator.last_stats.summary())
         except LlamaError as exc:
             print(end="\n" if printed else "", flush=True)
-            note(f"error: {exc}")
+            note(f"error: {exc} (the conversation is kept)")
         except KeyboardInterrupt:
             if world > 1:
                 raise  # the other ranks cannot be told to stop mid-reply
             print(end="\n" if printed else "", flush=True)
             note("(reply interrupted; it is not kept in the history)")
+        except Exception as exc:  # a bug: one line must not cost the user the conversation
+            if world > 1:
+                raise  # the ranks may no longer agree on where they are
+            print(end="\n" if printed else "", flush=True)
+            note(f"error: {type(exc).__name__}: {exc} (a bug in llama: please report it; the reply is "
+                 f"not kept, the conversation is)")
 
 
 def read_stdin() -> Optional[str]:
-    """One line from the terminal, or None at end of input (Ctrl-D) or Ctrl-C."""
+    """One line from the terminal, or None at end of input (Ctrl-D) or Ctrl-C. Bytes that
+    are not UTF-8 come through as surrogates (U+DC80-U+DCFF), which the message check then
+    refuses with their position, instead of input() failing and ending the chat."""
+    if getattr(sys.stdin, "errors", None) not in (None, "surrogateescape"):
+        sys.stdin.reconfigure(errors="surrogateescape")
     try:
         return input(PROMPT)
     except (EOFError, KeyboardInterrupt):
@@ -133,6 +196,7 @@ def read_stdin() -> Optional[str]:
         return None
 
 
+@path_flags("ckpt_dir", "tokenizer_path", "system")
 def main(
     ckpt_dir: Optional[str] = None,
     tokenizer_path: Optional[str] = None,
@@ -163,7 +227,7 @@ def main(
                             dtype=dtype, quantize=quantize)
     session = ChatSession(generator, None if system is None else str(system), temperature, top_p,
                           max_gen_len)
-    if generator.ctx is None or generator.ctx.is_main:
+    if is_main_rank():
         if sys.stdin.isatty():
             try:
                 import readline  # noqa: F401 - line editing and history for input()

@@ -4,12 +4,11 @@ Formats: Llama2ChatFormat ([INST]), Llama3ChatFormat (header ids), ChatMLFormat 
 `ChatFormat(tokenizer)` and `make_chat_format(tokenizer, name)` pick one.
 """
 
-from typing import TYPE_CHECKING, AbstractSet, List, Literal, Optional, Sequence, TypedDict
+from typing import AbstractSet, List, Literal, Optional, Sequence, TypedDict
 
 from .errors import LlamaError
-
-if TYPE_CHECKING:  # tokenizer.py imports this module; nothing is needed from it at run time
-    from .tokenizer import Tokenizer
+from .text import check_text
+from .tokenizer import Tokenizer
 
 Role = Literal["system", "user", "assistant"]
 
@@ -35,8 +34,7 @@ def check_dialog(dialog: Sequence[Message], index: int = 0) -> None:
         if msg["role"] not in ("system", "user", "assistant"):
             raise LlamaError(f"{where}, message {i} has unknown role {msg['role']!r}; "
                              f"use 'system', 'user' or 'assistant'")
-        if not isinstance(msg["content"], str):
-            raise LlamaError(f"{where}, message {i}: content must be a str, got {type(msg['content']).__name__}")
+        check_text(msg["content"], f"{where}, message {i}: content")
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     for i, msg in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -55,17 +53,19 @@ class ChatFormat:
 
     UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
-    def __new__(cls, tokenizer: "Tokenizer", *args, **kwargs) -> "ChatFormat":
-        # Python then runs __init__(tokenizer) on the result, which make_chat_format built alike.
-        return make_chat_format(tokenizer) if cls is ChatFormat else super().__new__(cls)
+    def __new__(cls, tokenizer: Tokenizer, *args, **kwargs) -> "ChatFormat":
+        # Only picks the class: Python then runs that class's __init__, once.
+        chosen = CHAT_FORMATS[infer_chat_format_name(tokenizer)] if cls is ChatFormat else cls
+        return super().__new__(chosen)
 
-    def __init__(self, tokenizer: "Tokenizer"):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
     @property
     def stop_tokens(self) -> AbstractSet[int]:
-        """Ids that end the assistant's answer."""
-        return frozenset({self.tokenizer.eos_id})
+        """Ids that end the assistant's answer: the tokenizer's stop tokens (eos and the end
+        markers its vocabulary holds: <|eot_id|>, <|im_end|>, ...)."""
+        return self.tokenizer.stop_tokens
 
     def is_unsafe(self, dialog: Sequence[Message]) -> bool:
         """True if the dialog must be refused (answered with UNSAFE_ERROR) instead of run."""
@@ -121,12 +121,6 @@ class Llama3ChatFormat(ChatFormat):
     open assistant header. Content is encoded as plain text, so text such as "<|eot_id|>"
     cannot inject control tokens; is_unsafe is therefore always False."""
 
-    @property
-    def stop_tokens(self) -> AbstractSet[int]:
-        """<|eot_id|> and <|end_of_text|>, plus <|eom_id|> (Llama 3.1 tool calls) as in Meta's code."""
-        names = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
-        return frozenset(self.tokenizer.special_tokens[n] for n in names if n in self.tokenizer.special_tokens)
-
     def _header(self, role: str) -> List[int]:
         return ([self._special("<|start_header_id|>")] + self._text(role)
                 + [self._special("<|end_header_id|>")] + self._text("\n\n"))
@@ -147,17 +141,12 @@ class ChatMLFormat(ChatFormat):
     control tokens is encoded in one piece, as HF does, but as plain text: "<|im_end|>" in
     content cannot inject a control token (HF's template would), so is_unsafe is always False."""
 
-    def __init__(self, tokenizer: "Tokenizer", default_system_prompt: Optional[str] = None):
+    def __init__(self, tokenizer: Tokenizer, default_system_prompt: Optional[str] = None):
         super().__init__(tokenizer)
+        if default_system_prompt is not None:
+            check_text(default_system_prompt, "the default system prompt (params.json key 'default_system_prompt')")
         self.default_system_prompt = default_system_prompt
         self.im_start, self.im_end = self._special("<|im_start|>"), self._special("<|im_end|>")
-
-    @property
-    def stop_tokens(self) -> AbstractSet[int]:
-        """<|im_end|>, <|endoftext|> when the vocabulary has it, and the tokenizer's eos."""
-        special = self.tokenizer.special_tokens
-        extra = {special["<|endoftext|>"]} if "<|endoftext|>" in special else set()
-        return frozenset({self.im_end, self.tokenizer.eos_id} | extra)
 
     def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
         check_dialog(dialog)
@@ -173,7 +162,7 @@ class ChatMLFormat(ChatFormat):
 CHAT_FORMATS = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat, "chatml": ChatMLFormat}
 
 
-def infer_chat_format_name(tokenizer: "Tokenizer") -> str:
+def infer_chat_format_name(tokenizer: Tokenizer) -> str:
     """"llama3" if the vocabulary has <|start_header_id|>, "chatml" if it has <|im_start|>,
     else "llama2"."""
     special = getattr(tokenizer, "special_tokens", {})
@@ -184,15 +173,16 @@ def infer_chat_format_name(tokenizer: "Tokenizer") -> str:
     return "llama2"
 
 
-def make_chat_format(tokenizer: "Tokenizer", name: Optional[str] = None,
-                     default_system_prompt: Optional[str] = None) -> ChatFormat:
+def make_chat_format(tokenizer: Tokenizer, name: Optional[str] = None,
+                     default_system_prompt: Optional[str] = None, where: str = "make_chat_format") -> ChatFormat:
     """The chat format `name` ("llama2", "llama3", "chatml"; params.json key "chat_format"),
     or the one the tokenizer implies when name is None. default_system_prompt applies to
-    ChatML only (SmolLM2's template inserts one when the dialog has no system message)."""
+    ChatML only (SmolLM2's template inserts one when the dialog has no system message).
+    `where` (e.g. the params.json path) names the source of the settings in errors."""
+    if name is not None and name not in CHAT_FORMATS:
+        raise LlamaError(f"{where!r}: chat_format={name!r} is invalid, it must be one of "
+                         f"{', '.join(CHAT_FORMATS)}; fix it or restore the file from the download")
     name = name or infer_chat_format_name(tokenizer)
-    if name not in CHAT_FORMATS:
-        raise LlamaError(f"unknown chat format {name!r} (params.json key 'chat_format'); "
-                         f"use one of {', '.join(CHAT_FORMATS)}")
     if name == "chatml":
         return ChatMLFormat(tokenizer, default_system_prompt)
     return CHAT_FORMATS[name](tokenizer)

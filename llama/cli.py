@@ -6,8 +6,11 @@ import sys
 from typing import Callable, Iterable
 
 import fire
+import torch
 import torch.distributed as dist
+from fire.decorators import SetParseFn
 
+from .distributed import is_main_rank
 from .errors import LlamaError
 from .generation import GenerationStats
 
@@ -21,8 +24,12 @@ def run(main: Callable) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        _fail(f"out of memory ({type(exc).__name__}: {exc}); lower --max_batch_size or --max_seq_len, "
+              f"or run more model-parallel processes")
     except Exception as exc:
         if not _lost_peer(exc):
+            _leave_process_group()  # a bug: its traceback follows, without an abort at exit
             raise
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         _fail(f"lost contact with the other processes of this job ({first_line}); one of them "
@@ -30,14 +37,24 @@ def run(main: Callable) -> None:
               f"error, or torchrun's summary, names the cause")
 
 
+def path_flags(*names: str) -> Callable[[Callable], Callable]:
+    """Decorator: fire passes these flags to the function as the text typed, never parsed
+    (unmarked, fire turns `--ckpt_dir 2024` into the int 2024 and `--output 1e3` into 1000.0)."""
+    return SetParseFn(str, *names)
+
+
 def _fail(message: str) -> None:
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
+    _leave_process_group()
+    sys.exit(1)
+
+
+def _leave_process_group() -> None:
+    """Left to interpreter shutdown, a process group whose peers are exiting too may abort
+    the process ("terminate called without an active exception")."""
     if dist.is_initialized():
-        # Left to interpreter shutdown, a process group whose peers are exiting too may
-        # abort the process ("terminate called without an active exception").
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
-    sys.exit(1)
 
 
 def _lost_peer(exc: Exception) -> bool:
@@ -55,5 +72,5 @@ def print_streamed(pieces: Iterable[str]) -> None:
 
 def print_timing(stats: GenerationStats) -> None:
     """The timing line after a generation, on stderr, from rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_main_rank():
         print(stats.summary(), file=sys.stderr, flush=True)

@@ -18,17 +18,20 @@ from .errors import LlamaError
 # Bounded so that a rank that hangs ends the job instead of leaving the others waiting
 # forever. (A rank that dies or fails ends the job at once: see all_ranks_agree.)
 DEFAULT_TIMEOUT_S = 300
+MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def timeout_s() -> float:
-    """The process-group timeout: LLAMA_DIST_TIMEOUT seconds, default 300."""
+    """The process-group timeout: LLAMA_DIST_TIMEOUT seconds, default 300, at most a week
+    (the point is a bounded wait; inf or nan would not be one)."""
     text = os.environ.get("LLAMA_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise LlamaError(f"LLAMA_DIST_TIMEOUT={text!r} must be a positive number of seconds")
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise LlamaError(f"LLAMA_DIST_TIMEOUT={text!r} must be a positive number of seconds, at most "
+                         f"{MAX_TIMEOUT_S} (a week)")
     return value
 
 
@@ -38,26 +41,16 @@ class DistContext:
     world_size: int
     local_rank: int
     model_parallel_size: int
+    model_parallel_rank: int
     device: torch.device
     backend: str
-
-    @property
-    def model_parallel_rank(self) -> int:
-        return fs_init.get_model_parallel_rank()
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def choose_device(local_rank: int, world_size: int,
                   requested: Union[str, torch.device, None] = None) -> torch.device:
     """The accelerator for this local rank if there is one, else MPS (one process only), else CPU."""
     if requested is not None:
-        device = torch.device(requested)
-        if device.index is None and device.type not in ("cpu", "mps"):
-            device = torch.device(device.type, local_rank)
-        return device
+        return _requested_device(requested, local_rank)
     if torch.accelerator.is_available():
         accel = torch.accelerator.current_accelerator()
         if accel is not None and accel.type != "mps":
@@ -65,6 +58,29 @@ def choose_device(local_rank: int, world_size: int,
         if accel is not None and world_size == 1:
             return torch.device("mps")
     return torch.device("cpu")
+
+
+def _requested_device(requested: Union[str, torch.device], local_rank: int) -> torch.device:
+    """torch.device(requested), checked to exist on this machine; an accelerator named
+    without an index is this local rank's."""
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise LlamaError(f"device={requested!r} is not a device; use e.g. 'cpu', 'cuda', 'cuda:1' or "
+                         f"'mps', or leave it out to choose automatically") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)
+    if module is None or not getattr(module, "is_available", lambda: False)():
+        raise LlamaError(f"device={requested!r}: this machine (or this build of torch) has no "
+                         f"{device.type} device; use device='cpu', or leave it out to choose automatically")
+    if device.index is None and device.type != "mps":
+        device = torch.device(device.type, local_rank)
+    count = getattr(module, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise LlamaError(f"device={requested!r}: there is no {device.type} device {device.index} here "
+                         f"(this machine has {count}); name one from 0 to {count - 1}")
+    return device
 
 
 def choose_backend(device: torch.device) -> str:
@@ -118,7 +134,7 @@ def init_distributed(model_parallel_size: Optional[int] = None,
 
     # The same seed everywhere, so every rank samples the same tokens.
     torch.manual_seed(seed)
-    return DistContext(rank, world_size, local_rank, mp, chosen, backend)
+    return DistContext(rank, world_size, local_rank, mp, fs_init.get_model_parallel_rank(), chosen, backend)
 
 
 def _bound_fairscale_timeouts(timeout: timedelta) -> None:
@@ -161,13 +177,22 @@ def all_ranks_agree(what: str) -> Iterator[None]:
         raise error
 
 
-def silence_non_main_ranks(ctx: DistContext) -> None:
-    """Only rank 0 prints; other ranks keep stderr for their errors."""
-    if not ctx.is_main and sys.stdout is sys.__stdout__:
+def is_main_rank() -> bool:
+    """True in the process that talks to the user: global rank 0 of the process group, or,
+    before the group is joined, the one torchrun started as RANK 0 (every plain process)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    rank = os.environ.get("RANK", "0")
+    return not rank.isdigit() or int(rank) == 0
+
+
+def silence_non_main_ranks() -> None:
+    """Only the main rank prints; other ranks keep stderr for their errors."""
+    if not is_main_rank() and sys.stdout is sys.__stdout__:
         sys.stdout = open(os.devnull, "w")
 
 
 def print0(*args, **kwargs) -> None:
-    """print() on rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """print() on the main rank only."""
+    if is_main_rank():
         print(*args, **kwargs)

@@ -1,20 +1,19 @@
-"""Llama: build a generator from a checkpoint, then prompt -> tokens -> prefill -> decode
--> sample -> text. Signatures and return shapes follow Meta's reference code."""
+"""Llama: prompt -> tokens -> prefill -> decode -> sample -> text, batched or streamed.
+Signatures and return shapes follow Meta's reference code; building a Llama from a
+checkpoint is llama.loading's (Llama.build is a thin wrapper over it)."""
 
-import os
 import time
-from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from .chat_format import Dialog, Message, check_dialog, make_chat_format
-from .checkpoint import find_shards, load_params, load_rank_state_dict
-from .distributed import DistContext, all_ranks_agree, init_distributed, print0, silence_non_main_ranks
+from . import kernels
+from .chat_format import ChatFormat, Dialog, Message, check_dialog, make_chat_format
+from .distributed import DistContext
 from .errors import LlamaError
-from .model import ModelArgs, Transformer, kv_cache_dtype
-from .quantize import quantize_model
+from .loading import load
+from .model import Transformer
 from .tokenizer import Tokenizer
 
 
@@ -49,59 +48,6 @@ class GenerationStats:
                 f"{self.tokens_per_s:.1f} tokens/s, first token after {self.time_to_first_token_s * 1000:.0f} ms]")
 
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
-           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 arithmetic (x86 AVX512-BF16/AMX, ARM BF16), where bf16 halves
-    the memory traffic of decoding at little cost; elsewhere bf16 is emulated and slow."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators (bf16 where supported); bf16 on CPUs with native
-    bf16, fp32 on other CPUs."""
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if device.type == "mps":
-        return torch.float16
-    module = getattr(torch, device.type, None)
-    supports_bf16 = getattr(module, "is_bf16_supported", lambda: False)()
-    return torch.bfloat16 if supports_bf16 else torch.float16
-
-
-def _resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
-    if dtype is None:
-        dtype = os.environ.get("LLAMA_DTYPE") or None  # a default for scripts that pass none
-    if dtype is None:
-        return default_dtype(device)
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise LlamaError(f"dtype={dtype!r} (or LLAMA_DTYPE) is not supported; use one of fp32, bf16, fp16")
-    return _DTYPES[dtype]
-
-
-class _DefaultDtype:
-    """Context manager: fairscale allocates its weights with the default dtype."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-    def __enter__(self) -> None:
-        self.saved = torch.get_default_dtype()
-        torch.set_default_dtype(self.dtype)
-
-    def __exit__(self, *exc) -> None:
-        torch.set_default_dtype(self.saved)
-
-
 class Llama:
     @staticmethod
     def build(
@@ -132,39 +78,16 @@ class Llama:
                 native bf16 (fp32 on other CPUs).
             quantize: "int8" for weight-only int8 projections (see llama.quantize), or None.
         """
-        if not isinstance(max_seq_len, int) or max_seq_len < 2:
-            raise LlamaError(f"max_seq_len={max_seq_len!r} must be an integer of at least 2")
-        if not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise LlamaError(f"max_batch_size={max_batch_size!r} must be a positive integer")
-        start = time.time()
-        ctx = init_distributed(model_parallel_size, device, seed)
-        silence_non_main_ranks(ctx)
-        # A mistake or failure that one rank sees ends every rank, with its message.
-        with all_ranks_agree("building the model"):
-            shards = find_shards(ckpt_dir)
-            params = load_params(ckpt_dir)
-            if tokenizer_path is None:
-                tokenizer_path = _find_tokenizer(ckpt_dir)
-            tokenizer = Tokenizer(tokenizer_path)
-            args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-            if args.vocab_size <= 0:
-                args.vocab_size = tokenizer.n_words
-            if tokenizer.n_words != args.vocab_size:
-                raise LlamaError(f"tokenizer {tokenizer_path!r} has {tokenizer.n_words} tokens but the model "
-                                 f"in {ckpt_dir!r} has vocab_size {args.vocab_size}; use the tokenizer that "
-                                 f"came with this checkpoint")
-            _check_divisible(args, ctx.model_parallel_size)
-            model = _load_model(args, shards, ckpt_dir, ctx, _resolve_dtype(dtype, ctx.device))
-            quantize_model(model, quantize)
-            _setup_caches_or_explain(model, max_batch_size, max_seq_len, ctx.device)
-        print0(f"Loaded in {time.time() - start:.2f} seconds")
-        return Llama(model, tokenizer, ctx)
+        loaded = load(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
+                      device, dtype, quantize)
+        return Llama(loaded.model, loaded.tokenizer, loaded.ctx, loaded.chat_format)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None,
+                 formatter: Optional[ChatFormat] = None):
+        """formatter: the chat format; default: the one the tokenizer's vocabulary implies."""
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = make_chat_format(tokenizer, model.params.chat_format,
-                                          model.params.default_system_prompt)
+        self.formatter = formatter if formatter is not None else make_chat_format(tokenizer)
         self.ctx = ctx
         self.last_stats = GenerationStats()
 
@@ -191,26 +114,36 @@ class Llama:
             if bad:
                 raise LlamaError(f"prompt {i} holds token ids outside [0, {params.vocab_size}): {bad[:5]}")
 
-    @torch.inference_mode()
-    def stream_tokens(
-        self,
-        prompt_tokens: Sequence[Sequence[int]],
-        max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        logprobs: bool = False,
-        stop_tokens: Optional[Sequence[int]] = None,
-    ) -> Iterator[List[Optional[Tuple[int, float]]]]:
+    def stream_tokens(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float = 0.6,
+                      top_p: float = 0.9, logprobs: bool = False, stop_tokens: Optional[Sequence[int]] = None,
+                      ) -> Iterator[List[Optional[Tuple[int, float]]]]:
         """Decode one batch (at most max_batch_size prompts), a step at a time.
 
         Each step yields, per prompt, (token, logprob) or None once that prompt has
         finished (stop token or budget). Stop tokens are not yielded. logprob is 0.0
         unless logprobs=True. The whole prompt is prefilled in one forward pass; each
         row keeps its own positions, so ragged prompts decode exactly as they would alone.
+        The arguments are checked now, as generate() checks them, not at the first step.
         """
+        self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
+        if len(prompt_tokens) > self.model.params.max_batch_size:
+            raise LlamaError(f"stream_tokens decodes at most max_batch_size={self.model.params.max_batch_size} "
+                             f"prompts at once, got {len(prompt_tokens)}; generate() takes any number")
+        return self._decode(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_tokens)
+
+    def _forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
+                 **kwargs: Any) -> torch.Tensor:
+        """The model on tokens [B, S], with the matmul kernels chosen for that shape."""
+        with kernels.matmul_policy(tokens):
+            return self.model(tokens, start_pos, **kwargs)
+
+    @torch.inference_mode()
+    def _decode(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float,
+                top_p: float, logprobs: bool,
+                stop_tokens: Optional[Sequence[int]]) -> Iterator[List[Optional[Tuple[int, float]]]]:
+        """stream_tokens' loop, for checked arguments."""
         params = self.model.params
         batch = len(prompt_tokens)
-        assert batch <= params.max_batch_size, "generate() splits larger inputs into chunks"
         stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(t) for t in prompt_tokens))
         start = time.perf_counter()
         stops = torch.tensor(sorted(stop_tokens if stop_tokens is not None else self.tokenizer.stop_tokens),
@@ -225,7 +158,7 @@ class Llama:
         for row, t in enumerate(prompt_tokens):
             tokens[row, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(tokens, 0, last_index=last)  # [B, V]
+        logits = self._forward(tokens, 0, last_index=last)  # [B, V]
 
         positions = last + 1  # where each row's next token goes
         live = [True] * batch
@@ -251,7 +184,7 @@ class Llama:
             # Finished rows keep decoding (cheaply, in the batch) at a clamped position.
             feed_positions = positions.clamp(max=params.max_seq_len - 1)
             kv_len = min(longest + step + 1, params.max_seq_len)
-            logits = self.model(next_tokens.unsqueeze(1), feed_positions, kv_len=kv_len)[:, -1]
+            logits = self._forward(next_tokens.unsqueeze(1), feed_positions, kv_len=kv_len)[:, -1]
             positions = positions + 1
 
     @torch.inference_mode()
@@ -281,7 +214,7 @@ class Llama:
             chunk = prompt_tokens[begin: begin + size]
             gen_tokens: List[List[int]] = [[] for _ in chunk]
             gen_logprobs: List[List[float]] = [[] for _ in chunk]
-            for step in self.stream_tokens(chunk, max_gen_len, temperature, top_p, logprobs, stop_tokens):
+            for step in self._decode(chunk, max_gen_len, temperature, top_p, logprobs, stop_tokens):
                 for row, item in enumerate(step):
                     if item is not None:
                         gen_tokens[row].append(item[0])
@@ -299,7 +232,7 @@ class Llama:
         result = []
         for t in prompt_tokens:
             tokens = torch.tensor([t], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, 0)[0, :-1]  # [S-1, V]
+            logits = self._forward(tokens, 0)[0, :-1]  # [S-1, V]
             lps = _token_logprobs(logits, tokens[0, 1:])
             result.append([0.0] + lps.tolist())
         return result
@@ -331,7 +264,6 @@ class Llama:
                      max_gen_len: Optional[int], stop_tokens: Sequence[int]) -> Iterator[str]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        self._check_prompts([prompt_tokens], max_gen_len, temperature, top_p)  # now, not at first next()
         steps = self.stream_tokens([prompt_tokens], max_gen_len, temperature, top_p, stop_tokens=stop_tokens)
 
         def pieces() -> Iterator[str]:
@@ -373,14 +305,8 @@ class Llama:
         return [self._prediction(self.tokenizer.decode(t), t, lps[i] if lps else None)
                 for i, t in enumerate(tokens)]
 
-    def chat_completion(
-        self,
-        dialogs: List[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: Optional[int] = None,
-        logprobs: bool = False,
-    ) -> List[ChatPrediction]:
+    def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> List[ChatPrediction]:
         """Answer each dialog as the assistant. Dialogs holding the chat format's control
         tags are not run; their answer is the format's error message, as in Meta's code."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
@@ -455,47 +381,6 @@ def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
     return torch.gather(order, -1, choice)
 
 
-def _check_divisible(args: ModelArgs, mp: int) -> None:
-    """Every split dimension must divide by the model-parallel size."""
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim,
-             "vocab_size": args.vocab_size, "feed-forward hidden size": args.ffn_hidden_dim}
-    bad = [f"{name}={value}" for name, value in sizes.items() if value % mp]
-    if bad:
-        raise LlamaError(f"this model cannot be split over {mp} model-parallel ranks: "
-                         f"{', '.join(bad)} not divisible by {mp}; run with fewer processes "
-                         f"(a divisor of n_kv_heads={args.kv_heads})")
-
-
-def _load_model(args: ModelArgs, shards: List[Path], ckpt_dir: str, ctx: DistContext,
-                dtype: torch.dtype) -> Transformer:
-    """This rank's shard of the model, weights memory-mapped or moved straight into place."""
-    try:
-        with _DefaultDtype(dtype):
-            model = Transformer(args)
-    except RuntimeError as exc:  # fairscale allocates (untouched) CPU memory per layer
-        if "alloc" not in str(exc):
-            raise
-        raise LlamaError(f"cannot allocate a model of the size {ckpt_dir}/params.json describes "
-                         f"(dim={args.dim}, n_layers={args.n_layers}, vocab_size={args.vocab_size}); "
-                         f"check params.json") from None
-    # Drop fairscale's placeholder storage before the real weights arrive.
-    model.to_empty(device="meta")
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = load_rank_state_dict(shards, expected, args.dim, ctx.model_parallel_rank,
-                                 ctx.model_parallel_size, ctx.device, dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval()
-
-
-def _find_tokenizer(ckpt_dir: str) -> str:
-    """The tokenizer file inside a checkpoint directory (as written by llama.convert)."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        path = os.path.join(ckpt_dir, name)
-        if os.path.isfile(path):
-            return path
-    raise LlamaError(f"no tokenizer.model or tokenizer.json in {ckpt_dir!r}; pass --tokenizer_path")
-
-
 def _check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
     """NaN/inf logits (typically fp16 overflow) would silently give garbage tokens."""
     # One reduction: a sum is NaN/inf exactly when some logit is (finite logits are far
@@ -503,25 +388,3 @@ def _check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
     if not bool(torch.isfinite(logits.sum())):
         raise LlamaError(f"the model produced NaN or inf logits (model dtype {dtype}); the usual "
                          f"cause is fp16 overflow: build with dtype='bf16' or dtype='fp32'")
-
-
-def kv_cache_bytes(args: ModelArgs, max_batch_size: int, max_seq_len: int, mp: int,
-                   dtype: torch.dtype) -> int:
-    """Memory the KV caches of one rank take: keys and values for every layer."""
-    per_token = 2 * args.n_layers * (args.kv_heads // mp) * args.head_dim
-    return per_token * max_batch_size * max_seq_len * torch.empty(0, dtype=dtype).element_size()
-
-
-def _setup_caches_or_explain(model: Transformer, max_batch_size: int, max_seq_len: int,
-                             device: torch.device) -> None:
-    try:
-        model.setup_caches(max_batch_size, max_seq_len)
-    except (torch.OutOfMemoryError, RuntimeError) as exc:
-        if not isinstance(exc, torch.OutOfMemoryError) and "memory" not in str(exc).lower():
-            raise
-        mp = max(1, model.params.kv_heads // model.layers[0].attention.n_local_kv_heads)
-        need = kv_cache_bytes(model.params, max_batch_size, max_seq_len, mp,
-                              kv_cache_dtype(device, model.norm.weight.dtype))
-        raise LlamaError(f"out of memory on {device} allocating the KV cache: max_batch_size="
-                         f"{max_batch_size} x max_seq_len={max_seq_len} needs {need / 2**30:.2f} GiB "
-                         f"beside the weights; lower --max_batch_size or --max_seq_len") from None

@@ -1,26 +1,21 @@
 """The LLaMA transformer: RMSNorm, rotary embedding, grouped-query attention with a
-KV cache, SwiGLU feed-forward. Linear layers are fairscale's model-parallel layers, so
-each rank holds only its shard; the model knows nothing else about ranks or devices.
+KV cache, SwiGLU feed-forward. Linear and embedding layers are the model-parallel ones of
+llama.parallel, so each rank holds only its slice; the model knows nothing else about
+ranks or devices, and nothing of tokenizers, chat formats, quantization or kernel choice.
 
 Shapes: B batch, S tokens in this call, L cached length, H query heads, K key/value
 heads (both local to this rank), D head dim.
 """
 
-import contextlib
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Iterator, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel import initialize as fs_init
-from fairscale.nn.model_parallel.layers import (
-    ColumnParallelLinear,
-    ParallelEmbedding,
-    RowParallelLinear,
-)
-from fairscale.nn.model_parallel.mappings import _gather, _reduce
 from torch import nn
+
+from .parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 
 
 @dataclass
@@ -42,10 +37,6 @@ class ModelArgs:
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
-
-    # Recorded by llama.convert: which chat format the model was trained with.
-    chat_format: Optional[str] = None
-    default_system_prompt: Optional[str] = None
 
     @classmethod
     def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
@@ -70,55 +61,6 @@ class ModelArgs:
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-
-def _no_init(tensor: torch.Tensor) -> torch.Tensor:
-    """Weights come from the checkpoint, so skip random initialisation."""
-    return tensor
-
-
-# fairscale's layers route every call through autograd Functions even on one rank, which
-# costs more than the matmul itself at batch 1. These subclasses keep fairscale's sharded
-# parameters and collectives but call the collectives directly, and only when mp > 1.
-
-class ColumnParallel(ColumnParallelLinear):
-    """Output features split across ranks (dim 0 of the weight)."""
-
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = False):
-        super().__init__(in_features, out_features, bias=False, gather_output=gather_output,
-                         init_method=_no_init)
-        self.mp_size = fs_init.get_model_parallel_world_size()
-        self.quantized: Optional[nn.Module] = None  # set by llama.quantize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
-        return _gather(out) if self.gather_output and self.mp_size > 1 else out
-
-
-class RowParallel(RowParallelLinear):
-    """Input features split across ranks (dim 1 of the weight); partial sums all-reduced."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features, bias=False, input_is_parallel=True,
-                         init_method=_no_init)
-        self.mp_size = fs_init.get_model_parallel_world_size()
-        self.quantized: Optional[nn.Module] = None  # set by llama.quantize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
-        return _reduce(None, out) if self.mp_size > 1 else out
-
-
-class EmbeddingParallel(ParallelEmbedding):
-    """Embedding dim split across ranks (Meta's Llama 2 layout)."""
-
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__(num_embeddings, embedding_dim, init_method=_no_init)
-        self.mp_size = fs_init.get_model_parallel_world_size()
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        out = F.embedding(tokens, self.weight)
-        return _gather(out) if self.mp_size > 1 else out
 
 
 class RMSNorm(nn.Module):
@@ -191,15 +133,15 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        mp = fs_init.get_model_parallel_world_size()
-        self.n_local_heads = args.n_heads // mp
-        self.n_local_kv_heads = args.kv_heads // mp
         self.head_dim = args.head_dim
         q_dim, kv_dim = args.n_heads * self.head_dim, args.kv_heads * self.head_dim
-        self.wq = ColumnParallel(args.dim, q_dim)
-        self.wk = ColumnParallel(args.dim, kv_dim)
-        self.wv = ColumnParallel(args.dim, kv_dim)
-        self.wo = RowParallel(q_dim, args.dim)
+        self.wq = ColumnParallelLinear(args.dim, q_dim)
+        self.wk = ColumnParallelLinear(args.dim, kv_dim)
+        self.wv = ColumnParallelLinear(args.dim, kv_dim)
+        self.wo = RowParallelLinear(q_dim, args.dim)
+        # This rank's heads: its share of wq's and wk's output features.
+        self.n_local_heads = self.wq.weight.shape[0] // self.head_dim
+        self.n_local_kv_heads = self.wk.weight.shape[0] // self.head_dim
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
@@ -221,9 +163,9 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
-        self.w1 = ColumnParallel(args.dim, hidden)
-        self.w2 = RowParallel(hidden, args.dim)
-        self.w3 = ColumnParallel(args.dim, hidden)
+        self.w1 = ColumnParallelLinear(args.dim, hidden)
+        self.w2 = RowParallelLinear(hidden, args.dim)
+        self.w3 = ColumnParallelLinear(args.dim, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -245,17 +187,22 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Meta's Transformer. Parameter names match Meta's consolidated.*.pth files."""
+    """Meta's Transformer. Parameter names match Meta's consolidated.*.pth files.
 
-    def __init__(self, params: ModelArgs):
+    vocab_parallel_embedding: split tok_embeddings across model-parallel ranks on the
+    vocabulary (Llama 3's layout) instead of the embedding dim (Llama 1/2's).
+    """
+
+    def __init__(self, params: ModelArgs, vocab_parallel_embedding: bool = False):
         super().__init__()
         self.params = params
         self.vocab_size = params.vocab_size
         self.n_layers = params.n_layers
-        self.tok_embeddings = EmbeddingParallel(params.vocab_size, params.dim)
+        embedding = VocabParallelEmbedding if vocab_parallel_embedding else ParallelEmbedding
+        self.tok_embeddings = embedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallel(params.dim, params.vocab_size, gather_output=True)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
         self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
@@ -302,23 +249,10 @@ class Transformer(nn.Module):
             slots = torch.arange(kv_len, device=tokens.device)
             mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
 
-        with _onednn_matmuls(enabled=not (tokens.numel() == 1 and tokens.device.type == "cpu")):
-            h = self.tok_embeddings(tokens)
-            for layer in self.layers:
-                h = layer(h, positions, kv_len, rotation, mask)
-            h = self.norm(h)
-            if last_index is not None:
-                h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
-            return self.output(h).float()
-
-
-@contextlib.contextmanager
-def _onednn_matmuls(enabled: bool) -> Iterator[None]:
-    """For a single row (batch-1 decode), PyTorch's plain CPU kernels read bf16 weights about
-    twice as fast as oneDNN's, whose fixed cost only pays off from two rows up."""
-    saved = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = saved
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, positions, kv_len, rotation, mask)
+        h = self.norm(h)
+        if last_index is not None:
+            h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
+        return self.output(h).float()

@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization, applied to a loaded model from outside.
+"""Weight-only int8 quantization, applied to a loaded model from outside by swapping
+each parallel projection for an int8 one that keeps its collective (as gpt-fast does).
 
 Each projection's weight becomes int8 with one scale per output row (symmetric,
 absmax/127); activations stay in the model dtype. On CPU, torch's fused
@@ -14,31 +15,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LlamaError
-from .model import ColumnParallel, RowParallel, Transformer
+from .model import Transformer
+from .parallel import Collective, ParallelLinear, no_collective
 
 QUANTIZE_MODES = ("int8",)
 FUSED_MAX_ROWS = 32  # decode steps up to this batch size use the fused int8 kernel (measured)
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale).T with q int8 [out, in] and scale [out]."""
+    """y = combine(x @ (q * scale).T) with q int8 [out, in] and scale [out]; `combine` is the
+    collective of the parallel layer this one replaces."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, combine: Collective = no_collective):
         super().__init__()
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
         self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale.to(weight.dtype))
+        self.combine = combine
         # The fused kernel exists for CPU (and MPS) with half-precision activations.
         self.fused = weight.device.type in ("cpu", "mps") and weight.dtype in (torch.bfloat16, torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if self.fused and flat.shape[0] <= FUSED_MAX_ROWS:
-            return torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
-        # For many rows (prefill) the fused kernel is slower than dequantizing the weight
-        # once and running the dtype's own matmul.
-        return F.linear(x, self.q.to(x.dtype)) * self.scale
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.q, self.scale).view(*x.shape[:-1], -1)
+        else:
+            # For many rows (prefill) the fused kernel is slower than dequantizing the weight
+            # once and running the dtype's own matmul.
+            out = F.linear(x, self.q.to(x.dtype)) * self.scale
+        return self.combine(out)
 
 
 def quantize_model(model: Transformer, mode: Optional[str]) -> Transformer:
@@ -47,10 +53,9 @@ def quantize_model(model: Transformer, mode: Optional[str]) -> Transformer:
         return model
     if mode not in QUANTIZE_MODES:
         raise LlamaError(f"quantize={mode!r} is not supported; use one of {', '.join(QUANTIZE_MODES)} or None")
-    for module in model.modules():
-        if isinstance(module, (ColumnParallel, RowParallel)) and module.quantized is None:
-            module.quantized = Int8Linear(module.weight)
-            # The int8 copy replaces the weight; drop the original to free its memory.
-            module.weight = nn.Parameter(torch.empty(0, dtype=module.weight.dtype, device=module.weight.device),
-                                         requires_grad=False)
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if isinstance(child, ParallelLinear)]
+    for parent, name, child in swaps:
+        # The int8 copy replaces the layer, whose weight is then freed.
+        setattr(parent, name, Int8Linear(child.weight, child.combine))
     return model

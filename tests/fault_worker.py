@@ -8,6 +8,8 @@ Faults are injected by this script only, never by library code, from the environ
   FAULT_KILL_RANK=R      rank R dies abruptly (os._exit(FAULT_EXIT_CODE, default 9))
   FAULT_KILL_AFTER=N     ... after N forward passes of the model (mid-generation)
   FAULT_HANG_RANK=R      rank R hangs (sleeps) instead of generating, alive but silent
+  FAULT_OOM_RANK=R       rank R runs out of memory making the model (Transformer.__init__),
+                         the first step after the checkpoint was read and checked
 """
 
 import os
@@ -25,6 +27,13 @@ def main(ckpt_dir: str, tokenizer_path: str, max_gen_len: int = 16):
     rank = int(os.environ.get("RANK", "0"))
     if rank == 1 and os.environ.get("FAULT_RANK1_CKPT"):
         ckpt_dir = os.environ["FAULT_RANK1_CKPT"]
+    if os.environ.get("FAULT_OOM_RANK") == str(rank):
+        import llama.model
+
+        def out_of_memory(*args, **kwargs):
+            raise MemoryError("no room for the model (injected)")
+
+        llama.model.Transformer.__init__ = out_of_memory
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu")
 
     if os.environ.get("FAULT_KILL_RANK") == str(rank):

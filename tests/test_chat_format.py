@@ -11,7 +11,8 @@ from llama.assets import LLAMA3_TOKENIZER, SMOLLM2_GGUF, fetch_wheel_file
 from llama.chat_format import (ChatFormat, ChatMLFormat, Llama2ChatFormat, Llama3ChatFormat,
                                make_chat_format)
 from llama.errors import LlamaError
-from llama.tokenizer import Tokenizer, hf_tokenizer_json_from_gguf_vocab
+from llama.gguf_tokenizer import hf_tokenizer_json_from_gguf_vocab
+from llama.tokenizer import Tokenizer
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 

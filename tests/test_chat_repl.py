@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TIMING_LINE, run_torchrun
 from llama.chat import ChatSession, read_stdin, repl
 
 REPO = Path(__file__).resolve().parent.parent
-SUMMARY = re.compile(r"\[(\d+) prompt tokens, (\d+) generated, [\d.]+ tokens/s, first token after \d+ ms\]")
 MAX_GEN_LEN = 10
 
 
@@ -41,7 +41,7 @@ def test_terminal_session_two_turns_reset_exit(demo):
         """Send a message; return (reply as printed, prompt tokens reported)."""
         child.expect_exact("> ")
         child.sendline(message)
-        child.expect(SUMMARY)
+        child.expect(TIMING_LINE)
         printed = child.before.replace("\r\n", "\n")
         assert printed.startswith(message + "\n")  # the terminal's echo of what was typed
         return printed[len(message) + 1: -1], int(child.match.group(1))
@@ -88,7 +88,7 @@ def test_history_too_long_drops_oldest_turns_instead_of_crashing(generator, caps
     assert "dropped the oldest" in err
     assert "error: this message makes a prompt of" in err and "--max_seq_len=64" in err
     assert "unknown command /foo" in err
-    assert len(SUMMARY.findall(err)) == len(messages) + 1  # every short message was answered
+    assert len(TIMING_LINE.findall(err)) == len(messages) + 1  # every short message was answered
     assert session.turns[-2] == {"role": "user", "content": "One more?"}
     assert session.turns[0]["content"] != messages[0]  # the oldest went
     prompt = generator.formatter.encode_dialog_prompt(session.turns[:-1])
@@ -120,3 +120,34 @@ def test_end_of_input_quits(monkeypatch, capsys):
     assert read_stdin() is None
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
     assert read_stdin() == "hello"
+
+
+def test_an_unexpected_error_in_one_reply_keeps_the_conversation(generator, capsys, monkeypatch):
+    session = ChatSession(generator, temperature=0.0, max_gen_len=4)
+    real_stream_chat = generator.stream_chat
+    calls = []
+
+    def broken_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("some bug")
+        return real_stream_chat(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "stream_chat", broken_once)
+    script = iter(["Hello!", "Tell me more.", "Bye!", None])
+    repl(generator, session, lambda: next(script))
+    err = capsys.readouterr().err
+    assert "error: RuntimeError: some bug (a bug in llama: please report it; the reply is not kept" in err
+    assert [m["content"] for m in session.turns if m["role"] == "user"] == ["Hello!", "Bye!"]
+
+
+def test_two_ranks_wait_for_a_slow_typist_in_bounded_steps(tiny_ckpt, sp_tokenizer, tmp_path):
+    """Rank 0's user types for 6 s while every wait of the REPL is bounded to 2 s
+    (LLAMA_DIST_TIMEOUT): the other rank keeps waiting in bounded steps, then both answer."""
+    typing_s = 6
+    job = run_torchrun(REPO / "tests" / "repl_worker.py", [tiny_ckpt, sp_tokenizer, typing_s, tmp_path],
+                       timeout_s=120, LLAMA_DIST_TIMEOUT="60")
+    assert job["rc"] == 0, job["stderr"][-4000:]
+    for rank in range(2):
+        seconds, turns = (tmp_path / f"rank{rank}.txt").read_text().split()
+        assert float(seconds) >= 2 * typing_s and turns == "2"  # two lines typed; one exchange kept

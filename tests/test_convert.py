@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama import Llama, LlamaError
-from llama.convert import convert
+from llama.convert import MARKER, convert
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,7 +92,7 @@ def test_hf_safetensors_round_trip(hf_dir, tmp_path, shards):
     src, model = hf_dir
     dst = convert(str(src), str(tmp_path / "meta"), model_parallel_size=shards, dtype="fp32")
     assert sorted(p.name for p in dst.iterdir()) == sorted(
-        [f"consolidated.{i:02d}.pth" for i in range(shards)] + ["params.json", "tokenizer.model"])
+        [f"consolidated.{i:02d}.pth" for i in range(shards)] + ["params.json", "tokenizer.model", MARKER])
     ours = Llama.build(str(dst), max_seq_len=64, max_batch_size=2, device="cpu", dtype="fp32")
     tokens = torch.tensor([ours.tokenizer.encode("Round trips are fun", bos=True, eos=False)])
     with torch.no_grad():
@@ -100,17 +100,29 @@ def test_hf_safetensors_round_trip(hf_dir, tmp_path, shards):
     assert (ours.model(tokens, 0) - expected).abs().max().item() < 1e-4
 
 
-def test_convert_refuses_non_empty_destination_and_replaces_with_force(hf_dir, tmp_path):
+def test_convert_refuses_non_empty_destination_and_replaces_only_its_own_output_with_force(hf_dir, tmp_path):
     src, _ = hf_dir
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "precious.txt").write_text("keep me")
     with pytest.raises(LlamaError, match="not empty.*--force"):
         convert(str(src), str(dst), dtype="fp32")
-    assert (dst / "precious.txt").read_text() == "keep me"
+    # --force replaces earlier outputs of llama.convert only, never a folder of the user's.
+    with pytest.raises(LlamaError, match=r"--force: '.*out' was not written by llama.convert"):
+        convert(str(src), str(dst), dtype="fp32", force=True)
+    assert [p.name for p in dst.iterdir()] == ["precious.txt"]
+    (dst / "precious.txt").unlink()
+    convert(str(src), str(dst), dtype="fp32")
+    first = (dst / "consolidated.00.pth").stat().st_ino
     convert(str(src), str(dst), dtype="fp32", force=True)
-    assert (dst / "params.json").is_file() and not (dst / "precious.txt").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp dirs left
+    assert (dst / "params.json").is_file() and (dst / "consolidated.00.pth").stat().st_ino != first
+    # A file the user added to an earlier output is theirs: that output is not replaced.
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(LlamaError, match=r"holds files llama.convert did not write \(notes.txt\)"):
+        convert(str(src), str(dst), dtype="fp32", force=True)
+    assert (dst / "notes.txt").read_text() == "mine" and (dst / "params.json").is_file()
+    # Nothing is left beside it but its lock file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
 
 
 def test_convert_refuses_other_architectures(tmp_path):

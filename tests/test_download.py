@@ -7,23 +7,14 @@ supports HTTP Range requests so resuming can be exercised.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import socket
-import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "download.sh"
-SIGNATURE = "GoodSig~abc123XYZ"
-BAD_SIGNATURE = "ExpiredSig~zzz999"
-POLICY = "eyJTdGF0ZW1lbnQiOlt7IlJlc291cmNlIjoiKiJ9XX0"
+from conftest import BAD_SIGNATURE, POLICY, SIGNATURE, FakeS3, make_tree, run_download_sh as run
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("md5sum") is None and shutil.which("md5") is None,
@@ -36,92 +27,6 @@ DOWNLOADERS = [
 ]
 
 
-def _md5(data: bytes) -> str:
-    return hashlib.md5(data).hexdigest()
-
-
-def _checklist(entries: dict[str, bytes]) -> bytes:
-    return "".join(f"{_md5(data)}  {name}\n" for name, data in entries.items()).encode()
-
-
-def make_tree() -> dict[str, bytes]:
-    """Fake release tree: path -> the true bytes (checklists computed from these)."""
-    rnd = lambda n, seed: hashlib.shake_256(seed.encode()).digest(n)  # noqa: E731 - deterministic bytes
-    tree: dict[str, bytes] = {
-        "LICENSE": b"LLAMA 2 COMMUNITY LICENSE AGREEMENT (test copy)\n",
-        "USE_POLICY.md": b"# Llama 2 Acceptable Use Policy (test copy)\n",
-        "tokenizer.model": rnd(4096, "tok"),
-    }
-    tree["tokenizer_checklist.chk"] = _checklist({"tokenizer.model": tree["tokenizer.model"]})
-    for model, shards in (("llama-2-7b", 1), ("llama-2-13b", 2)):
-        files = {f"consolidated.{i:02d}.pth": rnd(96 * 1024 + 7 * i, f"{model}/{i}") for i in range(shards)}
-        files["params.json"] = b'{"dim": 64, "n_layers": 2, "n_heads": 4}\n'
-        tree.update({f"{model}/{name}": data for name, data in files.items()})
-        tree[f"{model}/checklist.chk"] = _checklist(files)
-    return tree
-
-
-class FakeS3:
-    """Loopback HTTP server; `files` is what gets served (tests may corrupt it)."""
-
-    def __init__(self, files: dict[str, bytes]):
-        self.files = dict(files)
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep pytest output clean
-                pass
-
-            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None):
-                self.send_response(code)
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                parts = urlsplit(self.path)
-                path = unquote(parts.path).lstrip("/")
-                rng = self.headers.get("Range")
-                with outer.lock:
-                    outer.requests.append((path, rng))
-                if parse_qs(parts.query).get("Signature") != [SIGNATURE]:
-                    return self._send(403, b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>")
-                data = outer.files.get(path)
-                if data is None:
-                    return self._send(404, b"<Error><Code>NoSuchKey</Code></Error>")
-                if rng and rng.startswith("bytes="):
-                    start_s, _, end_s = rng[len("bytes="):].partition("-")
-                    start = int(start_s)
-                    if start >= len(data):
-                        return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
-                    end = min(int(end_s), len(data) - 1) if end_s else len(data) - 1
-                    return self._send(
-                        206, data[start : end + 1], {"Content-Range": f"bytes {start}-{end}/{len(data)}"}
-                    )
-                return self._send(200, data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def url(self, signature: str = SIGNATURE) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}/*?Policy={POLICY}&Signature={signature}&Key-Pair-Id=APKATEST"
-
-    def paths_requested(self) -> list[str]:
-        with self.lock:
-            return [p for p, _ in self.requests]
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def tree() -> dict[str, bytes]:
     return make_tree()
@@ -132,24 +37,6 @@ def server(tree):
     srv = FakeS3(tree)
     yield srv
     srv.close()
-
-
-def run(args=(), *, downloader="curl", env=None, stdin=subprocess.DEVNULL, input=None, timeout=20, cwd=None):
-    full_env = {k: v for k, v in os.environ.items() if k not in ("PRESIGNED_URL", "MODEL_SIZE", "TARGET_FOLDER")}
-    full_env.update(LLAMA_DOWNLOADER=downloader, LLAMA_RETRIES="0", LLAMA_RETRY_DELAY="0", LLAMA_READ_TIMEOUT="2")
-    full_env.update(env or {})
-    if input is not None:
-        stdin = None
-    return subprocess.run(
-        ["bash", str(SCRIPT), *args],
-        env=full_env,
-        stdin=stdin,
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=cwd,
-    )
 
 
 def model_files(tree, prefix):
@@ -361,3 +248,47 @@ def test_help_and_bad_arguments():
     res = run(["--url", "http://127.0.0.1/no-star?Signature=x", "--models", "7B"])
     assert res.returncode == 2 and "'*'" in res.stderr
     assert_no_secret(res)
+
+
+# 8. environment values and planted links --------------------------------------------------
+@pytest.mark.parametrize("name, value", [
+    ("LLAMA_RETRIES", "3abc"),  # main: an endless retry loop ("value too great for base")
+    ("LLAMA_RETRIES", "x"),  # main: "x: unbound variable" from deep inside
+    ("LLAMA_RETRIES", "a[$(touch {marker})]"),  # bash evaluates variables inside (( )) as expressions
+    ("LLAMA_RETRIES", "-1"),
+    ("LLAMA_RETRIES", "99999999999999999999"),  # wraps around in bash arithmetic
+    ("LLAMA_RETRY_DELAY", "5s"),
+    ("LLAMA_READ_TIMEOUT", "1e9"),
+])
+def test_environment_numbers_are_checked_before_use(server, tmp_path, name, value):
+    marker = tmp_path / "pwned"
+    res = run(["--url", server.url(), "--models", "7B", "--target", str(tmp_path / "w")],
+              env={name: value.format(marker=marker)}, timeout=10)
+    assert res.returncode == 2
+    assert res.stderr.startswith(f"error: {name}='{value.format(marker=marker)}' must be a ")
+    assert server.requests == [] and not marker.exists()
+
+
+def test_numbers_with_leading_zeros_are_decimal(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = run(["--url", f"http://127.0.0.1:{port}/*?Signature={SIGNATURE}", "--models", "7B", "--target", str(tmp_path)],
+              env={"LLAMA_RETRIES": "08", "LLAMA_RETRY_DELAY": "0.0"})
+    assert res.returncode == 3 and "retry 8/8" in res.stdout and "retry 9" not in res.stdout
+
+
+@pytest.mark.parametrize("downloader", DOWNLOADERS)
+@pytest.mark.parametrize("victim_exists", [True, False])
+def test_planted_link_at_a_part_path_is_not_followed(server, tmp_path, downloader, victim_exists):
+    victim = tmp_path / "victim"  # say, the user's ~/.bashrc
+    if victim_exists:
+        victim.write_bytes(b"precious")
+    part = tmp_path / "w" / "llama-2-7b" / "consolidated.00.pth.part"
+    part.parent.mkdir(parents=True)
+    part.symlink_to(victim)
+    res = run(["--url", server.url(), "--models", "7B", "--target", str(tmp_path / "w")], downloader=downloader)
+    assert res.returncode == 3
+    assert "llama-2-7b/consolidated.00.pth.part is a symbolic link or not a regular file; refusing" in res.stderr
+    assert (victim.read_bytes() == b"precious") if victim_exists else not victim.exists()
+    assert part.is_symlink() and "llama-2-7b/consolidated.00.pth" not in server.paths_requested()

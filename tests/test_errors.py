@@ -18,7 +18,7 @@ import torch
 
 import llama.model
 from llama import Llama, LlamaError, ModelArgs
-from llama.generation import kv_cache_bytes
+from llama.loading import kv_cache_bytes
 from llama.testing import TINY_PARAMS, random_meta_weights, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,55 +2,24 @@
 on rank 0's stderr; download.sh never takes a partial file for a complete one; conversion
 never leaves a half-written checkpoint behind."""
 
+import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import BAD_SIGNATURE, FakeS3, make_tree, run_download_sh, run_torchrun
 from llama.testing import TINY_PARAMS, random_meta_weights, write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "fault_worker.py"
 JOB_LIMIT_S = 60  # the whole job must be over by then
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(script: Path, args: list, logs: Path, **env_extra: str) -> dict:
-    """Run `script` under torchrun on two CPU ranks; return the exit code, the time the whole
-    job took, torchrun's own stderr and each rank's stderr (torchrun --redirects)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])), **env_extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "--log-dir", str(logs), "--redirects", "3", str(script), *args]
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=2 * JOB_LIMIT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"the torchrun job was still running after {2 * JOB_LIMIT_S}s:\n{stderr[-4000:]}")
-    ranks = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
-    return {"rc": proc.returncode, "elapsed": time.monotonic() - start, "stderr": stderr, "ranks": ranks}
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +36,20 @@ def bad_copy(tmp_path_factory, tiny_ckpt_mp2) -> Path:
 # (None: torchrun may end it before it can say anything), what torchrun's summary must show.
 SHARD_01 = r"cannot read checkpoint shard '[^']*consolidated\.01\.pth': it is truncated or corrupted"
 FAULTS = {
-    # Both ranks need shard 01 (each merges all shards), so both fail alike.
-    "corrupted_shard_01": dict(worker="example", env={}, rank0=rf"^error: {SHARD_01}", summary=r"exitcode\s*:\s*1"),
+    # Only rank 1 opens shard 01 (each rank reads only its own shard); rank 0 names its failure.
+    "corrupted_shard_01": dict(worker="example", env={},
+                               rank0=rf"^error: rank 1 failed while loading the checkpoint: {SHARD_01}",
+                               summary=r"exitcode\s*:\s*1"),
     # Only rank 1 reads a bad copy (say, a node with its own damaged download).
     "bad_shard_on_rank1_only": dict(worker="fault", env={"FAULT_RANK1_CKPT": "{bad}"},
                                     rank0=rf"^error: rank 1 failed while loading the checkpoint: {SHARD_01}",
                                     summary=r"exitcode\s*:\s*1"),
+    # Rank 1 fails making the model, after the checkpoint stage everyone agreed on: every rank
+    # must meet it at the same agreement (one per stage, none nested) and end with its cause.
+    "rank1_out_of_memory_building": dict(worker="fault", env={"FAULT_OOM_RANK": "1"},
+                                         rank0=r"^error: rank 1 failed while building the model: MemoryError: "
+                                               r"no room for the model \(injected\)",
+                                         summary=r"exitcode\s*:\s*1"),
     # Rank 1 dies abruptly in the middle of generating.
     "rank1_killed_mid_generation": dict(worker="fault", env={"FAULT_KILL_RANK": "1", "FAULT_KILL_AFTER": "3"},
                                         rank0=None, summary=r"local_rank: 1\)\s*\n\s*exitcode\s*:\s*9"),
@@ -89,7 +66,9 @@ def test_failed_rank_ends_the_whole_job(fault, tiny_ckpt_mp2, bad_copy, sp_token
     env = {key: value.format(bad=bad_copy) for key, value in case["env"].items()}
     ckpt = bad_copy if fault == "corrupted_shard_01" else tiny_ckpt_mp2
     script = REPO / "example_text_completion.py" if case["worker"] == "example" else WORKER
-    job = _torchrun(script, ["--ckpt_dir", str(ckpt), "--tokenizer_path", sp_tokenizer], tmp_path / "logs", **env)
+    job = run_torchrun(script, ["--ckpt_dir", ckpt, "--tokenizer_path", sp_tokenizer], timeout_s=2 * JOB_LIMIT_S,
+                       logs=tmp_path / "logs", **env)
+    assert job["rc"] is not None, f"the torchrun job was still running after {2 * JOB_LIMIT_S}s:\n{job['stderr'][-4000:]}"
 
     print(f"{fault}: torchrun exited {job['rc']} after {job['elapsed']:.1f}s")
     assert job["rc"] != 0
@@ -153,7 +132,6 @@ class _CutOnce:
 
 @pytest.fixture
 def cut_server():
-    from test_download import make_tree
 
     shard = "llama-2-7b/consolidated.00.pth"
     server = _CutOnce(make_tree(), shard)
@@ -163,9 +141,7 @@ def cut_server():
 
 
 def _download(url: str, target: Path, retries: int, downloader: str = "curl") -> subprocess.CompletedProcess:
-    from test_download import run
-
-    return run(["--url", url, "--models", "7B", "--target", str(target)], downloader=downloader,
+    return run_download_sh(["--url", url, "--models", "7B", "--target", str(target)], downloader=downloader,
                env={"LLAMA_RETRIES": str(retries)})
 
 
@@ -198,18 +174,16 @@ def test_interrupted_download_resumes_within_the_same_run(cut_server, tmp_path):
 
 
 def test_expired_url_keeps_verified_files_and_partial_downloads(tmp_path):
-    from test_download import BAD_SIGNATURE, FakeS3, make_tree, run
-
     tree = make_tree()
     server = FakeS3(tree)
     try:
-        assert run(["--url", server.url(), "--models", "7B", "--target", str(tmp_path)]).returncode == 0
+        assert run_download_sh(["--url", server.url(), "--models", "7B", "--target", str(tmp_path)]).returncode == 0
         verified = {p: (tmp_path / p).stat().st_mtime_ns for p in tree
                     if (tmp_path / p).is_file()}
         part = tmp_path / "llama-2-13b/consolidated.00.pth.part"
         part.parent.mkdir()
         part.write_bytes(tree["llama-2-13b/consolidated.00.pth"][:1000])
-        res = run(["--url", server.url(BAD_SIGNATURE), "--models", "7B,13B", "--target", str(tmp_path)])
+        res = run_download_sh(["--url", server.url(BAD_SIGNATURE), "--models", "7B,13B", "--target", str(tmp_path)])
     finally:
         server.close()
     assert res.returncode == 3
@@ -228,8 +202,10 @@ def test_conversion_crash_midway_leaves_no_half_checkpoint(crash, dst_exists, tm
     src = tmp_path / "hf_model"
     src.mkdir()
     dst = tmp_path / "out"
-    if dst_exists:
+    if dst_exists:  # an earlier output of llama.convert, which --force may replace
         write_tiny_checkpoint(dst, seed=5)
+        names = sorted(p.name for p in dst.iterdir())
+        (dst / llama.convert.MARKER).write_text(json.dumps({"files": names}))
     before = {p.name: p.read_bytes() for p in dst.iterdir()} if dst_exists else None
     # The source reads fine; the crash comes while the second of two shards is written.
     monkeypatch.setattr(llama.convert, "convert_hf",
@@ -251,5 +227,6 @@ def test_conversion_crash_midway_leaves_no_half_checkpoint(crash, dst_exists, tm
         assert {p.name: p.read_bytes() for p in dst.iterdir()} == before
     else:
         assert not dst.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["hf_model"] + (["out"] if dst_exists else []))
+    # Only the lock file is left beside it: no half-written or moved-away checkpoint.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.lock", "hf_model"] + (["out"] if dst_exists else []))
 

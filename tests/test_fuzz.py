@@ -7,18 +7,19 @@ Hypothesis runs derandomized (the same examples every run) so the suite stays re
 import contextlib
 import json
 import math
+import shutil
 import signal
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from llama import Llama, LlamaError, ModelArgs
-from llama.checkpoint import _open_shard, load_params
+from llama import Llama, LlamaError, ModelArgs, Tokenizer
+from llama.checkpoint import load_params, open_shard
+from conftest import write_tiny_gguf, write_tiny_hf_dir
 from llama.convert import convert
 from llama.testing import TINY_PARAMS
 
@@ -188,7 +189,7 @@ def test_mutated_shard_loads_or_raises_llama_error(data, small_shard):
         path.write_bytes(mutate(small_shard, mutation))
         with time_limit(10):
             try:
-                state = _open_shard(path)
+                state = open_shard(path)
             except LlamaError as exc:
                 assert "consolidated.00.pth" in str(exc)
                 return
@@ -196,44 +197,6 @@ def test_mutated_shard_loads_or_raises_llama_error(data, small_shard):
 
 
 # ---- GGUF ----------------------------------------------------------------------------------
-
-def write_tiny_gguf(path: Path, dim: int = 8, n_heads: int = 2, n_kv_heads: int = 1, hidden: int = 16) -> Path:
-    """A one-layer Llama GGUF with a byte-level BPE vocabulary of 8 tokens (ChatML specials)."""
-    import gguf
-
-    tokens = ["a", "b", "c", "ab", "abc", "Ġ", "<|im_start|>", "<|im_end|>"]
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
-    w.add_embedding_length(dim)
-    w.add_feed_forward_length(hidden)
-    w.add_head_count(n_heads)
-    w.add_head_count_kv(n_kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_merges(["a b", "ab c"])
-    w.add_token_types([1] * 6 + [3, 3])
-    w.add_bos_token_id(6)
-    w.add_eos_token_id(7)
-    w.add_chat_template("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
-    kv = dim // n_heads * n_kv_heads
-    shapes = {"token_embd.weight": (len(tokens), dim), "output_norm.weight": (dim,),
-              "blk.0.attn_q.weight": (dim, dim), "blk.0.attn_k.weight": (kv, dim), "blk.0.attn_v.weight": (kv, dim),
-              "blk.0.attn_output.weight": (dim, dim), "blk.0.ffn_gate.weight": (hidden, dim),
-              "blk.0.ffn_down.weight": (dim, hidden), "blk.0.ffn_up.weight": (hidden, dim),
-              "blk.0.attn_norm.weight": (dim,), "blk.0.ffn_norm.weight": (dim,)}
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> bytes:
@@ -282,8 +245,117 @@ def test_gguf_with_huge_array_length_is_refused_at_once(key, tiny_gguf):
 def test_gguf_with_huge_block_count_is_refused_at_once(tiny_gguf):
     """n_layers = 4 billion (a flipped high byte): refused without allocating anything for them."""
     data = _set_after_key(tiny_gguf, "llama.block_count", 4, (0xFFFFFFF0).to_bytes(4, "little"))
-    with pytest.raises(LlamaError, match="holds weights for 1 layers but says n_layers=4294967280"):
+    with pytest.raises(LlamaError, match="llama.block_count = 4294967280 is invalid, it must be an integer from 1 to"):
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "model.gguf").write_bytes(data)
             with time_limit(10):
                 convert(str(Path(tmp) / "model.gguf"), str(Path(tmp) / "out"), dtype="fp32")
+
+
+# ---- HF directories: config.json, tokenizer_config.json, safetensors headers --------------------
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    return write_tiny_hf_dir(tmp_path_factory.mktemp("hf") / "model")
+
+
+@contextlib.contextmanager
+def hf_copy(tiny_hf: Path, name: str, data: bytes):
+    """A copy of the tiny HF directory with file `name` holding `data`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model"
+        shutil.copytree(tiny_hf, src)
+        (src / name).write_bytes(data)
+        yield src
+
+
+def _converts_or_names_the_folder(src: Path) -> None:
+    """Converting `src` works or raises a LlamaError naming a file in it (or the folder itself,
+    for weights that do not fit its settings): never another exception, never a hang."""
+    with time_limit(10):
+        try:
+            convert(str(src), str(src.parent / "out"), dtype="fp32")
+            event("converted")
+        except LlamaError as exc:
+            assert str(src) in str(exc), str(exc)
+            event("LlamaError")
+
+
+def _json_changes(keys):
+    return st.dictionaries(st.sampled_from(keys), JSON_VALUES | st.just(...), min_size=1, max_size=3)
+
+
+def _changed(text: bytes, changes: dict) -> bytes:
+    """The JSON object `text` with `changes` applied (a value of ... removes the key)."""
+    data = {**json.loads(text), **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not ...}).encode()
+
+
+HF_CONFIG_KEYS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "rms_norm_eps", "rope_theta", "rope_scaling",
+                  "rope_parameters", "tie_word_embeddings", "model_type"]
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(changes=_json_changes(HF_CONFIG_KEYS))
+@example(changes={"rope_scaling": {"rope_type": "llama3", "factor": []}})
+@example(changes={"num_key_value_heads": 4, "num_attention_heads": 4})
+def test_config_json_with_odd_values_converts_or_names_the_file(changes, tiny_hf):
+    with hf_copy(tiny_hf, "config.json", _changed((tiny_hf / "config.json").read_bytes(), changes)) as src:
+        _converts_or_names_the_folder(src)
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(data=st.data())
+def test_mutated_config_json_bytes_convert_or_name_the_file(data, tiny_hf):
+    text = (tiny_hf / "config.json").read_bytes()
+    mutation = data.draw(mutations(len(text), st.sampled_from(b'0123456789-.e ,:[]{}"') | st.integers(0, 255)))
+    with hf_copy(tiny_hf, "config.json", mutate(text, mutation)) as src:
+        _converts_or_names_the_folder(src)
+
+
+TOKEN_CONFIG_KEYS = ["bos_token", "eos_token", "pad_token", "add_bos_token", "chat_template"]
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "special_tokens_map.json"])
+@settings(max_examples=100, **SETTINGS)
+@given(data=st.data())
+def test_mutated_token_configs_convert_and_load_or_name_the_file(name, data, tiny_hf):
+    text = (tiny_hf / "tokenizer_config.json").read_bytes()
+    if data.draw(st.booleans()):
+        new = _changed(text, data.draw(_json_changes(TOKEN_CONFIG_KEYS)))
+    else:
+        new = mutate(text, data.draw(mutations(len(text), st.sampled_from(b'"{}[],:01tfn<|>') | st.integers(0, 255))))
+    with hf_copy(tiny_hf, name, new) as src:
+        _converts_or_names_the_folder(src)
+        try:
+            Tokenizer(str(src / "tokenizer.json"))
+            event("tokenizer loaded")
+        except LlamaError as exc:
+            assert str(src) in str(exc), str(exc)
+            event("LlamaError")
+
+
+SAFETENSORS_DTYPES = ["F32", "F16", "BF16", "F64", "I32", "I64", "U8", "BOOL", "F8_E4M3", "F33", ""]
+
+
+@settings(max_examples=150, **SETTINGS)
+@given(data=st.data())
+def test_safetensors_with_lying_headers_convert_or_name_the_file(data, tiny_hf):
+    raw = (tiny_hf / "model.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8:8 + size]), raw[8 + size:]
+    if data.draw(st.booleans()):  # lie about one tensor's dtype, shape or offsets, keeping the JSON valid
+        name = data.draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
+        entry = dict(header[name])
+        key = data.draw(st.sampled_from(["dtype", "shape", "data_offsets"]))
+        entry[key] = data.draw({"dtype": st.sampled_from(SAFETENSORS_DTYPES),
+                                "shape": st.lists(st.integers(0, 2**40) | st.integers(0, 64), max_size=3),
+                                "data_offsets": st.lists(st.integers(0, len(body) + 64) | st.integers(0, 2**64 - 1),
+                                                         min_size=2, max_size=2)}[key])
+        text = json.dumps({**header, name: entry}).encode()
+        new = len(text).to_bytes(8, "little") + text + body
+    else:  # damage the header's bytes, its length prefix included
+        new = mutate(raw, data.draw(mutations(8 + size)))
+    with hf_copy(tiny_hf, "model.safetensors", new) as src:
+        _converts_or_names_the_folder(src)

@@ -43,9 +43,10 @@ def test_more_prompts_than_max_batch_size_are_chunked_in_order(generator):
 
 def test_generation_respects_max_gen_len_and_max_seq_len(generator):
     prompt = list(range(1, 60))  # 59 tokens; max_seq_len is 64
-    tokens, _ = generator.generate([prompt, [1, 2]], max_gen_len=20, temperature=0)
-    assert len(tokens[0]) <= 64 - 59
-    assert len(tokens[1]) <= 20
+    # No stop tokens: each row runs to its budget, so too few tokens fail as much as too many.
+    tokens, _ = generator.generate([prompt, [1, 2]], max_gen_len=20, temperature=0, stop_tokens=[])
+    assert len(tokens[0]) == 64 - 59
+    assert len(tokens[1]) == 20
 
 
 def test_stops_at_stop_token_and_omits_it(generator):
@@ -164,8 +165,48 @@ def test_chat_completion_refuses_special_tags_like_meta(generator):
     ([{"role": "robot", "content": "hi"}], "unknown role 'robot'"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "end with a 'user'"),
-    ([{"role": "user", "content": 5}], "content must be a str"),
+    ([{"role": "user", "content": 5}], r"content must be text \(str\)"),
 ])
 def test_malformed_dialogs_are_named(generator, dialog, match):
     with pytest.raises(LlamaError, match=match):
         generator.chat_completion([dialog], max_gen_len=4)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompt_tokens=[[1, 2]] * 5), r"stream_tokens decodes at most max_batch_size=4 prompts at once, got 5"),
+    (dict(prompt_tokens=[[1, 2]], temperature=-1), "temperature"),
+    (dict(prompt_tokens=[[]]), "prompt 0 is empty"),
+    (dict(prompt_tokens=[[1, 99999]]), r"token ids outside \[0, 32000\)"),
+])
+def test_stream_tokens_checks_like_generate_and_at_once(generator, kwargs, match):
+    """The checks run when stream_tokens is called, not at the first step, and raise LlamaError."""
+    with pytest.raises(LlamaError, match=match):
+        generator.stream_tokens(**{"max_gen_len": 4, **kwargs})
+
+
+def test_batch1_decode_uses_plain_cpu_kernels_and_the_model_flips_no_flag(generator, monkeypatch):
+    """The kernel policy (llama.kernels) is applied around the model by the decode loop:
+    oneDNN off for single-row CPU steps, untouched for the prefill; forward() itself leaves the
+    global flag alone."""
+    seen = []
+    forward = generator.model.forward
+
+    def spy(tokens, *args, **kwargs):
+        seen.append((tokens.numel(), torch.backends.mkldnn.enabled))
+        return forward(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(generator.model, "forward", spy)
+    assert torch.backends.mkldnn.enabled
+    generator.generate([[1, 450, 7483]], max_gen_len=3, temperature=0, stop_tokens=[])
+    assert seen == [(3, True), (1, False), (1, False)]
+    assert torch.backends.mkldnn.enabled  # restored
+    monkeypatch.undo()
+    linear, inside = torch.nn.functional.linear, []
+
+    def spy_linear(*args, **kwargs):
+        inside.append(torch.backends.mkldnn.enabled)
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy_linear)
+    generator.model(torch.tensor([[1]]), 0)  # called directly, the model uses what it is given
+    assert inside and all(inside)

@@ -9,16 +9,13 @@ with the in-process, world-of-one `generator` built from the same weights.
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_torchrun
 from llama.testing import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,12 +45,6 @@ TOKEN_PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vocab_split_ckpt(tmp_path_factory) -> Path:
     """The same weights in two shards, Llama 3 style: tok_embeddings split on the vocabulary."""
@@ -76,29 +67,11 @@ def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, sp_tok
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
 
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", LLAMA_DIST_TIMEOUT="120",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)  # never inherit a rendezvous from an outer launcher
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(WORKER), str(spec_path)]
-    start = time.time()
-    # Own session, so a hang can be ended with torchrun's workers, not just torchrun.
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"torchrun did not finish within {TIMEOUT_S}s\nstdout:\n{stdout[-4000:]}\n"
-                    f"stderr:\n{stderr[-6000:]}")
-    elapsed = time.time() - start
-    logs = f"exit {proc.returncode} after {elapsed:.1f}s\nstdout:\n{stdout[-4000:]}\n" \
-           f"stderr:\n{stderr[-6000:]}"
-    assert proc.returncode == 0, f"torchrun failed: {logs}"
+    job = run_torchrun(WORKER, [spec_path], timeout_s=TIMEOUT_S, nproc=NPROC, LLAMA_DIST_TIMEOUT="120")
+    logs = f"exit {job['rc']} after {job['elapsed']:.1f}s\nstdout:\n{job['stdout'][-4000:]}\n" \
+           f"stderr:\n{job['stderr'][-6000:]}"
+    assert job["rc"] is not None, f"torchrun did not finish within {TIMEOUT_S}s\n{logs}"
+    assert job["rc"] == 0, f"torchrun failed: {logs}"
     ranks = []
     for r in range(NPROC):
         path = work / f"rank{r}.json"
@@ -106,7 +79,7 @@ def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, sp_tok
         report = json.loads(path.read_text())
         assert "error" not in report, f"rank {r} failed: {report['error']}"
         ranks.append(report)
-    return {"ranks": ranks, "elapsed_s": elapsed, "stdout": stdout, "stderr": stderr}
+    return {"ranks": ranks, "elapsed_s": job["elapsed"], "stdout": job["stdout"], "stderr": job["stderr"]}
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +145,10 @@ def test_really_two_ranks(mp2_run, job):
         assert res["backend"] == "gloo" and res["device"] == "cpu"
         shapes = res["local_shapes"]
         assert shapes["output.weight"] == [32000 // NPROC, 64]
-        assert shapes["tok_embeddings.weight"] == [32000, 64 // NPROC]
+        # The embedding is split as the shards split it: on the embedding dim (Llama 1/2)
+        # or on the vocabulary (Llama 3, and a single shard, which any split fits).
+        vocab_split = job != "mp2_from_2_shards"
+        assert shapes["tok_embeddings.weight"] == ([32000 // NPROC, 64] if vocab_split else [32000, 64 // NPROC])
         assert shapes["layers.0.attention.wq.weight"] == [64 // NPROC, 64]
         assert shapes["layers.0.attention.wo.weight"] == [64, 64 // NPROC]
 
@@ -192,7 +168,7 @@ def test_reshard_1_to_2_matches_mp1_greedy(mp2_run, reference):
 
 
 def test_vocab_split_checkpoint_on_two_ranks_matches_mp1_greedy(mp2_run, reference):
-    """Vocab-split embedding shards, merged and re-cut along the embedding dim for MP=2."""
+    """Vocab-split embedding shards on two ranks: a vocab-parallel embedding, one shard per rank."""
     for rank in range(NPROC):
         _assert_same_results(_job(mp2_run, rank, "mp2_from_vocab_split"), reference,
                              f"MP=2 (vocab-split shards) rank {rank}")

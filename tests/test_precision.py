@@ -10,7 +10,8 @@ import torch
 from llama import Llama
 from llama.demo import ensure_demo
 
-TEXT = (Path(__file__).resolve().parent.parent / "README.md").read_text()[:3000]
+# A fixed text (README as it was when these bounds were set), so editing README changes nothing.
+TEXT = (Path(__file__).resolve().parent / "data" / "frozen_text.md").read_text()
 
 
 def _score(generator: Llama, ids):
@@ -47,3 +48,23 @@ def test_quantize_rejects_unknown_mode(tiny_ckpt, sp_tokenizer):
 
     with pytest.raises(LlamaError, match="quantize='int3'"):
         Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=1, quantize="int3")
+
+
+def test_int8_layers_keep_the_collective_of_the_layer_they_replace(tiny_ckpt, sp_tokenizer):
+    """Quantization swaps modules from outside; at model-parallel size 2 each int8 layer still
+    joins the ranks' results as the layer it replaced did (posing as rank 0 of 2: no
+    collective runs while building)."""
+    from conftest import pose_as_rank
+    from llama.parallel import all_reduce, gather_last_dim, no_collective
+    from llama.quantize import Int8Linear
+
+    with pose_as_rank(0, 2):
+        g = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=16, max_batch_size=1, device="cpu",
+                        dtype="bf16", quantize="int8")
+    layer = g.model.layers[0]
+    swapped = {"wq": layer.attention.wq, "wo": layer.attention.wo, "w1": layer.feed_forward.w1,
+               "w2": layer.feed_forward.w2, "output": g.model.output}
+    assert all(isinstance(m, Int8Linear) for m in swapped.values())
+    assert {name: m.combine for name, m in swapped.items()} == {
+        "wq": no_collective, "wo": all_reduce, "w1": no_collective, "w2": all_reduce, "output": gather_last_dim}
+    assert tuple(layer.attention.wq.q.shape) == (32, 64) and layer.attention.wq.q.dtype == torch.int8

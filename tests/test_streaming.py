@@ -12,9 +12,6 @@ import io
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -22,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TIMING_LINE, run_torchrun  # also when this file runs as the torchrun worker
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["The capital of France is", "Hi", "Once upon a time, in a land far, far away, there lived a"]
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}]
 CHAT_SCRIPT = ["Hello there!", "What did I just say?", "/reset", "Hi", "/exit", "never read"]
 MAX_GEN_LEN = 10
 SEED = 4321
-SUMMARY = re.compile(r"^\[\d+ prompt tokens, \d+ generated, [\d.]+ tokens/s, first token after \d+ ms\]$")
 
 
 @contextlib.contextmanager
@@ -127,8 +125,8 @@ def test_example_script_stream_prints_the_same(script, tiny_ckpt, sp_tokenizer, 
         return "".join(line for line in out.splitlines(True) if not line.startswith("Loaded in"))
 
     assert answers(streamed.out) == answers(batched.out) and "==========" in streamed.out
-    assert [SUMMARY.match(line) is not None for line in batched.err.splitlines()] == [True]
-    assert [SUMMARY.match(line) is not None for line in streamed.err.splitlines()] == [True] * 3
+    assert [TIMING_LINE.fullmatch(line) is not None for line in batched.err.splitlines()] == [True]
+    assert [TIMING_LINE.fullmatch(line) is not None for line in streamed.err.splitlines()] == [True] * 3
 
 
 # ---- two ranks under torchrun ---------------------------------------------------------------
@@ -171,12 +169,6 @@ def _worker(spec_path: str) -> None:
         sys.exit(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mp2(tmp_path_factory, tiny_ckpt_mp2, sp_tokenizer):
     """One torchrun launch with two ranks over gloo; each rank's report and the launcher's output."""
@@ -186,21 +178,11 @@ def mp2(tmp_path_factory, tiny_ckpt_mp2, sp_tokenizer):
     spec = {"ckpt": str(tiny_ckpt_mp2), "tokenizer": sp_tokenizer, "out": str(work),
             "batch_in": str(batch_in), "batch_out": str(work / "out.jsonl")}
     (work / "spec.json").write_text(json.dumps(spec))
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", LLAMA_DIST_TIMEOUT="120",
-               LLAMA_PROGRESS="0", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), __file__, str(work / "spec.json")]
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-    logs = f"exit {proc.returncode}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
-    assert proc.returncode == 0, f"torchrun failed: {logs}"
+    job = run_torchrun(Path(__file__), [work / "spec.json"], timeout_s=180, LLAMA_DIST_TIMEOUT="120",
+                       LLAMA_PROGRESS="0")
+    stdout, stderr = job["stdout"], job["stderr"]
+    logs = f"exit {job['rc']}\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-5000:]}"
+    assert job["rc"] == 0, f"torchrun failed: {logs}"
     ranks = [json.loads((work / f"rank{r}.json").read_text()) for r in range(2)]
     return {"ranks": ranks, "stdout": stdout, "stderr": stderr, "batch_out": work / "out.jsonl",
             "batch_in": batch_in}
