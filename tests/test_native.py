@@ -340,6 +340,72 @@ def test_decode_step_equals_transformer_bf16(concurrent_build, tiny_ckpt, sp_tok
         torch.testing.assert_close(o, r, rtol=0, atol=0.01 * r.abs().max().item())
 
 
+def _decode_rows_both_ways(dtype: str, tiny_ckpt, sp_tokenizer, schedule):
+    """Prefill 4 ragged prompts into cache rows 0..3 of two copies of the model, then per step
+    decode the rows in `schedule` (any subset, any order): the reference feeds every row to
+    Transformer.forward (a row not scheduled re-feeds its pending position, rewritten before
+    it is ever read), NativeDecoder only the scheduled rows. Yields (rows, reference logits
+    of those rows, ours, positions, reference model, our model, our keys before the step)
+    per step."""
+    from llama import Llama
+    from llama.native.decode import NativeDecoder
+
+    models = [Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=4, device="cpu",
+                          dtype=dtype).model for _ in range(2)]
+    g = torch.Generator().manual_seed(1)
+    positions = torch.tensor([5, 9, 3, 7])
+    prompts = torch.randint(0, models[0].vocab_size, (4, 9), generator=g)
+    pending = [m(prompts, 0, last_index=positions - 1).float().argmax(-1) for m in models][0]
+    decoder = NativeDecoder(models[1])
+    for rows in schedule:
+        rows = torch.tensor(rows)
+        before = [layer.attention.cache.k.clone() for layer in models[1].layers]
+        ref = models[0](pending[:, None], positions, kv_len=int(positions.max()) + 1)[:, -1].float()
+        ours = decoder(pending[rows], positions[rows], rows)
+        yield rows, ref[rows], ours, positions.clone(), models[0], models[1], before
+        pending[rows] = ours.argmax(-1)
+        positions[rows] += 1
+
+
+RAGGED_SCHEDULE = [[2], [3, 1], [0, 2, 1, 3], [1], [3, 0], [2, 0, 1]]
+
+
+def test_decode_step_on_any_cache_rows_fp32(concurrent_build, tiny_ckpt, sp_tokenizer):
+    """Rows joining and leaving in any order: the logits of the scheduled rows, each row's
+    cache and no write to rows not scheduled."""
+    for rows, ref, ours, positions, ref_model, our_model, before in _decode_rows_both_ways(
+            "fp32", tiny_ckpt, sp_tokenizer, RAGGED_SCHEDULE):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+        others = [r for r in range(4) if r not in rows.tolist()]
+        for layer, keys in zip(our_model.layers, before):
+            assert torch.equal(layer.attention.cache.k[others], keys[others]), "a row not scheduled was written"
+    for a, b in zip(ref_model.layers, our_model.layers):
+        for row, pos in enumerate(positions.tolist()):  # slots before the last step's positions
+            torch.testing.assert_close(b.attention.cache.k[row, :pos], a.attention.cache.k[row, :pos],
+                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(b.attention.cache.v[row, :pos], a.attention.cache.v[row, :pos],
+                                       rtol=0, atol=1e-5)
+
+
+def test_decode_step_on_any_cache_rows_bf16(concurrent_build, tiny_ckpt, sp_tokenizer):
+    for rows, ref, ours, *_ in _decode_rows_both_ways("bf16", tiny_ckpt, sp_tokenizer, RAGGED_SCHEDULE):
+        assert torch.equal(ours.argmax(-1), ref.argmax(-1)), f"greedy tokens differ on rows {rows.tolist()}"
+
+
+def test_decode_step_refuses_bad_rows(concurrent_build, tiny_ckpt, sp_tokenizer):
+    from llama import Llama
+    from llama.native.decode import NativeDecoder
+
+    model = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=4, device="cpu").model
+    decoder = NativeDecoder(model)
+    two = torch.tensor([1, 2])
+    for rows in ([1, 1], [0, 4], [-1, 0]):
+        with pytest.raises(LlamaError, match="cache rows"):
+            decoder(two, two, torch.tensor(rows))
+    with pytest.raises(LlamaError, match="differ in size"):
+        decoder(two, two, torch.tensor([0]))
+
+
 def test_decode_step_on_quantized_weights(concurrent_build, tiny_ckpt, sp_tokenizer):
     from llama import Llama
 

@@ -28,7 +28,7 @@ import torch
 from ..assets import cache_dir
 from .cpu import cpu_flags, cpu_model
 
-ABI_VERSION = 1  # csrc/api.cpp
+ABI_VERSION = 2  # csrc/api.cpp
 CSRC = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libllama_native.so"
 

@@ -2,8 +2,9 @@
 
     decoder = NativeDecoder(model)                  # after model.setup_caches(...)
     logits = decoder(tokens, positions)             # tokens, positions: [B] -> logits [B, V]
+    logits = decoder(tokens, positions, rows)       # token b in cache row rows[b]
 
-is `model(tokens[:, None], positions)[:, -1]` without Python or per-op dispatch between the
+is `model(tokens[:, None], positions, slots=rows)[:, -1]` without Python or per-op dispatch between the
 ~45 small operations of each layer (see csrc/decode.cpp). It reads the model's own
 weights, rotary table and KV caches (`layers[i].attention.cache.k/v`, fp32 [B, S, K, D]),
 so prefill can stay in PyTorch and decode continue here on the same caches. With
@@ -97,7 +98,7 @@ class NativeDecoder:
         self._model.layers = self._layers
         self._step = lib.llama_decode_step
         self._step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_void_p, ctypes.c_int]
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
 
     def _pointer(self, tensor: torch.Tensor) -> int:
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
@@ -111,17 +112,23 @@ class NativeDecoder:
         return _Matrix(w=self._pointer(stored), n=stored.shape[0], k=in_features(name, stored),
                        layout=LAYOUT_IDS[name], path=PATHS.index(self.path))
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens, positions: [B] (one new token per row, each at its own position) -> fp32 logits [B, V]."""
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor,
+                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens, positions, rows: [B] (one new token per cache row, each at its own position;
+        rows distinct, default 0..B-1) -> fp32 logits [B, V]."""
         tokens = tokens.reshape(-1).to(torch.int64).contiguous()
         positions = positions.reshape(-1).to(torch.int64).contiguous()
-        if tokens.shape != positions.shape:
-            raise LlamaError(f"tokens {list(tokens.shape)} and positions {list(positions.shape)} differ in size")
+        if rows is not None:
+            rows = rows.reshape(-1).to(torch.int64).contiguous()
+        if tokens.shape != positions.shape or (rows is not None and rows.shape != tokens.shape):
+            raise LlamaError(f"tokens {list(tokens.shape)}, positions {list(positions.shape)} and rows "
+                             f"{None if rows is None else list(rows.shape)} differ in size")
         logits = torch.empty(tokens.shape[0], self._model.vocab, dtype=torch.float32)
         rc = self._step(ctypes.byref(self._model), tokens.shape[0], tokens.data_ptr(), positions.data_ptr(),
-                        logits.data_ptr(), self.threads)
+                        None if rows is None else rows.data_ptr(), logits.data_ptr(), self.threads)
         if rc != 0:
             raise LlamaError(f"decode step refused: batch {tokens.shape[0]} (max {self._model.max_batch}), "
-                             f"positions {positions.tolist()} (max {self._model.max_seq - 1}), token ids below "
-                             f"{self._model.vocab}")
+                             f"positions {positions.tolist()} (max {self._model.max_seq - 1}), cache rows "
+                             f"{'0..B-1' if rows is None else rows.tolist()} (distinct, below "
+                             f"{self._model.max_batch}), token ids below {self._model.vocab}")
         return logits

@@ -66,7 +66,8 @@ inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f3
 struct Step {
     const ModelWeights& m;
     int64_t batch;
-    const int64_t* positions;
+    const int64_t* positions;  // [batch]: each token's position
+    const int64_t* rows;       // [batch]: each token's cache row
     bool bf16;  // emulate a bf16 model's rounding
     // activations: h is the residual stream (fp32, rounded to bf16 in a bf16 model)
     float *h, *q, *k, *v, *tmp, *gate, *up;
@@ -153,21 +154,21 @@ struct Step {
         float* x = k + t * hd;
         for (int64_t i = 0; i < hd; i++) x[i] = round_to(xdt(), x[i]);
         rotate(x, pos);
-        const int64_t slot = ((b * m.max_seq + pos) * m.n_kv_heads + kvh) * hd;
+        const int64_t slot = ((rows[b] * m.max_seq + pos) * m.n_kv_heads + kvh) * hd;
         for (int64_t i = 0; i < hd; i++) {
             lw.cache_k[slot + i] = x[i];
             lw.cache_v[slot + i] = round_to(xdt(), v[t * hd + i]);
         }
     }
 
-    // softmax(q . K / sqrt(D)) . V over the row's cache slots 0 .. pos, for head t of batch * n_heads.
+    // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. pos, for head t of batch * n_heads.
     void attend(const LayerWeights& lw, int64_t t, float* scores) const {
         const int64_t hd = m.head_dim, b = t / m.n_heads, head = t % m.n_heads;
         const int64_t kvh = head / (m.n_heads / m.n_kv_heads), len = positions[b] + 1;
         const int64_t stride = m.n_kv_heads * hd;
         const float* qv = q + t * hd;
-        const float* keys = lw.cache_k + (b * m.max_seq * m.n_kv_heads + kvh) * hd;
-        const float* values = lw.cache_v + (b * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float* keys = lw.cache_k + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float* values = lw.cache_v + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
         const float scale = 1.0f / std::sqrt((float)hd);
         float top = -INFINITY;
         for (int64_t s = 0; s < len; s++) {
@@ -238,34 +239,43 @@ using namespace llama;
 #else
 #define DECODE_STEP llama_decode_step
 #if defined(LLAMA_X86)
-extern "C" int llama_decode_step_avx512(const ModelWeights*, int64_t, const int64_t*, const int64_t*, float*, int);
+extern "C" int llama_decode_step_avx512(const ModelWeights*, int64_t, const int64_t*, const int64_t*,
+                                        const int64_t*, float*, int);
 #endif
 #endif
 
 extern "C" {
 
 // logits [batch, vocab] (fp32) for one new token per row: tokens [batch] at positions [batch]
-// (each below max_seq; a row attends to its cache slots 0 .. position). Returns 0, or -3
+// (each below max_seq) in cache rows `rows` [batch] (distinct, below max_batch; null: rows
+// 0 .. batch-1). Token b attends to slots 0 .. positions[b] of its row. Returns 0, or -3
 // for shapes the step does not handle.
 int DECODE_STEP(const ModelWeights* m, int64_t batch, const int64_t* tokens, const int64_t* positions,
-                float* logits, int threads) {
+                const int64_t* rows, float* logits, int threads) {
 #if defined(LLAMA_X86) && !defined(LLAMA_DECODE_AVX512)
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"))
-        return llama_decode_step_avx512(m, batch, tokens, positions, logits, threads);
+        return llama_decode_step_avx512(m, batch, tokens, positions, rows, logits, threads);
 #endif
     if (batch < 1 || batch > m->max_batch || m->head_dim > 512 || m->head_dim % 2 ||
         m->n_heads % m->n_kv_heads)
         return -3;
     for (int64_t b = 0; b < batch; b++)
         if (positions[b] < 0 || positions[b] >= m->max_seq || tokens[b] < 0 || tokens[b] >= m->vocab) return -3;
+    int64_t* own_rows = (int64_t*)scratch(sizeof(int64_t) * batch, SCRATCH_SLOTS - 5);
+    for (int64_t b = 0; b < batch; b++) {
+        own_rows[b] = rows ? rows[b] : b;
+        if (own_rows[b] < 0 || own_rows[b] >= m->max_batch) return -3;
+        for (int64_t c = 0; c < b; c++)
+            if (own_rows[c] == own_rows[b]) return -3;  // two tokens would write one cache slot
+    }
     const bool bf16 = m->act_dtype == DT_BF16;
     const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim, es = bf16 ? 2 : 4;
     // Buffers of the calling thread, reused across steps.
     float* f = (float*)scratch(sizeof(float) * batch * (2 * m->dim + qd + 2 * kvd + 2 * m->hidden), SCRATCH_SLOTS - 3);
     uint8_t* a = (uint8_t*)scratch(es * batch * (m->dim + qd + m->hidden), SCRATCH_SLOTS - 4);
-    Step st{*m, batch, positions, bf16,
+    Step st{*m, batch, positions, own_rows, bf16,
             f, f + batch * m->dim, f + batch * (m->dim + qd), f + batch * (m->dim + qd + kvd),
             f + batch * (m->dim + qd + 2 * kvd), f + batch * (2 * m->dim + qd + 2 * kvd),
             f + batch * (2 * m->dim + qd + 2 * kvd + m->hidden),
