@@ -8,7 +8,9 @@ is `model(tokens[:, None], positions, slots=rows)[:, -1]` without Python or per-
 ~45 small operations of each layer (see csrc/decode.cpp). It reads the model's own
 weights, rotary table and KV caches (`layers[i].attention.cache.k/v`, fp32 [B, S, K, D]),
 so prefill can stay in PyTorch and decode continue here on the same caches. With
-`layout="q8_0"` (or "q4_0", "q4_1") the projections run on quantized copies.
+`layout="q8_0"` (or "q4_0", "q4_1") the projections run on quantized copies; projections
+that already are NativeLinear modules (a model quantized by llama.quantize) are used as
+they are, blocks and all.
 """
 
 import ctypes
@@ -18,7 +20,7 @@ import torch
 
 from ..errors import LlamaError
 from ..model import Transformer
-from . import _DTYPE_IDS, PATHS, _lib, pack, paths
+from . import _DTYPE_IDS, PATHS, NativeLinear, _lib, pack, paths
 from .layouts import LAYOUT_IDS, check_layout, in_features
 
 _PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -46,8 +48,8 @@ class _Model(ctypes.Structure):
 class NativeDecoder:
     """One native call per decode step for `model` (see the module docstring).
 
-    layout: None to use the model's weights as they are (fp32 or bf16), else a quantized
-        layout for the projections and the output.
+    layout: None to use the model's weights as they are (fp32 or bf16, or the blocks of
+        NativeLinear projections), else a quantized layout for the projections and the output.
     path: the native code path ("avx512_bf16", ...); default: the newest this CPU runs.
     threads: 0 for torch's thread team, 1 for the calling thread only.
     The model must stay as it is (no setup_caches() again) while the decoder is used.
@@ -55,21 +57,13 @@ class NativeDecoder:
 
     def __init__(self, model: Transformer, layout: Optional[str] = None, path: Optional[str] = None,
                  threads: int = 0):
+        from ..kernels import native_decode_problem
+
+        problem = native_decode_problem(model)
+        if problem is not None:
+            raise LlamaError(f"NativeDecoder cannot run this model here: {problem}; decode with the PyTorch model")
         lib = _lib()
-        if lib is None:
-            raise LlamaError("the native kernels are not available here (see the notice above or "
-                             "LLAMA_NATIVE); decode with the PyTorch model instead")
-        weight = model.norm.weight
-        if weight.device.type != "cpu" or weight.dtype not in _DTYPE_IDS:
-            raise LlamaError(f"NativeDecoder runs fp32 or bf16 models on the CPU; this one is "
-                             f"{weight.dtype} on {weight.device}")
-        first = model.layers[0].attention
-        if first.cache is None:
-            raise LlamaError("call model.setup_caches(max_batch_size, max_seq_len) before NativeDecoder(model)")
-        if first.cache.k.dtype != torch.float32:
-            raise LlamaError(f"NativeDecoder needs the fp32 KV cache of CPU models; this one is {first.cache.k.dtype}")
-        if first.n_local_heads != model.params.n_heads:
-            raise LlamaError("NativeDecoder runs at model-parallel size 1 only")
+        weight, first = model.norm.weight, model.layers[0].attention
         if layout is not None:
             check_layout(layout)
         self.path = path or paths()[-1]
@@ -81,18 +75,18 @@ class NativeDecoder:
         p, cache = model.params, first.cache
         self._model = _Model(
             dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, n_kv_heads=p.kv_heads, head_dim=p.head_dim,
-            hidden=model.layers[0].feed_forward.w1.weight.shape[0], vocab=model.vocab_size,
+            hidden=p.ffn_hidden_dim, vocab=model.vocab_size,
             max_batch=cache.k.shape[0], max_seq=cache.k.shape[1], norm_eps=p.norm_eps,
             param_dtype=_DTYPE_IDS[dtype], act_dtype=_DTYPE_IDS[dtype],
             tok_embeddings=self._pointer(model.tok_embeddings.weight), norm=self._pointer(model.norm.weight),
-            output=self._matrix(model.output.weight, layout), rope=self._pointer(torch.view_as_real(model.rope)))
+            output=self._matrix(model.output, layout), rope=self._pointer(torch.view_as_real(model.rope)))
         self._layers = (_Layer * p.n_layers)()
         for spec, block in zip(self._layers, model.layers):
             spec.attention_norm = self._pointer(block.attention_norm.weight)
             spec.ffn_norm = self._pointer(block.ffn_norm.weight)
             for name in _PROJECTIONS:
                 owner = block.attention if name in ("wq", "wk", "wv", "wo") else block.feed_forward
-                setattr(spec, name, self._matrix(getattr(owner, name).weight, layout))
+                setattr(spec, name, self._matrix(getattr(owner, name), layout))
             spec.cache_k = self._pointer(block.attention.cache.k)
             spec.cache_v = self._pointer(block.attention.cache.v)
         self._model.layers = self._layers
@@ -106,9 +100,18 @@ class NativeDecoder:
         self._keep.append(tensor)
         return tensor.data_ptr()
 
-    def _matrix(self, weight: torch.Tensor, layout: Optional[str]) -> _Matrix:
-        name = layout or {torch.float32: "f32", torch.bfloat16: "bf16"}[weight.dtype]
-        stored = pack(weight.detach(), name)
+    def _matrix(self, module: torch.nn.Module, layout: Optional[str]) -> _Matrix:
+        if isinstance(module, NativeLinear):
+            if layout is not None:
+                raise LlamaError(f"the model's projections are {module.layout} already; pass layout=None")
+            name, stored = module.layout, module.packed
+        elif not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise LlamaError(f"NativeDecoder runs float or GGML-quantized (q8_0, q4_0, q4_1) projections; "
+                             f"this model has {type(module).__name__} ones")
+        else:
+            weight = module.weight.detach()
+            name = layout or {torch.float32: "f32", torch.bfloat16: "bf16"}[weight.dtype]
+            stored = pack(weight, name)
         return _Matrix(w=self._pointer(stored), n=stored.shape[0], k=in_features(name, stored),
                        layout=LAYOUT_IDS[name], path=PATHS.index(self.path))
 

@@ -77,21 +77,22 @@ def default_kernel(layout: str, m: int, dtype: torch.dtype) -> str:
     return f"native:{usable[-1]}"
 
 
-def _read_cache() -> dict:
+def read_cache(path: Optional[Path] = None) -> dict:
+    """A cache file of measurements (default: the kernels'), {} when there is none yet."""
     try:
-        return json.loads(cache_file().read_text())
+        return json.loads((path or cache_file()).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def _write_entries(entries: Dict[str, dict]) -> None:
-    """Merge entries into the cache file, under a lock, replacing it atomically."""
+def write_entries(entries: Dict[str, dict], path: Optional[Path] = None) -> None:
+    """Merge entries into a cache file (default: the kernels'), under a lock, replacing it atomically."""
     from filelock import FileLock
 
-    path = cache_file()
+    path = path or cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock", timeout=120):
-        data = _read_cache()
+        data = read_cache(path)
         data.update({"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "torch": torch.__version__})
         data.setdefault("entries", {}).update(entries)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -99,7 +100,7 @@ def _write_entries(entries: Dict[str, dict]) -> None:
         os.replace(tmp, path)
 
 
-def _best_time(calls: Sequence[Callable[[], object]], reps: int) -> float:
+def best_time(calls: Sequence[Callable[[], object]], reps: int) -> float:
     """Seconds of one uninterrupted call: each rep runs every call once (one per weight
     copy, so no copy is still cached when it comes round again); the fastest rep counts,
     not the median: on a shared machine a rep that waits for a preempted thread measures
@@ -125,14 +126,14 @@ def _sample_weight(layout: str, n: int, k: int) -> torch.Tensor:
 
 def measure(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat16,
             weight: Optional[torch.Tensor] = None, reps: int = 5) -> Dict[str, float]:
-    """Microseconds of each candidate kernel for x [m, k] @ W[n, k]^T (see _best_time)."""
+    """Microseconds of each candidate kernel for x [m, k] @ W[n, k]^T (see best_time)."""
     from . import linear
 
     weight = _sample_weight(layout, n, k) if weight is None else weight
     nbytes = weight.numel() * weight.element_size()
     copies = [weight] + [weight.clone() for _ in range(min(255, _COLD_BYTES // max(nbytes, 1)))]
     x = torch.randn(m, k).to(dtype)
-    return {kernel: 1e6 * _best_time([lambda w=w, kernel=kernel: linear(x, w, layout, kernel) for w in copies], reps)
+    return {kernel: 1e6 * best_time([lambda w=w, kernel=kernel: linear(x, w, layout, kernel) for w in copies], reps)
             for kernel in candidates(layout, dtype)}
 
 
@@ -144,7 +145,7 @@ def tune(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat1
     key = entry_key(layout, n, k, m, dtype)
     _memo[key] = result["best"]
     if save:
-        _write_entries({key: result})
+        write_entries({key: result})
     return result
 
 
@@ -157,7 +158,7 @@ def best_kernel(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.
     if row_bucket(m) is None:
         found = default_kernel(layout, m, dtype)
     else:
-        entry = _read_cache().get("entries", {}).get(key)
+        entry = read_cache().get("entries", {}).get(key)
         if entry is not None:
             found = entry["best"]
         elif os.environ.get("LLAMA_TUNE", "1") != "0" and _cheap(layout, n, k):
