@@ -1,15 +1,21 @@
 """python -m llama.batch: run a JSONL file of prompts (or dialogs with --chat) through a model.
 
 Each input line is `{"id": ..., "prompt": "..."}` (or `"dialog": [...]`), optionally with its
-own `temperature`, `top_p` and `max_gen_len`. Lines with the same sampling settings are
-generated together in chunks of max_batch_size; each finished chunk is appended to the output
-as one JSON line per result (flushed and fsynced), so a job that is killed can simply be
-started again: ids already in the output are skipped, and since chunks are cut from the whole
-input and seeded by number, the results are those of an uninterrupted run. Also runs under
-torchrun (rank 0 reads and writes the files and hands the work list to the other ranks).
+own `temperature`, `top_p` and `max_gen_len`. Lines are continuously batched (llama.engine): a
+line's result is appended to the output (one JSON line, flushed and fsynced) as soon as it is
+finished, and its row takes the next line at once. A line samples with a key made from --seed
+and its id, so its result does not depend on batching, on the number of processes or on
+restarts: a job that is killed is simply started again, ids already in the output are skipped,
+and the output is that of an uninterrupted run.
+
+Under torchrun the world is data-parallel replicas of the model, each a model-parallel group of
+--model_parallel_size ranks: rank 0 owns the output (a lock for the job's lifetime), reads the
+work and shares it out; each replica takes every R-th pending line and its first rank appends
+that replica's results (each append one write of whole lines under a lock on the file).
 """
 
 import contextlib
+import fcntl
 import json
 import os
 import stat
@@ -20,15 +26,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
-import torch.distributed as dist
 
-from .chat_format import check_dialog
+from .chat_format import check_messages
 from .cli import path_flags
-from .distributed import is_main_rank
+from .distributed import FromMainRank, is_main_rank
 from .errors import LlamaError
-from .generation import GenerationStats, Llama, check_sampling
+from .engine import Request
+from .generation import Llama
+from .sampling import check_sampling, request_key
 from .locking import lock_path, try_hold
-from .progress import progress
+from .progress import counter
 from .text import check_text
 
 Params = Tuple[float, float, Optional[int]]  # temperature, top_p, max_gen_len
@@ -41,7 +48,6 @@ class Job:
     id: Any
     prompt: Any  # a str, or a dialog (list of messages) with --chat
     params: Params
-    pending: bool = True  # False: its result is already in the output
 
 
 def id_key(value: Any) -> str:
@@ -85,7 +91,7 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[Job]:
             prompt = rec[field]
             if chat:
                 try:
-                    check_dialog(prompt)
+                    check_messages(prompt)
                 except LlamaError as exc:
                     raise LlamaError(f"{where} (id {ident!r}): {exc}") from None
             else:
@@ -140,69 +146,131 @@ def _result_key(raw: bytes) -> Optional[str]:
     return id_key(rec["id"]) if isinstance(rec, dict) and "id" in rec and "generation" in rec else None
 
 
-def plan(jobs: List[Job], done: Set[str], batch_size: int) -> List[Tuple[int, List[Job]]]:
-    """Numbered chunks of at most batch_size jobs that share sampling settings, in input order.
+def job_key(seed: int, ident: Any) -> int:
+    """The sampling key of the line with id `ident`: its result depends on the seed, the id, the
+    prompt and its settings, never on which process ran it, with whom, or after which restart."""
+    return request_key(seed, id_key(ident))
 
-    Chunks are cut from the whole input, so a restart rebuilds (and seeds) the very same ones:
-    batch composition and random draws, hence results, do not depend on where a job was
-    stopped. Chunks already written are left out; jobs already written are marked done."""
-    groups: Dict[Params, List[Job]] = {}
-    for job in jobs:
-        job.pending = id_key(job.id) not in done
-        groups.setdefault(job.params, []).append(job)
-    chunks = [group[i: i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
-    return [(number, chunk) for number, chunk in enumerate(chunks) if any(job.pending for job in chunk)]
+
+def share(jobs: List[Job], done: Set[str], replica: int, replicas: int) -> List[Job]:
+    """This replica's part of the jobs not yet in the output: every `replicas`-th one, in input
+    order. Each pending id goes to exactly one replica, whatever their number."""
+    pending = [job for job in jobs if id_key(job.id) not in done]
+    return pending[replica::replicas]
 
 
 def check_lengths(generator: Llama, jobs: List[Job], chat: bool, path: str) -> None:
-    """Refuse prompts that cannot fit max_seq_len before any work starts."""
+    """Refuse dialogs the model's chat format cannot take, and prompts that cannot fit
+    max_seq_len, before any work starts. A prompt may fill the whole context; it then
+    generates nothing, as in Meta's code."""
     limit = generator.model.params.max_seq_len
     for job in jobs:
-        if chat and generator.formatter.is_unsafe(job.prompt):
-            continue  # answered with the format's error text, never encoded
-        tokens = generator.formatter.encode_dialog_prompt(job.prompt) if chat else \
-            generator.tokenizer.encode(job.prompt, bos=generator.tokenizer.add_bos, eos=False)
+        if chat:
+            try:  # the order of the roles is the model's chat format's to judge
+                generator.formatter.check_dialog(job.prompt)
+            except LlamaError as exc:
+                raise LlamaError(f"{path} line {job.line} (id {job.id!r}): {exc}") from None
+        tokens = _prompt_tokens(generator, job, chat)
+        if tokens is None:
+            continue
         if not tokens:
             raise LlamaError(f"{path} line {job.line} (id {job.id!r}): the prompt is empty; give some text")
-        if len(tokens) >= limit:
+        if len(tokens) > limit:
             raise LlamaError(f"{path} line {job.line} (id {job.id!r}): the prompt has {len(tokens)} tokens, "
                              f"too many for --max_seq_len={limit}; shorten it or raise --max_seq_len")
 
 
-def run_chunks(generator: Llama, chunks: List[Tuple[int, List[Job]]], chat: bool, logprobs: bool,
-               seed: int, out: Optional[BinaryIO]) -> Tuple[int, float]:
-    """Generate every chunk (all ranks alike), each seeded from `seed` and its number; rank 0
-    passes `out` and gets the pending results of each chunk appended.
-    Returns (generated tokens, seconds)."""
-    tokens, start = 0, time.perf_counter()
-    bar = progress(chunks, desc="batch", total=len(chunks), unit="chunk")
-    for number, chunk in bar:
-        torch.manual_seed(seed + number)
-        temperature, top_p, max_gen_len = chunk[0].params
-        prompts = [job.prompt for job in chunk]
-        generator.last_stats = GenerationStats()  # stays empty if nothing is decoded
-        if chat:
-            preds = generator.chat_completion(prompts, temperature, top_p, max_gen_len, logprobs)
-        else:
-            preds = generator.text_completion(prompts, temperature, top_p, max_gen_len, logprobs)
-        tokens += generator.last_stats.generated_tokens
+def _prompt_tokens(generator: Llama, job: Job, chat: bool) -> Optional[List[int]]:
+    """The job's prompt as token ids; None for a dialog that is answered with the chat format's
+    error text instead (it holds the format's control tags), as chat_completion answers it."""
+    if chat:
+        if generator.formatter.is_unsafe(job.prompt):
+            return None
+        return generator.formatter.encode_dialog_prompt(job.prompt)
+    return generator.tokenizer.encode(job.prompt, bos=generator.tokenizer.add_bos, eos=False)
+
+
+class ResultWriter:
+    """Appends result lines to the output; several processes (one per replica) may append at
+    once. Each append is one write() of whole lines under an exclusive lock on the file, flushed
+    and fsynced; a fragment that a writer killed mid-write left at the end is cut off first (its
+    id is not in the output, so a resumed job runs it again)."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "a+b")  # read too: to find a fragment
+
+    def append(self, lines: List[str]) -> None:
+        data = "".join(lines).encode("utf-8")
+        fd = self.file.fileno()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            _cut_fragment(fd)
+            os.lseek(fd, 0, os.SEEK_END)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _cut_fragment(fd: int) -> None:
+    """Truncate the file after its last newline (nothing if it ends in one)."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        block = os.pread(fd, min(65536, end), end - min(65536, end))
+        if end == size and block.endswith(b"\n"):
+            return
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            os.ftruncate(fd, end - len(block) + cut + 1)
+            return
+        end -= len(block)
+    os.ftruncate(fd, 0)
+
+
+def run_jobs(generator: Llama, jobs: List[Job], chat: bool, logprobs: bool, seed: int,
+             out: Optional[ResultWriter]) -> Tuple[int, float]:
+    """Generate the jobs (every rank of a replica alike), continuously batched: a finished line is
+    appended to `out` (the replica's writer passes one) at once. Returns (tokens, seconds)."""
+    start = time.perf_counter()
+    bar = counter("batch", len(jobs), "line")
+    runnable, requests = [], []
+    for job in jobs:
+        tokens = _prompt_tokens(generator, job, chat)
+        if tokens is None:  # answered at once, as chat_completion answers it
+            if out is not None:
+                out.append([_line(job, generator.formatter.UNSAFE_ERROR, [], [], chat, logprobs)])
+            bar.update(1)
+            continue
+        temperature, top_p, max_gen_len = job.params
+        stops = generator.formatter.stop_tokens if chat else generator.tokenizer.stop_tokens
+        runnable.append(job)
+        requests.append(Request(tokens, max_gen_len or generator.model.params.max_seq_len - 1, temperature, top_p,
+                                job_key(seed, job.id), stops, logprobs))
+    generated = 0
+    for index, handle in generator.complete(requests):
+        generated += len(handle.tokens)
         if out is not None:
-            lines = [json.dumps(_record(job, pred, chat), ensure_ascii=False) + "\n"
-                     for job, pred in zip(chunk, preds) if job.pending]
-            out.write("".join(lines).encode("utf-8"))
-            out.flush()
-            os.fsync(out.fileno())
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.1f} tokens/s")
-    return tokens, time.perf_counter() - start
+            text = generator.tokenizer.decode(handle.tokens)
+            out.append([_line(runnable[index], text, handle.tokens, handle.logprobs, chat, logprobs, generator)])
+        bar.update(1)
+        bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
+    bar.close()
+    return generated, time.perf_counter() - start
 
 
-def _record(job: Job, pred: dict, chat: bool) -> dict:
-    """One output line: id first (read_done relies on it), then the generated text."""
-    rec = {"id": job.id, "generation": pred["generation"]["content"] if chat else pred["generation"]}
-    if "logprobs" in pred:
-        rec.update(tokens=pred["tokens"], logprobs=pred["logprobs"])
-    return rec
+def _line(job: Job, text: str, tokens: List[int], logprobs_: List[float], chat: bool, logprobs: bool,
+          generator: Optional[Llama] = None) -> str:
+    """One output line: id first (read_done relies on it), then the generated text (and with
+    --logprobs each token's text and logprob, as text_completion/chat_completion give them)."""
+    rec: Dict[str, Any] = {"id": job.id, "generation": text}
+    if logprobs:
+        rec.update(tokens=[generator.tokenizer.decode([t]) for t in tokens] if generator else [],
+                   logprobs=logprobs_)
+    return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
 def _note(text: str) -> None:
@@ -213,7 +281,10 @@ def _note(text: str) -> None:
 def owning_output(path: str) -> Iterator[None]:
     """Rank 0 holds the output for the job's lifetime: a second job on the same output is
     refused (a job that was killed holds nothing: the OS drops its lock). The output must be
-    a regular file (or a new one) that can be appended to and read back."""
+    a regular file (or a new one) that can be appended to and read back.
+
+    This is the job-level lock; the several writers of one job (one per data-parallel replica)
+    coordinate each append among themselves (ResultWriter)."""
     out = Path(path)
     if out.exists() and not out.is_file():
         mode = out.stat().st_mode
@@ -255,7 +326,9 @@ def load_work(input: str, output: str, chat: bool, defaults: Params) -> Tuple[Li
 def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
               defaults: Params = (0.6, 0.9, None), logprobs: bool = False,
               seed: int = 1, work: Optional[Tuple[List[Job], Set[str]]] = None) -> None:
-    """Generate what the output still lacks; every rank calls this, rank 0 reads and writes.
+    """Generate what the output still lacks; every rank calls this. Rank 0 owns the output for
+    the job (reads the work, checks it, shares it out); with several data-parallel replicas each
+    replica takes its share and its first rank appends that replica's results.
     `work` is load_work's result if rank 0 already has it."""
     main_rank = is_main_rank()
     with owning_output(output) if main_rank else contextlib.nullcontext():
@@ -264,30 +337,59 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
 
 def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: Params, logprobs: bool,
                seed: int, work: Optional[Tuple[List[Job], Set[str]]], main_rank: bool) -> None:
-    chunks: List[Tuple[int, List[Job]]] = []
-    if main_rank:
+    def plan_work() -> Tuple[List[Job], Set[str]]:
+        """Rank 0: every job of the input and the ids the output already holds (the pending
+        prompts checked against max_seq_len)."""
         jobs, done = work if work is not None else load_work(input, output, chat, defaults)
-        chunks = plan(jobs, done, generator.model.params.max_batch_size)
-        check_lengths(generator, [job for _, chunk in chunks for job in chunk], chat, input)
+        pending = [job for job in jobs if id_key(job.id) not in done]
+        check_lengths(generator, pending, chat, input)
         extra = len(done - {id_key(j.id) for j in jobs})
         if extra:
             _note(f"{output}: keeping {extra} results whose ids are not in {input}")
-        if not chunks:
+        if not pending:
             _note(f"nothing to do: all {len(jobs)} ids of {input} are already in {output}")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        shared = [chunks]
-        dist.broadcast_object_list(shared, src=0)
-        chunks = shared[0]
-    if not chunks:
-        return
+        return jobs, done
+
+    # The other ranks wait in bounded steps while rank 0 reads and tokenizes, however large the input.
+    jobs, done = FromMainRank().get(plan_work, f"reading {input}")
+    ctx = generator.ctx
+    replica, replicas = (ctx.data_parallel_rank, ctx.data_parallel_size) if ctx is not None else (0, 1)
+    mine = share(jobs, done, replica, replicas)
+    writer = ResultWriter(output) if ctx is None or ctx.model_parallel_rank == 0 else None
+    try:
+        tokens, seconds = run_jobs(generator, mine, chat, logprobs, seed, writer) if mine else (0, 0.0)
+    finally:
+        if writer is not None:
+            writer.close()
     if not main_rank:
-        run_chunks(generator, chunks, chat, logprobs, seed, None)
         return
-    with open(output, "ab") as out:
-        tokens, seconds = run_chunks(generator, chunks, chat, logprobs, seed, out)
-    written = sum(job.pending for _, chunk in chunks for job in chunk)
-    _note(f"wrote {written} results to {output} ({len(done)} were there already); {tokens} tokens "
-          f"generated in {seconds:.1f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s")
+    pending = {id_key(job.id) for job in jobs} - done
+    if replicas > 1:  # the job's lock is held until every replica has written its share
+        wait_for(output, pending)
+    if pending:
+        rate = f"{tokens / max(seconds, 1e-9):.1f} tokens/s"
+        who = f" by {replicas} replicas (replica 0: {tokens} tokens in {seconds:.1f} s, {rate})" if replicas > 1 \
+            else f"; {tokens} tokens generated in {seconds:.1f} s: {rate}"
+        _note(f"wrote {len(pending)} results to {output} ({len(done)} were there already){who}")
+
+
+def wait_for(output: str, ids: Set[str], poll_s: float = 0.5) -> None:
+    """Wait until every id in `ids` has a whole line in the output (written by any replica).
+    Reads only; a replica that fails ends the whole torchrun job, this process included."""
+    seen: Set[str] = set()
+    offset = 0
+    while not ids <= seen:
+        with open(output, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        for raw in data[:end].split(b"\n")[:-1]:
+            key = _result_key(raw)
+            if key is not None:
+                seen.add(key)
+        offset += end
+        if not ids <= seen:
+            time.sleep(poll_s)
 
 
 @path_flags("input", "output", "ckpt_dir", "tokenizer_path")
@@ -316,8 +418,11 @@ def main(
         output: JSONL results, one {"id", "generation"} per line; ids already there are skipped.
         chat: lines hold dialogs, answered as the assistant.
         ckpt_dir: checkpoint directory; default: the bundled demo model.
+        model_parallel_size: ranks per model replica (default: all of them); under torchrun the
+            world holds world_size / model_parallel_size replicas, which share the input.
         logprobs: also write each result's "tokens" and "logprobs".
-        seed: chunk n is sampled after torch.manual_seed(seed + n), so reruns draw alike.
+        seed: a line samples with a key made from the seed and its id, so reruns, resumed
+            jobs and any number of processes draw alike.
     """
     defaults = check_sampling(temperature, top_p, max_gen_len, where="--")
     main_rank = is_main_rank()

@@ -6,17 +6,14 @@ exchanges are dropped (and you are told). Under torchrun, rank 0 reads the termi
 hands every line to the other ranks, so all of them run the same generation.
 """
 
-import queue
 import sys
-import threading
-from datetime import timedelta
 from typing import Callable, Iterator, List, Optional
 
 import torch.distributed as dist
 
 from .chat_format import Dialog, Message
 from .cli import path_flags
-from .distributed import is_main_rank, timeout_s
+from .distributed import FromMainRank, is_main_rank
 from .errors import LlamaError
 from .generation import Llama, check_sampling
 from .text import check_text
@@ -80,55 +77,21 @@ class ChatSession:
 
 
 class SharedInput:
-    """The main rank's input lines, handed to every rank. While the user types, the main rank
-    reads in a thread and tells the others "still waiting" every few seconds, so each of
-    their waits is bounded by LLAMA_DIST_TIMEOUT however long the user takes, and a rank that
-    dies or hangs ends the chat on the others within that time. In a world of one it is
+    """The main rank's input lines, handed to every rank (distributed.FromMainRank): the
+    others wait in bounded steps however long the user takes to type, and a rank that dies
+    or hangs ends the chat on the others within LLAMA_DIST_TIMEOUT. In a world of one it is
     read_line itself."""
-
-    WAITING = ("waiting",)
 
     def __init__(self, read_line: Callable[[], Optional[str]]):
         self.read_line = read_line
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        timeout = timeout_s()
-        self.tick_s = min(10.0, timeout / 4)  # well inside every wait's bound
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout)) if self.world > 1 else None
+        self.shared = FromMainRank()
 
     def next_line(self) -> Optional[str]:
         """The next line (None: quit), the same on every rank."""
-        if self.group is None:
-            return self.read_line()
-        if not is_main_rank():
-            while True:
-                item = self._share(None)
-                if item != self.WAITING:
-                    return item
-        read: "queue.Queue[tuple]" = queue.Queue()
-        threading.Thread(target=self._read_into, args=(read,), daemon=True).start()
-        while True:
-            try:
-                line, error = read.get(timeout=self.tick_s)
-            except queue.Empty:
-                self._share(self.WAITING)
-                continue
-            except KeyboardInterrupt:  # Ctrl-C at the prompt: quit, on every rank
-                line, error = None, None
-            self._share(line)  # a failed read ends the chat on the other ranks too
-            if error is not None:
-                raise error
-            return line
-
-    def _read_into(self, read: "queue.Queue[tuple]") -> None:
         try:
-            read.put((self.read_line(), None))
-        except BaseException as exc:  # handed to the main thread, which raises it
-            read.put((None, exc))
-
-    def _share(self, item):
-        shared = [item]
-        dist.broadcast_object_list(shared, src=0, group=self.group)
-        return shared[0]
+            return self.shared.get(self.read_line, "reading the terminal")
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: quit, on every rank
+            return None
 
 
 def repl(generator: Llama, session: ChatSession, read_line: Callable[[], Optional[str]]) -> None:

@@ -10,7 +10,7 @@ from .errors import LlamaError
 from .text import check_text
 from .tokenizer import Tokenizer
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool", "ipython"]
 
 
 class Message(TypedDict):
@@ -20,10 +20,15 @@ class Message(TypedDict):
 
 Dialog = List[Message]
 
+# Every role some format takes. Llama 3 writes "tool" (Meta's llama_models name) as the
+# "ipython" header (its prompt format's name), and takes "ipython" itself too.
+ROLES = ("system", "user", "assistant", "tool", "ipython")
 
-def check_dialog(dialog: Sequence[Message], index: int = 0) -> None:
-    """Structure every format needs: an optional system message, then user and assistant
-    turns alternating, ending with the user. `index` names the dialog in messages."""
+
+def check_messages(dialog: Sequence[Message], index: int = 0, roles: Sequence[str] = ROLES) -> None:
+    """What every format needs: a non-empty list of {'role', 'content'} messages, each role
+    one of `roles`, each content valid text. The order of the roles is each format's
+    (ChatFormat.check_dialog). `index` names the dialog in messages."""
     where = f"dialog {index}"
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise LlamaError(f"{where} is empty or not a list of messages; give at least one "
@@ -31,20 +36,10 @@ def check_dialog(dialog: Sequence[Message], index: int = 0) -> None:
     for i, msg in enumerate(dialog):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise LlamaError(f"{where}, message {i} must be a dict with 'role' and 'content', got {msg!r:.80}")
-        if msg["role"] not in ("system", "user", "assistant"):
-            raise LlamaError(f"{where}, message {i} has unknown role {msg['role']!r}; "
-                             f"use 'system', 'user' or 'assistant'")
+        if msg["role"] not in roles:
+            raise LlamaError(f"{where}, message {i} has unknown role {msg['role']!r}: this chat format "
+                             f"takes {', '.join(map(repr, roles))}")
         check_text(msg["content"], f"{where}, message {i}: content")
-    turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
-    for i, msg in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if msg["role"] != expected:
-            offset = len(dialog) - len(turns)
-            raise LlamaError(f"{where}, message {i + offset} has role {msg['role']!r} where "
-                             f"{expected!r} was expected: after an optional system message, "
-                             f"turns must alternate user/assistant and end with user")
-    if not turns or turns[-1]["role"] != "user":
-        raise LlamaError(f"{where} must end with a 'user' message for the model to answer")
 
 
 class ChatFormat:
@@ -52,6 +47,7 @@ class ChatFormat:
     format the tokenizer's vocabulary implies. To choose by name, call make_chat_format."""
 
     UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+    ROLES: Sequence[str] = ROLES  # the roles this format takes
 
     def __new__(cls, tokenizer: Tokenizer, *args, **kwargs) -> "ChatFormat":
         # Only picks the class: Python then runs that class's __init__, once.
@@ -66,6 +62,13 @@ class ChatFormat:
         """Ids that end the assistant's answer: the tokenizer's stop tokens (eos and the end
         markers its vocabulary holds: <|eot_id|>, <|im_end|>, ...)."""
         return self.tokenizer.stop_tokens
+
+    def check_dialog(self, dialog: Sequence[Message], index: int = 0) -> None:
+        """LlamaError unless this format can encode `dialog`. Meta's Llama 3 code (and
+        SmolLM2's ChatML template) take messages in any order: several user turns in a row,
+        a system message anywhere, a dialog ending with the assistant's message (a new
+        assistant message follows it). `index` names the dialog in messages."""
+        check_messages(dialog, index, self.ROLES)
 
     def is_unsafe(self, dialog: Sequence[Message]) -> bool:
         """True if the dialog must be refused (answered with UNSAFE_ERROR) instead of run."""
@@ -96,13 +99,36 @@ class Llama2ChatFormat(ChatFormat):
     B_INST, E_INST = "[INST]", "[/INST]"
     B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
     SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+    ROLES = ("system", "user", "assistant")
+
+    def check_dialog(self, dialog: Sequence[Message], index: int = 0) -> None:
+        """Meta's Llama 2 rules: an optional system message, then user and assistant turns
+        alternating, ending with the user."""
+        if getattr(self.tokenizer, "step_id", None) is not None:
+            # Meta's codellama answers such a model with its "Source: ... <step>" format instead.
+            raise LlamaError(f"tokenizer {getattr(self.tokenizer, 'model_path', '')!r} has Code Llama 70B's "
+                             f"<step> piece, whose chat format (Source: ... <step>) this engine does not "
+                             f"implement; the Llama 2 format would give that model a prompt it was not trained "
+                             f"on. Build the prompt yourself and use generate(..., stop_tokens=[tokenizer.step_id])")
+        check_messages(dialog, index, self.ROLES)
+        turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
+        for i, msg in enumerate(turns):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if msg["role"] != expected:
+                offset = len(dialog) - len(turns)
+                raise LlamaError(f"dialog {index}, message {i + offset} has role {msg['role']!r} where "
+                                 f"{expected!r} was expected: in the Llama 2 chat format, after an optional "
+                                 f"system message, turns must alternate user/assistant and end with user")
+        if not turns or turns[-1]["role"] != "user":
+            raise LlamaError(f"dialog {index} must end with a 'user' message for the model to answer "
+                             f"(the Llama 2 chat format)")
 
     def is_unsafe(self, dialog: Sequence[Message]) -> bool:
         """True if any message contains the format's control tags (Meta refuses these)."""
         return any(tag in msg["content"] for msg in dialog for tag in self.SPECIAL_TAGS)
 
     def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
-        check_dialog(dialog)
+        self.check_dialog(dialog)
         if dialog[0]["role"] == "system":
             merged = self.B_SYS + dialog[0]["content"] + self.E_SYS + dialog[1]["content"]
             dialog = [{"role": "user", "content": merged}, *dialog[2:]]
@@ -118,15 +144,17 @@ class Llama2ChatFormat(ChatFormat):
 class Llama3ChatFormat(ChatFormat):
     """Meta's Llama 3 chat format: <|begin_of_text|>, then per message
     `<|start_header_id|>role<|end_header_id|>\\n\\n` + stripped content + `<|eot_id|>`, then an
-    open assistant header. Content is encoded as plain text, so text such as "<|eot_id|>"
+    open assistant header. Messages come in any order and role "tool" is written "ipython",
+    as in Meta's llama_models. Content is encoded as plain text, so text such as "<|eot_id|>"
     cannot inject control tokens; is_unsafe is therefore always False."""
 
     def _header(self, role: str) -> List[int]:
+        role = "ipython" if role == "tool" else role
         return ([self._special("<|start_header_id|>")] + self._text(role)
                 + [self._special("<|end_header_id|>")] + self._text("\n\n"))
 
     def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
-        check_dialog(dialog)
+        self.check_dialog(dialog)
         tokens = [self._special("<|begin_of_text|>")]
         for msg in dialog:
             tokens += self._header(msg["role"]) + self._text(msg["content"].strip())
@@ -135,8 +163,8 @@ class Llama3ChatFormat(ChatFormat):
 
 
 class ChatMLFormat(ChatFormat):
-    """ChatML as in SmolLM2's HF chat template: per message `<|im_start|>role\\n` + content
-    (not stripped) + `<|im_end|>\\n`, then `<|im_start|>assistant\\n`. With a
+    """ChatML as in SmolLM2's HF chat template: per message, in any order, `<|im_start|>role\\n`
+    + content (not stripped) + `<|im_end|>\\n`, then `<|im_start|>assistant\\n`. With a
     default_system_prompt, a dialog without a system message gets one first. Text between
     control tokens is encoded in one piece, as HF does, but as plain text: "<|im_end|>" in
     content cannot inject a control token (HF's template would), so is_unsafe is always False."""
@@ -149,7 +177,7 @@ class ChatMLFormat(ChatFormat):
         self.im_start, self.im_end = self._special("<|im_start|>"), self._special("<|im_end|>")
 
     def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
-        check_dialog(dialog)
+        self.check_dialog(dialog)
         if self.default_system_prompt is not None and dialog[0]["role"] != "system":
             dialog = [{"role": "system", "content": self.default_system_prompt}, *dialog]
         tokens: List[int] = []

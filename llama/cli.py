@@ -1,7 +1,6 @@
 """Shared plumbing for the command-line scripts: user mistakes become one line on
 stderr and exit status 1, never a traceback."""
 
-import contextlib
 import sys
 from typing import Callable, Iterable
 
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 from fire.decorators import SetParseFn
 
-from .distributed import is_main_rank
+from .distributed import is_main_rank, leave_process_group
 from .errors import LlamaError
 from .generation import GenerationStats
 
@@ -19,6 +18,7 @@ def run(main: Callable) -> None:
     """fire.Fire(main), turning LlamaError (and a lost peer process) into a one-line error."""
     try:
         fire.Fire(main)
+        leave_process_group()
     except LlamaError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -29,7 +29,7 @@ def run(main: Callable) -> None:
               f"or run more model-parallel processes")
     except Exception as exc:
         if not _lost_peer(exc):
-            _leave_process_group()  # a bug: its traceback follows, without an abort at exit
+            leave_process_group()  # a bug: its traceback follows, without an abort at exit
             raise
         first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
         _fail(f"lost contact with the other processes of this job ({first_line}); one of them "
@@ -45,16 +45,8 @@ def path_flags(*names: str) -> Callable[[Callable], Callable]:
 
 def _fail(message: str) -> None:
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
-    _leave_process_group()
+    leave_process_group()
     sys.exit(1)
-
-
-def _leave_process_group() -> None:
-    """Left to interpreter shutdown, a process group whose peers are exiting too may abort
-    the process ("terminate called without an active exception")."""
-    if dist.is_initialized():
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
 
 
 def _lost_peer(exc: Exception) -> bool:

@@ -2,23 +2,37 @@
 Signatures and return shapes follow Meta's reference code; building a Llama from a
 checkpoint is llama.loading's (Llama.build is a thin wrapper over it)."""
 
+import collections
+import contextlib
+import numbers
+import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
-from . import kernels
-from .chat_format import ChatFormat, Dialog, Message, check_dialog, make_chat_format
+from .chat_format import ChatFormat, Dialog, Message, make_chat_format
 from .distributed import DistContext
+from .engine import Engine, Handle, Request, check_prompt
 from .errors import LlamaError
+from .infilling import infilling_prompt_tokens, infilling_tokens
 from .loading import load
 from .model import Transformer
+from .sampling import check_sampling, random_key, request_key, sample_top_p  # noqa: F401 - public names
+from .text import check_text
 from .tokenizer import Tokenizer
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
+    tokens: List[str]  # not required
+    logprobs: List[float]  # not required
+
+
+class InfillingPrediction(TypedDict, total=False):
+    generation: str
+    full_text: str  # prefix + generation + suffix
     tokens: List[str]  # not required
     logprobs: List[float]  # not required
 
@@ -90,12 +104,17 @@ class Llama:
         self.formatter = formatter if formatter is not None else make_chat_format(tokenizer)
         self.ctx = ctx
         self.last_stats = GenerationStats()
+        # The scheduler over the KV cache's rows; every generation runs through it. The lock
+        # serialises its steps: calls from several threads share its batch.
+        self.engine = Engine(model)
+        self._lock = threading.RLock()
+        self._drivers: Dict[int, int] = collections.Counter()  # thread id -> calls in flight
 
     @property
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    # ---- the decode loop -------------------------------------------------------------
+    # ---- the decode loop: requests through the engine ---------------------------------------
 
     def _check_prompts(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int,
                        temperature: float, top_p: float) -> None:
@@ -104,88 +123,106 @@ class Llama:
             raise LlamaError("no prompts given: pass a non-empty list")
         check_sampling(temperature, top_p, max_gen_len)
         for i, tokens in enumerate(prompt_tokens):
-            if len(tokens) == 0:
-                raise LlamaError(f"prompt {i} is empty; give at least one token")
-            if len(tokens) >= params.max_seq_len:
-                raise LlamaError(f"prompt {i} has {len(tokens)} tokens, {len(tokens) - params.max_seq_len + 1} "
-                                 f"too many for max_seq_len={params.max_seq_len} (which must also leave "
-                                 f"room for one generated token); shorten it or build with a larger max_seq_len")
-            bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < params.vocab_size)]
-            if bad:
-                raise LlamaError(f"prompt {i} holds token ids outside [0, {params.vocab_size}): {bad[:5]}")
+            check_prompt(tokens, params.max_seq_len, params.vocab_size, f"prompt {i}")
+
+    def _keys(self, count: int, temperature: float, seed: Optional[int]) -> List[int]:
+        """One sampling key per prompt, from its position and the call's key: `seed` if given,
+        else drawn from the global torch RNG (so torch.manual_seed before a call reproduces it,
+        and successive calls sample afresh). Greedy calls draw nothing, as in Meta's code."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise LlamaError(f"seed={seed!r} must be an integer (or left out)")
+        call = int(seed) if seed is not None else random_key() if temperature > 0 else 0
+        return [request_key(call, i) for i in range(count)]
+
+    def _requests(self, prompt_tokens: Sequence[Sequence[int]], keys: List[int], max_gen_len: int,
+                  temperature: float, top_p: float, logprobs: bool, stop_tokens: Optional[Sequence[int]],
+                  echo: bool = False) -> List[Request]:
+        stops = tuple(stop_tokens if stop_tokens is not None else self.tokenizer.stop_tokens)
+        temperature, top_p, max_gen_len = check_sampling(temperature, top_p, max_gen_len)
+        return [Request(list(t), max_gen_len, temperature, top_p, key, stops, logprobs, echo and logprobs)
+                for t, key in zip(prompt_tokens, keys)]
+
+    @contextlib.contextmanager
+    def _driving(self) -> Iterator[None]:
+        """Mark a call in flight from this thread. Calls from several threads share the engine
+        (each step advances all of them); under model parallelism that would let the ranks run
+        different steps, so there a second thread is refused."""
+        me = threading.get_ident()
+        with self._lock:
+            others = [t for t in self._drivers if t != me]
+            if others and self.ctx is not None and self.ctx.model_parallel_size > 1:
+                raise LlamaError(f"this Llama is already generating in another thread; under model "
+                                 f"parallelism ({self.ctx.model_parallel_size} ranks) every rank must run "
+                                 f"the same steps, so drive it from one thread at a time")
+            self._drivers[me] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._drivers[me] -= 1
+                if not self._drivers[me]:
+                    del self._drivers[me]
+
+    def _submit(self, requests: List[Request]) -> List[Handle]:
+        with self._lock:
+            return [self.engine.submit(r, f"prompt {i}") for i, r in enumerate(requests)]
+
+    def _advance(self, handles: List[Handle]) -> None:
+        """One engine step unless every handle is done (another thread may have stepped)."""
+        with self._lock:
+            if not all(h.done for h in handles):
+                self.engine.step()
+
+    def _cancel(self, handles: List[Handle]) -> None:
+        with self._lock:
+            for h in handles:
+                self.engine.cancel(h)
 
     def stream_tokens(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float = 0.6,
                       top_p: float = 0.9, logprobs: bool = False, stop_tokens: Optional[Sequence[int]] = None,
-                      ) -> Iterator[List[Optional[Tuple[int, float]]]]:
-        """Decode one batch (at most max_batch_size prompts), a step at a time.
+                      seed: Optional[int] = None) -> Iterator[List[Optional[Tuple[int, float]]]]:
+        """Decode at most max_batch_size prompts, yielding as tokens arrive.
 
-        Each step yields, per prompt, (token, logprob) or None once that prompt has
-        finished (stop token or budget). Stop tokens are not yielded. logprob is 0.0
-        unless logprobs=True. The whole prompt is prefilled in one forward pass; each
-        row keeps its own positions, so ragged prompts decode exactly as they would alone.
-        The arguments are checked now, as generate() checks them, not at the first step.
+        Each yield holds, per prompt, (token, logprob) for its next token or None where that
+        prompt has no new token (finished, or still waiting for a row). Stop tokens are not
+        yielded; logprob is 0.0 unless logprobs=True. Tokens are those generate() gives for the
+        same arguments and random state. The arguments are checked now, as generate() checks
+        them, not at the first step. Closing the iterator early cancels what is left.
         """
         self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
         if len(prompt_tokens) > self.model.params.max_batch_size:
             raise LlamaError(f"stream_tokens decodes at most max_batch_size={self.model.params.max_batch_size} "
                              f"prompts at once, got {len(prompt_tokens)}; generate() takes any number")
-        return self._decode(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_tokens)
+        keys = self._keys(len(prompt_tokens), temperature, seed)
+        return self._stream(self._requests(prompt_tokens, keys, max_gen_len, temperature, top_p, logprobs,
+                                           stop_tokens))
 
-    def _forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
-                 **kwargs: Any) -> torch.Tensor:
-        """The model on tokens [B, S], with the matmul kernels chosen for that shape."""
-        with kernels.matmul_policy(tokens):
-            return self.model(tokens, start_pos, **kwargs)
-
-    @torch.inference_mode()
-    def _decode(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float,
-                top_p: float, logprobs: bool,
-                stop_tokens: Optional[Sequence[int]]) -> Iterator[List[Optional[Tuple[int, float]]]]:
-        """stream_tokens' loop, for checked arguments."""
-        params = self.model.params
-        batch = len(prompt_tokens)
-        stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(t) for t in prompt_tokens))
-        start = time.perf_counter()
-        stops = torch.tensor(sorted(stop_tokens if stop_tokens is not None else self.tokenizer.stop_tokens),
-                             device=self.device)
-        lengths = [len(t) for t in prompt_tokens]
-        # Each row may grow to max_seq_len; a row's budget is what it can still generate.
-        budgets = [min(max_gen_len, params.max_seq_len - n) for n in lengths]
-        longest = max(lengths)
-
-        pad = 0
-        tokens = torch.full((batch, longest), pad, dtype=torch.long, device=self.device)
-        for row, t in enumerate(prompt_tokens):
-            tokens[row, : len(t)] = torch.tensor(t, dtype=torch.long, device=self.device)
-        last = torch.tensor(lengths, device=self.device) - 1
-        logits = self._forward(tokens, 0, last_index=last)  # [B, V]
-
-        positions = last + 1  # where each row's next token goes
-        live = [True] * batch
-        steps = max(budgets)
-        for step in range(steps):
-            _check_finite(logits, self.model.norm.weight.dtype)
-            next_tokens = _sample(logits, temperature, top_p)
-            token_logprobs = _token_logprobs(logits, next_tokens).tolist() if logprobs else [0.0] * batch
-            is_stop = torch.isin(next_tokens, stops)
-            out: List[Optional[Tuple[int, float]]] = []
-            for row, (tok, lp, stop) in enumerate(zip(next_tokens.tolist(), token_logprobs, is_stop.tolist())):
-                live[row] = live[row] and not stop and step < budgets[row]
-                out.append((tok, lp) if live[row] else None)
-            if not any(live):
-                return
-            if step == 0:
-                stats.time_to_first_token_s = time.perf_counter() - start
-            stats.generated_tokens += sum(item is not None for item in out)
-            stats.total_s = time.perf_counter() - start
-            yield out
-            if step + 1 == steps:
-                return
-            # Finished rows keep decoding (cheaply, in the batch) at a clamped position.
-            feed_positions = positions.clamp(max=params.max_seq_len - 1)
-            kv_len = min(longest + step + 1, params.max_seq_len)
-            logits = self._forward(next_tokens.unsqueeze(1), feed_positions, kv_len=kv_len)[:, -1]
-            positions = positions + 1
+    def _stream(self, requests: List[Request]) -> Iterator[List[Optional[Tuple[int, float]]]]:
+        with self._driving():
+            start = time.perf_counter()
+            stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(r.prompt_tokens) for r in requests))
+            handles = self._submit(requests)
+            sent = [0] * len(handles)
+            try:
+                while True:
+                    out: List[Optional[Tuple[int, float]]] = [None] * len(handles)
+                    for i, h in enumerate(handles):
+                        if sent[i] < len(h.tokens):
+                            out[i] = (h.tokens[sent[i]], h.logprobs[sent[i]])
+                            sent[i] += 1
+                    if any(item is not None for item in out):
+                        if not stats.generated_tokens:
+                            stats.time_to_first_token_s = time.perf_counter() - start
+                        stats.generated_tokens += sum(item is not None for item in out)
+                        stats.total_s = time.perf_counter() - start
+                        yield out
+                    elif all(h.done for h in handles):
+                        _raise_errors(handles)
+                        return
+                    else:
+                        self._advance(handles)
+            finally:
+                self._cancel(handles)
 
     @torch.inference_mode()
     def generate(
@@ -197,45 +234,59 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         stop_tokens: Optional[Sequence[int]] = None,
+        seed: Optional[int] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate continuations of token prompts.
 
-        Any number of prompts: they run in chunks of max_batch_size, results in order.
-        Returns (tokens per prompt, logprobs per prompt or None). With echo, the prompt
-        tokens lead each result (their logprobs, if asked, score each prompt token given
-        the ones before it; the first is 0.0). stop_tokens default to the tokenizer's.
+        Any number of prompts, continuously batched (a finished row takes the next prompt at
+        once); results in order. Returns (tokens per prompt, logprobs per prompt or None).
+        With echo, the prompt tokens lead each result (their logprobs, if asked, score each
+        prompt token given the ones before it; the first is 0.0). stop_tokens default to the
+        tokenizer's. Prompt i samples with a key made from i and the call's key (`seed`, else
+        drawn from the global torch RNG), so its result does not depend on the other prompts.
         """
         self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
-        prompt_tokens = [list(t) for t in prompt_tokens]
-        out_tokens: List[List[int]] = []
-        out_logprobs: List[List[float]] = []
-        size = self.model.params.max_batch_size
-        for begin in range(0, len(prompt_tokens), size):
-            chunk = prompt_tokens[begin: begin + size]
-            gen_tokens: List[List[int]] = [[] for _ in chunk]
-            gen_logprobs: List[List[float]] = [[] for _ in chunk]
-            for step in self._decode(chunk, max_gen_len, temperature, top_p, logprobs, stop_tokens):
-                for row, item in enumerate(step):
-                    if item is not None:
-                        gen_tokens[row].append(item[0])
-                        gen_logprobs[row].append(item[1])
-            if echo:
-                prompt_lps = self._prompt_logprobs(chunk) if logprobs else [[0.0] * len(t) for t in chunk]
-                gen_tokens = [p + g for p, g in zip(chunk, gen_tokens)]
-                gen_logprobs = [p + g for p, g in zip(prompt_lps, gen_logprobs)]
-            out_tokens += gen_tokens
-            out_logprobs += gen_logprobs
-        return out_tokens, (out_logprobs if logprobs else None)
+        keys = self._keys(len(prompt_tokens), temperature, seed)
+        requests = self._requests(prompt_tokens, keys, max_gen_len, temperature, top_p, logprobs,
+                                  stop_tokens, echo)
+        handles = self._run(requests)
+        tokens = [list(r.prompt_tokens) + h.tokens if echo else h.tokens for r, h in zip(requests, handles)]
+        if not logprobs:
+            return tokens, None
+        return tokens, [(h.prompt_logprobs or []) + h.logprobs if echo else h.logprobs for h in handles]
 
-    def _prompt_logprobs(self, prompt_tokens: List[List[int]]) -> List[List[float]]:
-        """Log-probability of each prompt token given those before it (first: 0.0)."""
-        result = []
-        for t in prompt_tokens:
-            tokens = torch.tensor([t], dtype=torch.long, device=self.device)
-            logits = self._forward(tokens, 0)[0, :-1]  # [S-1, V]
-            lps = _token_logprobs(logits, tokens[0, 1:])
-            result.append([0.0] + lps.tolist())
-        return result
+    def complete(self, requests: Sequence[Request]) -> Iterator[Tuple[int, Handle]]:
+        """Submit requests to the engine and step it, yielding (index in `requests`, handle) as
+        each request finishes, in the order they finish. Closing the iterator early cancels
+        the rest. last_stats covers these requests once all are done."""
+        with self._driving():
+            start = time.perf_counter()
+            handles = self._submit(list(requests))
+            waiting = list(enumerate(handles))
+            try:
+                while waiting:
+                    finished = [(i, h) for i, h in waiting if h.done]
+                    if not finished:
+                        self._advance([h for _, h in waiting])
+                        continue
+                    _raise_errors([h for _, h in finished])
+                    waiting = [(i, h) for i, h in waiting if not h.done]
+                    yield from finished
+            finally:
+                self._cancel(handles)
+            firsts = [h.first_token_at for h in handles if h.first_token_at is not None]
+            self.last_stats = GenerationStats(
+                prompt_tokens=sum(len(r.prompt_tokens) for r in requests),
+                generated_tokens=sum(len(h.tokens) for h in handles),
+                time_to_first_token_s=min(firsts) - start if firsts else 0.0,
+                total_s=time.perf_counter() - start)
+
+    def _run(self, requests: List[Request]) -> List[Handle]:
+        """complete(), the handles in the order of the requests."""
+        handles: List[Optional[Handle]] = [None] * len(requests)
+        for i, handle in self.complete(requests):
+            handles[i] = handle
+        return handles  # type: ignore[return-value]
 
     # ---- text in, text out -------------------------------------------------------------
 
@@ -254,7 +305,7 @@ class Llama:
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
                     max_gen_len: Optional[int] = None) -> Iterator[str]:
         """Yield the assistant's answer to one dialog as text pieces (see stream_completion)."""
-        check_dialog(dialog)
+        self.formatter.check_dialog(dialog)
         if self.formatter.is_unsafe(dialog):
             return iter([self.formatter.UNSAFE_ERROR])
         tokens = self.formatter.encode_dialog_prompt(dialog)
@@ -291,8 +342,9 @@ class Llama:
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
+        seed: Optional[int] = None,
     ) -> List[CompletionPrediction]:
-        """Complete each text prompt. max_gen_len defaults to max_seq_len - 1."""
+        """Complete each text prompt. max_gen_len defaults to max_seq_len - 1; seed: see generate."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise LlamaError("prompts must be a non-empty list of strings")
         for i, p in enumerate(prompts):
@@ -301,33 +353,74 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
         return [self._prediction(self.tokenizer.decode(t), t, lps[i] if lps else None)
                 for i, t in enumerate(tokens)]
 
+    def text_infilling(
+        self,
+        prefixes: List[str],
+        suffixes: List[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        suffix_first: bool = False,
+    ) -> List[InfillingPrediction]:
+        """Fill the gap between each prefix and its suffix (Code Llama 7B and 13B), as Meta's
+        codellama: the prompt layouts of llama.infilling (SPM with suffix_first), generation
+        up to ▁<EOT>; `full_text` is prefix + generation + suffix, and with logprobs, `tokens`
+        are the vocabulary's pieces. max_gen_len defaults to max_seq_len - 1."""
+        _check_texts(prefixes, "prefixes")
+        _check_texts(suffixes, "suffixes")
+        if len(prefixes) != len(suffixes):
+            raise LlamaError(f"text_infilling got {len(prefixes)} prefixes but {len(suffixes)} suffixes; "
+                             f"give one suffix per prefix")
+        eot = infilling_tokens(self.tokenizer).eot
+        if max_gen_len is None:
+            max_gen_len = self.model.params.max_seq_len - 1
+        prompt_tokens = [infilling_prompt_tokens(self.tokenizer, p, s, suffix_first) for p, s in zip(prefixes, suffixes)]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, stop_tokens=[eot])
+        results: List[InfillingPrediction] = []
+        for i, (prefix, suffix, t) in enumerate(zip(prefixes, suffixes, tokens)):
+            generation = self.tokenizer.decode_infilling(t)
+            result: InfillingPrediction = {"generation": generation, "full_text": prefix + generation + suffix}
+            if lps is not None:
+                result.update(tokens=[self.tokenizer.token_piece(x) for x in t], logprobs=lps[i])
+            results.append(result)
+        return results
+
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> List[ChatPrediction]:
+                        max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        seed: Optional[int] = None) -> List[ChatPrediction]:
         """Answer each dialog as the assistant. Dialogs holding the chat format's control
-        tags are not run; their answer is the format's error message, as in Meta's code."""
+        tags are not run; their answer is the format's error message, as in Meta's code.
+        Dialog i samples with the key of input position i (seed: see generate)."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise LlamaError("dialogs must be a non-empty list of dialogs")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         for i, dialog in enumerate(dialogs):
-            check_dialog(dialog, i)
+            self.formatter.check_dialog(dialog, i)
         unsafe = [self.formatter.is_unsafe(d) for d in dialogs]
-        safe_prompts = [self.formatter.encode_dialog_prompt(d) for d, bad in zip(dialogs, unsafe) if not bad]
-        tokens, lps = self.generate(safe_prompts, max_gen_len, temperature, top_p, logprobs,
-                                    stop_tokens=self.formatter.stop_tokens) if safe_prompts else ([], None)
+        safe = [i for i, bad in enumerate(unsafe) if not bad]
+        prompts = [self.formatter.encode_dialog_prompt(dialogs[i]) for i in safe]
+        check_sampling(temperature, top_p, max_gen_len)
+        params = self.model.params
+        for i, tokens in zip(safe, prompts):
+            check_prompt(tokens, params.max_seq_len, params.vocab_size, f"dialog {i}")
+        keys = self._keys(len(dialogs), temperature, seed)
+        handles = self._run(self._requests(prompts, [keys[i] for i in safe], max_gen_len, temperature, top_p,
+                                          logprobs, self.formatter.stop_tokens)) if prompts else []
+        answers = dict(zip(safe, handles))
 
         results: List[ChatPrediction] = []
-        answers = iter(range(len(tokens)))
-        for bad in unsafe:
-            if bad:
+        for i in range(len(dialogs)):
+            if i not in answers:
                 content, t, lp = self.formatter.UNSAFE_ERROR, [], [] if logprobs else None
             else:
-                i = next(answers)
-                content, t, lp = self.tokenizer.decode(tokens[i]), tokens[i], lps[i] if lps else None
+                h = answers[i]
+                content, t, lp = self.tokenizer.decode(h.tokens), h.tokens, h.logprobs if logprobs else None
             pred = self._prediction(content, t, lp)
             results.append({**pred, "generation": {"role": "assistant", "content": content}})
         return results
@@ -339,52 +432,16 @@ class Llama:
                 "logprobs": logprobs}
 
 
-def check_sampling(temperature: Any, top_p: Any, max_gen_len: Any,
-                   where: str = "") -> Tuple[float, float, Optional[int]]:
-    """Validate sampling settings -> (temperature, top_p, max_gen_len); `where` prefixes the
-    names in error messages (e.g. "--" for CLI flags)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise LlamaError(f"{where}temperature={temperature!r} must be >= 0 (0 means greedy)")
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise LlamaError(f"{where}top_p={top_p!r} must be in (0, 1]")
-    if max_gen_len is not None and (isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int)
-                                    or max_gen_len < 1):
-        raise LlamaError(f"{where}max_gen_len={max_gen_len!r} must be a positive integer (or left out)")
-    return float(temperature), float(top_p), max_gen_len
+def _check_texts(texts: Any, name: str) -> None:
+    """LlamaError unless `texts` (the argument `name`) is a non-empty list of valid text."""
+    if not isinstance(texts, (list, tuple)) or not texts:
+        raise LlamaError(f"{name} must be a non-empty list of strings, got {texts!r:.80}")
+    for i, text in enumerate(texts):
+        check_text(text, f"{name}[{i}]")
 
 
-def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under logits [N, V] (temperature-free, as in Meta's code) -> [N]."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Next token per row from logits [B, V]: argmax at temperature 0, else nucleus sampling."""
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return sample_top_p(probs, top_p).squeeze(-1)
-
-
-def sample_top_p(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Sample from the nucleus: the smallest set of most likely tokens whose mass reaches p.
-
-    probs: [B, V] probabilities. Returns [B, 1] token ids.
-    """
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    # A token belongs to the nucleus if the more likely tokens have not yet reached p.
-    if p < 1.0:
-        sorted_probs = sorted_probs.masked_fill(mass_before >= p, 0.0)
-        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
-    choice = torch.multinomial(sorted_probs, num_samples=1)
-    return torch.gather(order, -1, choice)
-
-
-def _check_finite(logits: torch.Tensor, dtype: torch.dtype) -> None:
-    """NaN/inf logits (typically fp16 overflow) would silently give garbage tokens."""
-    # One reduction: a sum is NaN/inf exactly when some logit is (finite logits are far
-    # too small to overflow fp32 when added up).
-    if not bool(torch.isfinite(logits.sum())):
-        raise LlamaError(f"the model produced NaN or inf logits (model dtype {dtype}); the usual "
-                         f"cause is fp16 overflow: build with dtype='bf16' or dtype='fp32'")
+def _raise_errors(handles: List[Handle]) -> None:
+    """Raise the first error a request met (NaN logits, or a step that failed)."""
+    for h in handles:
+        if h.error is not None:
+            raise h.error

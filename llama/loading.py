@@ -26,6 +26,8 @@ from .quantize import quantize_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 _GIB = 2**30
+# A slow network filesystem: what a build's wait for the slowest rank allows for reading.
+SLOW_READ_BYTES_PER_S = 25e6
 
 # The weight dtypes the engine runs and writes (llama.convert --dtype too), by short name.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,11 +74,11 @@ def load(ckpt_dir: str, tokenizer_path: Optional[str], max_seq_len: int, max_bat
         check_shards(shards, states, args)
         dtype = resolve_dtype(dtype, ctx.device)
         check_memory(args, ctx.model_parallel_size, ctx.device, dtype, max_batch_size, max_seq_len)
-    with all_ranks_agree("building the model"):
-        model = build_model(args, shards, states, ctx, dtype)
-        del states  # the model holds what it uses of the memory-mapped shards
-        quantize_model(model, quantize)
-        setup_caches(model, max_batch_size, max_seq_len, ctx.device)
+    # Ranks read their weights at their own disks' speed: the first to finish wait for the
+    # last up to LLAMA_DIST_TIMEOUT plus the time a slow disk needs for one rank's share.
+    with all_ranks_agree("building the model", work_s=rank_weight_bytes(args, ctx.model_parallel_size, dtype)
+                         / SLOW_READ_BYTES_PER_S):
+        model = model_on_device(args, shards, states, ctx, dtype, quantize, max_batch_size, max_seq_len)
     print0(f"Loaded in {time.time() - start:.2f} seconds")
     return Loaded(model, tokenizer, chat_format, ctx)
 
@@ -95,15 +97,29 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on accelerators (bf16 where supported); bf16 on CPUs with native
-    bf16, fp32 on other CPUs."""
+    """Half precision on accelerators: bf16 where the device computes in it natively, else
+    fp16; bf16 on CPUs with native bf16, fp32 on other CPUs."""
     if device.type == "cpu":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if device.type == "mps":
         return torch.float16
+    return torch.bfloat16 if accelerator_has_native_bf16(device) else torch.float16
+
+
+def accelerator_has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` (the current device of its type: init_distributed made it so) runs
+    bf16 in hardware. torch's is_bf16_supported() also says yes where bf16 is only emulated
+    through fp32 (CUDA GPUs before sm80: V100, T4), far slower there than fp16, unless asked
+    with including_emulation=False; a device module whose query lacks that argument answers
+    for itself."""
     module = getattr(torch, device.type, None)
-    supports_bf16 = getattr(module, "is_bf16_supported", lambda: False)()
-    return torch.bfloat16 if supports_bf16 else torch.float16
+    query = getattr(module, "is_bf16_supported", None)
+    if query is None:
+        return False
+    try:
+        return bool(query(including_emulation=False))
+    except TypeError:
+        return bool(query())
 
 
 def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) -> torch.dtype:
@@ -232,6 +248,19 @@ def build_model(args: ModelArgs, shards: List[Path], states: Dict[int, Dict[str,
     state = load_rank_state_dict(shards, states, expected, rank, size, ctx.device, dtype, vocab_parallel)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
+
+
+def model_on_device(args: ModelArgs, shards: List[Path], states: Dict[int, Dict[str, torch.Tensor]],
+                    ctx: DistContext, dtype: torch.dtype, quantize: Optional[str], max_batch_size: int,
+                    max_seq_len: int) -> Transformer:
+    """build_model, quantization and caches: what a build allocates. Everything it made stays
+    in its frames (none in the caller's) when it fails, so all_ranks_agree can free it.
+    Empties `states` once the model holds what it uses of the memory-mapped shards."""
+    model = build_model(args, shards, states, ctx, dtype)
+    states.clear()
+    quantize_model(model, quantize)
+    setup_caches(model, max_batch_size, max_seq_len, ctx.device)
+    return model
 
 
 def setup_caches(model: Transformer, max_batch_size: int, max_seq_len: int, device: torch.device) -> None:

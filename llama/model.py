@@ -94,13 +94,36 @@ def _llama31_scale(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
     return torch.where(wavelen < context / high, freqs, scaled)
 
 
-def apply_rotary(x: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rotate interleaved pairs (Meta's layout) as complex numbers in fp32; return `dtype`.
+def rotation_table(args: ModelArgs, max_seq_len: int, complex_form: bool = True) -> torch.Tensor:
+    """Each position's rotation of each of the D/2 pairs, from fp32 angles, on the CPU:
+    complex64 [max_seq_len, D/2] of unit length, or (cos, sin) [max_seq_len, D/2, 2]
+    (the form apply_rotary takes on devices without good complex support)."""
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(args))
+    if complex_form:
+        return torch.polar(torch.ones_like(angles), angles)
+    return torch.stack((angles.cos(), angles.sin()), dim=-1)
 
-    x: [B, S, H, D]; rotation: complex [B, S, 1, D/2] of unit length.
+
+def complex_rotation(device: torch.device) -> bool:
+    """Whether the rotary table is complex on `device`. Complex tensors are the fastest form
+    on CPU (one fused multiply: measured 6-10x faster than the real form there) and on CUDA;
+    MPS has only partial complex support (none before macOS 14; indexing and copies of
+    complex tensors are missing in some torch versions), so it gets the real form."""
+    return device.type != "mps"
+
+
+def apply_rotary(x: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rotate interleaved pairs (Meta's layout) by `rotation` in fp32; return `dtype`.
+
+    x: [B, S, H, D]; rotation: rows of rotation_table(), [B, S, 1, D/2] complex or
+    [B, S, 1, D/2, 2] (cos, sin). Both forms give the same result up to fp32 rounding.
     """
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(dtype)
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
+    if rotation.is_complex():
+        return torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2).to(dtype)
+    real, imag = pairs.unbind(-1)
+    cos, sin = rotation.unbind(-1)
+    return torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1).flatten(-2).to(dtype)
 
 
 def kv_cache_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
@@ -120,14 +143,53 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               kv_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, S, K, D] at `positions` [B, S]; return the first kv_len slots [B, L, K, D]."""
-        batch = k.shape[0]
-        rows = torch.arange(batch, device=k.device).unsqueeze(1)
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
+               slots: Optional[torch.Tensor] = None, fresh: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, S, K, D] at `positions` [B, S] of the cache rows `slots` [B] (default:
+        rows 0..B-1); return those rows' first kv_len positions [B, L, K, D]. fresh: every row
+        starts at position 0 and L == S, so the keys are k and v themselves (no gather)."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        if slots is None:
+            batch = k.shape[0]
+            rows = torch.arange(batch, device=k.device).unsqueeze(1)
+            self.k[rows, positions] = k
+            self.v[rows, positions] = v
+            return self.k[:batch, :kv_len], self.v[:batch, :kv_len]
+        rows = slots.unsqueeze(1)
         self.k[rows, positions] = k
         self.v[rows, positions] = v
-        return self.k[:batch, :kv_len], self.v[:batch, :kv_len]
+        if fresh:
+            return k, v
+        return self.k[slots, :kv_len], self.v[slots, :kv_len]  # a gather: a copy of those rows
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Attention of q [B, H, S, D] over k, v [B, K, L, D] (H a multiple of K); returns [B, H, S, D].
+
+    mask: bool [B, 1, S, L], True where a query may see a key; None: every query sees the
+    keys up to its own position, the last S of the L (causal; all L keys when S == 1).
+
+    On accelerators a mask never goes to the kernel together with unequal head counts:
+    flash attention takes no mask and older memory-efficient kernels no grouped heads, so
+    that call would run the slow math kernel (and abort on MPS with torch 2.6). There each
+    key/value head's G = H/K query heads are folded into its query rows instead, [B, K, G*S, D],
+    which the memory-efficient kernel takes with the mask repeated per group. The CPU
+    kernel takes both at once and is fastest so.
+    """
+    heads, kv_heads, seqlen = q.shape[1], k.shape[1], q.shape[2]
+    if mask is None:  # flash attention, grouped heads included
+        return F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
+    if heads == kv_heads or attention_device_type(q) == "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    batch, groups, dim = q.shape[0], heads // kv_heads, q.shape[3]
+    folded = q.reshape(batch, kv_heads, groups * seqlen, dim)  # query head h = kv head h // G
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(1, 1, groups, 1))
+    return out.view(batch, heads, seqlen, dim)
+
+
+def attention_device_type(t: torch.Tensor) -> str:
+    """The device type attend() chooses its form for (a seam for tests without accelerators)."""
+    return t.device.type
 
 
 class Attention(nn.Module):
@@ -145,7 +207,8 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+                rotation: torch.Tensor, mask: Optional[torch.Tensor],
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seqlen, _ = x.shape
         q = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -153,9 +216,9 @@ class Attention(nn.Module):
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
         dtype = self.cache.k.dtype  # attention runs in the cache's dtype
         q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
-        keys, values = self.cache.update(positions, k, v.to(dtype), kv_len)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                                             attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        # fresh (no gather from the cache) only where the keys are exactly these S tokens
+        keys, values = self.cache.update(positions, k, v, kv_len, slots, fresh=mask is None and kv_len == seqlen)
+        out = attend(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).to(x.dtype))
 
 
@@ -181,8 +244,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
-                rotation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, kv_len, rotation, mask)
+                rotation: torch.Tensor, mask: Optional[torch.Tensor],
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), positions, kv_len, rotation, mask, slots)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -209,8 +273,7 @@ class Transformer(nn.Module):
         """Allocate KV caches and rotary tables on the weights' device, in their dtype."""
         weight = self.norm.weight
         device, dtype = weight.device, weight.dtype
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), rope_frequencies(self.params))
-        self.rope = torch.polar(torch.ones_like(angles), angles).to(device)  # [max_seq_len, D/2]
+        self.rope = rotation_table(self.params, max_seq_len, complex_rotation(device)).to(device)
         cache_dtype = kv_cache_dtype(device, dtype)
         for layer in self.layers:
             attn = layer.attention
@@ -219,13 +282,17 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
-                kv_len: Optional[int] = None, last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
+                kv_len: Optional[int] = None, last_index: Optional[torch.Tensor] = None,
+                slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run tokens [B, S] through the model, appending them to the KV cache.
 
         start_pos: position of tokens[:, 0], an int shared by all rows (Meta's signature)
-            or a tensor [B] with one position per row.
+            or a tensor [B] with one position per row (positions past max_seq_len - 1, which
+            only padding can reach, are clamped there).
         kv_len: how many cache slots attention reads; defaults to max(start_pos) + S.
         last_index: optional [B] index into S; if given, return logits only there, [B, V].
+        slots: optional [B] cache rows the rows use (default: rows 0..B-1), so a scheduler can
+            run any subset of the cache's rows.
         Returns fp32 logits [B, S, V] (or [B, V]).
         """
         batch, seqlen = tokens.shape
@@ -236,23 +303,35 @@ class Transformer(nn.Module):
                                  f"{self.rope.shape[0]} given to setup_caches()")
             positions = (start_pos + offsets).expand(batch, seqlen)
             kv_len = kv_len or start_pos + seqlen
-        else:  # the caller keeps every row's position below max_seq_len
-            positions = start_pos.to(tokens.device).unsqueeze(1) + offsets
+        else:  # the caller keeps every real token's position below max_seq_len
+            positions = (start_pos.to(tokens.device).unsqueeze(1) + offsets).clamp(max=self.rope.shape[0] - 1)
             kv_len = kv_len or int(positions.max()) + 1
 
         rotation = self.rope[positions].unsqueeze(2)
-        # Plain causal masking works when every row starts at 0 and fills the cache
-        # (prefill); otherwise each row masks keys past its own position.
-        if isinstance(start_pos, int) and start_pos == 0 and kv_len == seqlen:
+        # No mask (the fastest kernels) where every row's tokens sit at the end of the kv_len
+        # slots read: a prefill from 0, or one new token per row at a common position;
+        # otherwise each row masks keys past its own position.
+        if _rows_end_at(start_pos, seqlen, kv_len):
             mask = None
         else:
-            slots = torch.arange(kv_len, device=tokens.device)
-            mask = (slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
+            cache_slots = torch.arange(kv_len, device=tokens.device)
+            mask = (cache_slots <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, S, L]
 
         h = self.tok_embeddings(tokens)
+        if slots is not None:
+            slots = slots.to(tokens.device)
         for layer in self.layers:
-            h = layer(h, positions, kv_len, rotation, mask)
+            h = layer(h, positions, kv_len, rotation, mask, slots)
         h = self.norm(h)
         if last_index is not None:
             h = h[torch.arange(batch, device=h.device), last_index.to(h.device)]
         return self.output(h).float()
+
+
+def _rows_end_at(start_pos: Union[int, torch.Tensor], seqlen: int, kv_len: int) -> bool:
+    """True if every row's S tokens are the last S of the kv_len slots and either S == 1
+    or the rows start at 0 (where causal masking from the top equals that from the end)."""
+    if isinstance(start_pos, int):
+        return start_pos + seqlen == kv_len and (seqlen == 1 or start_pos == 0)
+    # One host read of the positions (the decode loop reads its sampled tokens each step anyway).
+    return seqlen == 1 and bool((start_pos == kv_len - 1).all())

@@ -3,18 +3,43 @@ them on, LLAMA_PROGRESS=0 off), so logs and pipes stay clean."""
 
 import os
 import sys
-from typing import Iterable, Optional, TypeVar
+from typing import Any, Iterable, Optional, TypeVar
 
 from .distributed import is_main_rank
 
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], desc: str, total: Optional[int] = None, unit: str = "tensor") -> Iterable[T]:
+def _shown() -> bool:
     forced = os.environ.get("LLAMA_PROGRESS")
-    show = forced == "1" or (forced != "0" and sys.stderr.isatty())
-    if not show or not is_main_rank():
+    return (forced == "1" or (forced != "0" and sys.stderr.isatty())) and is_main_rank()
+
+
+def progress(items: Iterable[T], desc: str, total: Optional[int] = None, unit: str = "tensor") -> Iterable[T]:
+    if not _shown():
         return items
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, total=total, unit=unit, leave=False)
+
+
+class _Silent:
+    """A counter that shows nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def counter(desc: str, total: int, unit: str) -> Any:
+    """A bar advanced by hand (update(n), set_postfix_str, close), or one that shows nothing."""
+    if not _shown():
+        return _Silent()
+    from tqdm import tqdm
+
+    return tqdm(desc=desc, total=total, unit=unit, leave=False)

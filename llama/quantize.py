@@ -4,10 +4,13 @@ does), "q8_0", "q4_0", "q4_1" in GGML's block layouts for the native CPU kernels
 (llama.native.quantized_model; CPU, model-parallel size 1).
 
 Each projection's weight becomes int8 with one scale per output row (symmetric,
-absmax/127); activations stay in the model dtype. On CPU, torch's fused
-`_weight_int8pack_mm` kernel reads the int8 weights directly, so batch-1 decode (bound by
-memory bandwidth) moves a quarter of the fp32 bytes. Elsewhere the weight is dequantized
-on the fly, which saves memory if not time.
+absmax/127); activations stay in the model dtype. Decode-sized inputs run torch's fused
+`_weight_int8pack_mm` kernel, which reads the int8 weights directly, so batch-1 decode
+(bound by memory bandwidth) moves half the bytes of bf16; on the CPU it exists in every
+torch build, on an accelerator only in some torch versions, and quantize_model refuses a
+device without it (dequantizing every weight at every step would be slower than not
+quantizing). Quantizing holds one layer's int8 copy and a bounded fp32 block at a time
+beside the model: layers are swapped one by one, each original freed as it goes.
 """
 
 from typing import Optional
@@ -22,6 +25,26 @@ from .parallel import Collective, ParallelLinear, no_collective
 
 QUANTIZE_MODES = ("int8", "q8_0", "q4_0", "q4_1")
 FUSED_MAX_ROWS = 32  # decode steps up to this batch size use the fused int8 kernel (measured)
+BLOCK_BYTES = 16 * 2**20  # the fp32 temporaries of quantizing one weight: one block of rows at a time
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def quantize_rows(weight: torch.Tensor, block_bytes: int = BLOCK_BYTES) -> tuple:
+    """(q int8 [out, in], scale [out] in weight's dtype) with q * scale ~ weight: symmetric,
+    scale = absmax/127 per row. Works through `block_bytes` of fp32 rows at a time, so the
+    temporaries stay that size whatever the weight's (the output layer of Llama 3 8B would
+    otherwise need three 2 GB fp32 copies)."""
+    rows, cols = weight.shape
+    q = torch.empty(rows, cols, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(rows, dtype=torch.float32, device=weight.device)
+    step = max(1, block_bytes // (4 * cols))
+    for start in range(0, rows, step):
+        block = weight[start:start + step].to(torch.float32, copy=True)  # never the weight itself, in place
+        low, high = torch.aminmax(block, dim=1)
+        block_scale = (torch.maximum(-low, high) / 127).clamp_(min=1e-12)
+        q[start:start + step] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
+        scale[start:start + step] = block_scale
+    return q, scale.to(weight.dtype)
 
 
 class Int8Linear(nn.Module):
@@ -30,13 +53,11 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, combine: Collective = no_collective):
         super().__init__()
-        w = weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(weight.dtype))
+        q, scale = quantize_rows(weight.detach())
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
         self.combine = combine
-        # The fused kernel exists for CPU (and MPS) with half-precision activations.
-        self.fused = weight.device.type in ("cpu", "mps") and weight.dtype in (torch.bfloat16, torch.float16)
+        self.fused = weight.dtype in HALF_DTYPES and has_int8_kernel(weight.device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -49,6 +70,30 @@ class Int8Linear(nn.Module):
         return self.combine(out)
 
 
+def has_int8_kernel(device_type: str) -> bool:
+    """Whether this torch build has the fused int8 matmul for `device_type` (CPU: always)."""
+    has_kernel = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    try:  # the dispatch keys are the device types in capitals: CPU, MPS, ...
+        return has_kernel is not None and has_kernel("aten::_weight_int8pack_mm", device_type.upper())
+    except RuntimeError:  # no such dispatch key
+        return False
+
+
+def check_int8_device(device: torch.device, dtype: torch.dtype) -> None:
+    """LlamaError unless int8 runs well on `device`: on an accelerator it needs the fused
+    kernel and half-precision activations (without them every step would dequantize every
+    weight, slower than the unquantized model)."""
+    if device.type == "cpu":
+        return
+    if not has_int8_kernel(device.type):
+        raise LlamaError(f"quantize='int8' is not available on {device.type} with torch {torch.__version__}: it "
+                         f"lacks an int8 matmul kernel for that device (aten::_weight_int8pack_mm); leave "
+                         f"--quantize out (the default half precision), or run a torch build that has one")
+    if dtype not in HALF_DTYPES:
+        raise LlamaError(f"quantize='int8' on {device.type} runs with bf16 or fp16 activations, not {dtype}; "
+                         f"pass dtype='bf16' or 'fp16' (or leave dtype out)")
+
+
 def quantize_model(model: Transformer, mode: Optional[str]) -> Transformer:
     """Swap every projection (attention, feed-forward, output) to weight-only `mode`."""
     if mode is None:
@@ -59,9 +104,12 @@ def quantize_model(model: Transformer, mode: Optional[str]) -> Transformer:
         from .native.quantized_model import quantize_to_blocks
 
         return quantize_to_blocks(model, mode)
-    swaps = [(parent, name, child) for parent in model.modules()
+    check_int8_device(model.norm.weight.device, model.norm.weight.dtype)
+    swaps = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, ParallelLinear)]
-    for parent, name, child in swaps:
-        # The int8 copy replaces the layer, whose weight is then freed.
+    for parent, name in swaps:
+        # One layer at a time: its int8 copy replaces it, and the original is freed before the next.
+        child = getattr(parent, name)
         setattr(parent, name, Int8Linear(child.weight, child.combine))
+        del child
     return model

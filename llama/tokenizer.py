@@ -89,8 +89,19 @@ def _sniff_kind(path: str) -> str:
                      f"tokenizer.json")
 
 
+# Code Llama's infilling pieces: prefix, suffix, middle, end of the infilled text.
+INFILLING_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")
+# Put before text to encode it without sentencepiece's implicit leading space, and cut off
+# again, as Meta's codellama does: a character that merges with nothing around it.
+_NO_SPACE_MARK = "☺"
+
+
 class SentencePieceTokenizer(Tokenizer):
-    """Llama 1/2 sentencepiece tokenizer. Text never becomes control tokens."""
+    """Llama 1/2 and Code Llama sentencepiece tokenizer. Text never becomes control tokens.
+
+    As Meta's codellama Tokenizer: prefix_id, suffix_id, middle_id and eot_id are the ids of
+    Code Llama's infilling pieces, step_id that of Code Llama 70B's <step>, each None where
+    the vocabulary lacks it (Llama 1/2)."""
 
     def __init__(self, model_path: str):
         from sentencepiece import SentencePieceProcessor
@@ -100,6 +111,7 @@ class SentencePieceTokenizer(Tokenizer):
             self.sp_model = SentencePieceProcessor(model_file=model_path)
         except (RuntimeError, OSError) as exc:
             raise LlamaError(f"cannot read sentencepiece tokenizer {model_path!r}: {exc}") from None
+        self.model_path = model_path
         self.n_words: int = self.sp_model.vocab_size()
         self.bos_id: int = self.sp_model.bos_id()
         self.eos_id: int = self.sp_model.eos_id()
@@ -107,6 +119,14 @@ class SentencePieceTokenizer(Tokenizer):
         self.add_bos = True
         self.special_tokens = {self.sp_model.id_to_piece(i): i for i in range(self.n_words)
                                if self.sp_model.is_control(i)}
+        self.prefix_id, self.suffix_id, self.middle_id, self.eot_id = map(self._piece_id, INFILLING_PIECES)
+        self.step_id = self._piece_id("<step>")  # Code Llama 70B's end of a dialog turn
+        self._mark_ids = self.sp_model.encode(_NO_SPACE_MARK)  # e.g. ["▁", "☺"]
+
+    def _piece_id(self, piece: str) -> Optional[int]:
+        """The id of `piece`, None if the vocabulary lacks it (sentencepiece answers unk)."""
+        i = self.sp_model.piece_to_id(piece)
+        return i if self.sp_model.id_to_piece(i) == piece else None
 
     def encode(self, s: str, bos: bool, eos: bool, allow_special: bool = False) -> List[int]:
         check_text(s, "the text to encode")
@@ -115,6 +135,23 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, t: Sequence[int]) -> str:
         return self.sp_model.decode(list(t))
+
+    def token_piece(self, t: int) -> str:
+        """The vocabulary's piece for id `t` (e.g. "▁def"), as Meta's codellama reports tokens."""
+        return self.sp_model.id_to_piece(t)
+
+    def encode_infilling(self, s: str) -> List[int]:
+        """`s` encoded without the implicit leading space (Code Llama's infilling suffix)."""
+        check_text(s, "the text to encode")
+        t = self.sp_model.encode(_NO_SPACE_MARK + s)
+        if t[:len(self._mark_ids)] != self._mark_ids:  # a vocabulary that merges the mark with s
+            raise LlamaError(f"cannot encode {s[:20]!r}... without a leading space with tokenizer "
+                             f"{self.model_path!r}: its vocabulary joins {_NO_SPACE_MARK!r} to that text")
+        return t[len(self._mark_ids):]
+
+    def decode_infilling(self, t: Sequence[int]) -> str:
+        """Decode without dropping a leading space (the inverse of encode_infilling)."""
+        return self.sp_model.decode(self._mark_ids + list(t))[len(_NO_SPACE_MARK):]
 
 
 # ---- Llama 3: tiktoken ----------------------------------------------------------------

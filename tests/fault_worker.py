@@ -10,6 +10,8 @@ Faults are injected by this script only, never by library code, from the environ
   FAULT_HANG_RANK=R      rank R hangs (sleeps) instead of generating, alive but silent
   FAULT_OOM_RANK=R       rank R runs out of memory making the model (Transformer.__init__),
                          the first step after the checkpoint was read and checked
+  FAULT_SLOW_BUILD_RANK=R  rank R takes FAULT_SLOW_BUILD_S seconds longer to make the model
+  FAULT_READ_BYTES_PER_S=B the read speed the build's wait for slow ranks allows for
 """
 
 import os
@@ -34,6 +36,20 @@ def main(ckpt_dir: str, tokenizer_path: str, max_gen_len: int = 16):
             raise MemoryError("no room for the model (injected)")
 
         llama.model.Transformer.__init__ = out_of_memory
+    if os.environ.get("FAULT_SLOW_BUILD_RANK") == str(rank):
+        import llama.model
+
+        make_model = llama.model.Transformer.__init__
+
+        def slow_to_make(*args, **kwargs):
+            time.sleep(float(os.environ["FAULT_SLOW_BUILD_S"]))
+            make_model(*args, **kwargs)
+
+        llama.model.Transformer.__init__ = slow_to_make
+    if os.environ.get("FAULT_READ_BYTES_PER_S"):
+        import llama.loading
+
+        llama.loading.SLOW_READ_BYTES_PER_S = float(os.environ["FAULT_READ_BYTES_PER_S"])
     generator = Llama.build(ckpt_dir, tokenizer_path, max_seq_len=64, max_batch_size=2, device="cpu")
 
     if os.environ.get("FAULT_KILL_RANK") == str(rank):

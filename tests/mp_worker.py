@@ -4,7 +4,8 @@ Usage: python -m torch.distributed.run --nproc_per_node N tests/mp_worker.py SPE
 
 SPEC holds the tokenizer path, the output folder, the prompts and a list of jobs,
 each naming a checkpoint folder. For every job this process builds a Llama (the
-model-parallel size is the world size), runs the same workloads the test runs
+model-parallel size is the world size unless the spec
+sets model_parallel_size), runs the same workloads the test runs
 in-process, and finally writes everything to OUT/rank{RANK}.json. Every rank writes
 its own file, since Llama.build silences stdout on ranks other than 0.
 """
@@ -24,7 +25,8 @@ def run_job(job: dict, spec: dict) -> dict:
 
     start = time.time()
     gen = Llama.build(job["ckpt"], spec["tokenizer"], max_seq_len=spec["max_seq_len"],
-                      max_batch_size=spec["max_batch_size"], device="cpu")
+                      max_batch_size=spec["max_batch_size"], device="cpu",
+                      model_parallel_size=spec.get("model_parallel_size"))
     built_s = time.time() - start
     ctx = gen.ctx
     result = {
@@ -33,6 +35,8 @@ def run_job(job: dict, spec: dict) -> dict:
         "world_size": ctx.world_size,
         "model_parallel_size": ctx.model_parallel_size,
         "model_parallel_rank": ctx.model_parallel_rank,
+        "data_parallel_size": ctx.data_parallel_size,
+        "data_parallel_rank": ctx.data_parallel_rank,
         "backend": ctx.backend,
         "device": str(gen.device),
         "local_shapes": {name: list(p.shape) for name, p in gen.model.state_dict().items()

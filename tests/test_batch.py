@@ -136,6 +136,19 @@ def test_bad_input_lines_are_named(tmp_path, lines, chat, message):
     assert message in str(err.value)
 
 
+def test_dialog_shapes_are_the_chat_formats_to_judge(tmp_path, generator):
+    """Two user turns in a row pass the reading (Llama 3 and ChatML take them); the Llama 2
+    model refuses them, naming the line, before anything is generated or written."""
+    dialog = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    inp = _write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "dialog": dialog}, {"id": 2, "dialog": dialog[:1]}])
+    out = tmp_path / "out.jsonl"
+    assert len(load_work(str(inp), str(out), True, (0.6, 0.9, None))[0]) == 2
+    with pytest.raises(LlamaError, match=r"in.jsonl line 1 \(id 1\): dialog 0, message 1 has role 'user' "
+                                         r"where 'assistant' was expected"):
+        run_batch(generator, str(inp), str(out), chat=True)
+    assert not out.exists() or out.read_text() == ""
+
+
 def test_output_that_is_not_ours_is_refused_untouched(tmp_path):
     inp = _write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}])
     for content in ("some notes\nof the user", '{"id": 1, "generation": "x"}\nplain text\n'):

@@ -69,10 +69,12 @@ def test_llama3_matches_design_format(llama3, dialog):
     assert Llama3ChatFormat(llama3).encode_dialog_prompt(dialog) == expected
 
 
-@pytest.mark.parametrize("dialog", DIALOGS)
-def test_llama3_matches_meta_chat_format(llama3, dialog):
-    """Meta's llama_models ChatFormat, if its imports (pydantic, PIL) are installed. It does not
-    strip content (the original llama3 repo and DESIGN.md do), so compare stripped dialogs."""
+@pytest.fixture(scope="module")
+def meta_llama3():
+    """Meta's reference from the llama-models==0.3.0 wheel, if its imports (pydantic, PIL) are
+    installed: a function dialog -> ids through its ChatFormat and RawMessage. It does not
+    strip content (the original llama3 repo and DESIGN.md do), so it is given stripped
+    content; its role "tool" is what our "ipython" role is too."""
     pytest.importorskip("pydantic")
     pytest.importorskip("PIL")
     members = ["__init__.py", "tokenizer_utils.py", "datatypes.py", "llama3/__init__.py",
@@ -87,9 +89,104 @@ def test_llama3_matches_meta_chat_format(llama3, dialog):
     finally:
         sys.path.remove(root)
     meta = MetaChatFormat(MetaTokenizer(Path(fetch_wheel_file(*LLAMA3_TOKENIZER))))
-    stripped = [{"role": m["role"], "content": m["content"].strip()} for m in dialog]
-    expected = meta.encode_dialog_prompt([RawMessage(**m) for m in stripped]).tokens
-    assert Llama3ChatFormat(llama3).encode_dialog_prompt(dialog) == expected
+
+    def encode(dialog):
+        messages = [RawMessage(role="tool" if m["role"] == "ipython" else m["role"], content=m["content"].strip())
+                    for m in dialog]
+        return meta.encode_dialog_prompt(messages).tokens
+
+    return encode
+
+
+@pytest.mark.parametrize("dialog", DIALOGS)
+def test_llama3_matches_meta_chat_format(llama3, meta_llama3, dialog):
+    assert Llama3ChatFormat(llama3).encode_dialog_prompt(dialog) == meta_llama3(dialog)
+
+
+# Dialogs Meta's Llama 3 code takes and Meta's Llama 2 code refuses.
+FREE_SHAPES = {
+    "two_user_turns": [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Are you there?"}],
+    "ends_with_assistant": [{"role": "user", "content": "Count to three"},
+                            {"role": "assistant", "content": "One, two,"}],
+    "tool_result": [{"role": "system", "content": "Environment: ipython"},
+                    {"role": "user", "content": "What is 7 * 6?"},
+                    {"role": "assistant", "content": "<|python_tag|>print(7 * 6)"},
+                    {"role": "tool", "content": "42"}],
+    "ipython_result": [{"role": "user", "content": "Weather?"}, {"role": "ipython", "content": '{"temp": 21}'}],
+    "system_in_the_middle": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+                             {"role": "system", "content": "From now on, answer in French."},
+                             {"role": "user", "content": "How are you?"}],
+    "two_systems": [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."},
+                    {"role": "user", "content": "Advice?"}],
+    "assistant_first": [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "Hi"}],
+    "system_only": [{"role": "system", "content": "You write poems."}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(FREE_SHAPES))
+def test_llama3_takes_metas_dialog_shapes(llama3, meta_llama3, name):
+    fmt = make_chat_format(llama3)
+    fmt.check_dialog(FREE_SHAPES[name])
+    assert fmt.encode_dialog_prompt(FREE_SHAPES[name]) == meta_llama3(FREE_SHAPES[name])
+
+
+def test_llama3_chat_completion_answers_every_shape(family_ckpt, meta_llama3):
+    """chat_completion runs Meta's prompt for each shape, in one batch."""
+    from llama import Llama
+
+    gen = Llama.build(str(family_ckpt("llama3")), None, max_seq_len=96, max_batch_size=8, device="cpu")
+    dialogs = [FREE_SHAPES[name] for name in sorted(FREE_SHAPES)]
+    results = gen.chat_completion(dialogs, temperature=0, max_gen_len=4)
+    expected, _ = gen.generate([meta_llama3(d) for d in dialogs], max_gen_len=4, temperature=0,
+                               stop_tokens=gen.formatter.stop_tokens)
+    assert [r["generation"] for r in results] == [{"role": "assistant", "content": gen.tokenizer.decode(t)}
+                                                  for t in expected]
+
+
+def test_llama3_tool_role_is_written_ipython(llama3):
+    """Meta's llama_models writes role "tool" as the "ipython" header (its Role.tool)."""
+    tool, ipython = ([{"role": "user", "content": "x"}, {"role": role, "content": "42"}] for role in ("tool", "ipython"))
+    fmt = Llama3ChatFormat(llama3)
+    assert fmt.encode_dialog_prompt(tool) == fmt.encode_dialog_prompt(ipython)
+    assert "<|start_header_id|>ipython<|end_header_id|>" in llama3.decode(fmt.encode_dialog_prompt(tool))
+
+
+@pytest.mark.parametrize("name", sorted(FREE_SHAPES))
+def test_llama2_keeps_metas_stricter_rules(sp_tokenizer, name):
+    """Meta's Llama 2 chat_completion asserts user/assistant alternation ending with the user,
+    after an optional first system message, and knows no tool role."""
+    fmt = make_chat_format(Tokenizer(sp_tokenizer), "llama2")
+    with pytest.raises(LlamaError, match="Llama 2 chat format|unknown role"):
+        fmt.check_dialog(FREE_SHAPES[name], 3)
+    with pytest.raises(LlamaError, match="dialog 0"):
+        fmt.encode_dialog_prompt(FREE_SHAPES[name])
+
+
+@pytest.mark.parametrize("role", ["usr", "model", "", None])
+def test_unknown_roles_refused_by_every_format(sp_tokenizer, llama3, role):
+    dialog = [{"role": "user", "content": "Hi"}, {"role": role, "content": "x"}]
+    for fmt in (make_chat_format(Tokenizer(sp_tokenizer)), make_chat_format(llama3)):
+        with pytest.raises(LlamaError, match=f"dialog 0, message 1 has unknown role {role!r}"):
+            fmt.check_dialog(dialog)
+
+
+def test_code_llama_70b_dialogs_refused(tmp_path, code_llama_tokenizer):
+    """Meta's codellama gives a tokenizer with <step> its own "Source: ... <step>" format, which
+    we lack: refuse rather than prompt that model in Llama 2's format. Other Code Llama
+    tokenizers (no <step>) keep the Llama 2 format."""
+    from conftest import train_code_llama_tokenizer
+
+    dialog = [{"role": "user", "content": "Write a loop"}]
+    assert make_chat_format(Tokenizer(str(code_llama_tokenizer))).encode_dialog_prompt(dialog)
+    tok = Tokenizer(str(train_code_llama_tokenizer(tmp_path / "tokenizer.model", extra_symbols=("<step>",))))
+    assert tok.step_id is not None
+    with pytest.raises(LlamaError, match="tokenizer.model' has Code Llama 70B's <step> piece"):
+        make_chat_format(tok).check_dialog(dialog)
+
+
+def test_empty_dialog_refused(llama3):
+    with pytest.raises(LlamaError, match="dialog 2 is empty"):
+        make_chat_format(llama3).check_dialog([], 2)
 
 
 def test_llama3_stop_tokens_and_safety(llama3):
@@ -179,6 +276,14 @@ def test_chatml_matches_hf_chat_template(smollm2, hf_original, hf_gguf, dialog):
         assert ours == hf_chat_ids(hf_gguf, dialog)
 
 
+@pytest.mark.parametrize("name", sorted(FREE_SHAPES))
+def test_chatml_takes_what_the_hf_template_takes(smollm2, hf_original, name):
+    """SmolLM2's template writes any sequence of messages, each role as given."""
+    fmt = make_chat_format(smollm2, "chatml", default_system_prompt=SMOLLM_SYSTEM)
+    fmt.check_dialog(FREE_SHAPES[name])
+    assert fmt.encode_dialog_prompt(FREE_SHAPES[name]) == hf_chat_ids(hf_original, FREE_SHAPES[name])
+
+
 def test_chatml_without_default_system_prompt(smollm2):
     ids = make_chat_format(smollm2).encode_dialog_prompt([{"role": "user", "content": "Hi"}])
     assert smollm2.decode(ids) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
@@ -222,5 +327,5 @@ def test_format_by_name_and_errors(sp_tokenizer, llama3):
     with pytest.raises(LlamaError, match="<\\|begin_of_text\\|>"):
         make_chat_format(sp, "llama3").encode_dialog_prompt([{"role": "user", "content": "hi"}])
     with pytest.raises(LlamaError, match="end with a 'user' message"):
-        make_chat_format(llama3).encode_dialog_prompt([{"role": "user", "content": "hi"},
-                                                       {"role": "assistant", "content": "hello"}])
+        make_chat_format(sp).encode_dialog_prompt([{"role": "user", "content": "hi"},
+                                                   {"role": "assistant", "content": "hello"}])

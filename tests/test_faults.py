@@ -53,6 +53,12 @@ FAULTS = {
     # Rank 1 dies abruptly in the middle of generating.
     "rank1_killed_mid_generation": dict(worker="fault", env={"FAULT_KILL_RANK": "1", "FAULT_KILL_AFTER": "3"},
                                         rank0=None, summary=r"local_rank: 1\)\s*\n\s*exitcode\s*:\s*9"),
+    # Rank 1 never finishes making the model: rank 0 names the stage once its wait for slow
+    # ranks (LLAMA_DIST_TIMEOUT plus the reading time allowed for a rank's share) is over.
+    "rank1_hangs_building": dict(worker="fault", env={"FAULT_SLOW_BUILD_RANK": "1", "FAULT_SLOW_BUILD_S": "3600",
+                                                      "FAULT_READ_BYTES_PER_S": "1e9", "LLAMA_DIST_TIMEOUT": "5"},
+                                 rank0=r"^error: not every rank finished building the model within 5 s",
+                                 summary=r"exitcode\s*:\s*1"),
     # Rank 1 stays alive but never joins the next collective: the timeout ends the job.
     "rank1_hangs": dict(worker="fault", env={"FAULT_HANG_RANK": "1", "LLAMA_DIST_TIMEOUT": "5"},
                         rank0=r"^error: lost contact with the other processes of this job \(.*Timed out",
@@ -81,6 +87,19 @@ def test_failed_rank_ends_the_whole_job(fault, tiny_ckpt_mp2, bad_copy, sp_token
         assert len(errors) == 1 and re.search(case["rank0"], errors[0]), rank0
     else:  # killed or not, rank 0 said at most one line, and not a traceback
         assert len(errors) <= 1, rank0
+
+
+def test_a_rank_slower_to_load_than_the_timeout_is_waited_for(tiny_ckpt_mp2, sp_tokenizer, tmp_path):
+    """Ranks load at their own disks' speed: rank 1 taking 12 s longer than rank 0 is no
+    failure with LLAMA_DIST_TIMEOUT=5 when reading its share may take that long (here: the
+    tiny model's 8 MB per rank at 0.5 MB/s, 16 s)."""
+    env = {"FAULT_SLOW_BUILD_RANK": "1", "FAULT_SLOW_BUILD_S": "12", "FAULT_READ_BYTES_PER_S": "5e5",
+           "LLAMA_DIST_TIMEOUT": "5"}
+    job = run_torchrun(WORKER, ["--ckpt_dir", tiny_ckpt_mp2, "--tokenizer_path", sp_tokenizer], timeout_s=2 * JOB_LIMIT_S,
+                       logs=tmp_path / "logs", **env)
+    assert job["rc"] == 0, job["stderr"][-3000:] + "\n".join(job["ranks"].values())[-3000:]
+    printed = {int(p.parent.name): p.read_text() for p in (tmp_path / "logs").rglob("stdout.log")}
+    assert "rank 0 done" in printed[0] and job["elapsed"] > 12
 
 
 # ---- download.sh: interrupted transfers -------------------------------------------------

@@ -122,7 +122,7 @@ def test_bad_prompts_are_named(generator):
         generator.text_completion([])
     with pytest.raises(LlamaError, match="prompt 1 must be a str"):
         generator.text_completion(["ok", 3])
-    with pytest.raises(LlamaError, match=r"prompt 0 has 70 tokens, 7 too many"):
+    with pytest.raises(LlamaError, match=r"prompt 0 has 70 tokens, 6 too many"):
         generator.generate([list(range(1, 71))], max_gen_len=4)
 
 

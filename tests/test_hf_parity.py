@@ -17,6 +17,7 @@ CONFIGS = {
     "llama31_rope": dict(rope_theta=500000.0, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}),
+    "codellama_rope": dict(rope_theta=1000000.0),
 }
 
 
@@ -36,6 +37,8 @@ def pair(request, tmp_path_factory, sp_tokenizer):
     """(HF model, our generator) on the same weights."""
     hf = _hf_model(CONFIGS[request.param], vocab_size=32000)
     params = params_from_hf_config(hf.config.to_dict())
+    if params["rope_theta"] == 1e6:
+        params["rope_theta"] = 1000000  # as Code Llama's params.json writes it: an integer
     weights = meta_from_hf_state_dict({k: v.detach().clone() for k, v in hf.state_dict().items()}, params)
     dst = tmp_path_factory.mktemp(f"hf_{request.param}")
     save_checkpoint(weights, params, str(dst), n_shards=1)

@@ -1,0 +1,168 @@
+"""GPU checks that the CPU-only CI cannot make: run on a machine with a CUDA GPU (see
+benchmarks/gpu_check.sh, which runs this after the tests). Prints one line per check and
+writes a JSON report.
+
+    python benchmarks/gpu_check.py [--out gpu_check.json] [--dim 2048 --layers 8]
+
+On a random GQA checkpoint (16 query heads, 4 key/value heads; the sentencepiece tokenizer):
+the device and dtype chosen; NCCL bound to the device; fp32 logits and greedy tokens on the
+GPU against the CPU; decode with PyTorch's math attention kernel switched off (so an
+efficient kernel must take every call), and the old call form (mask with grouped heads)
+under the same switch; decode speed of the new form against the old; the real-valued
+rotary form against the complex one; int8 quantization (refused, or its speed and memory).
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import llama.model  # noqa: E402
+from llama import Llama, LlamaError  # noqa: E402
+from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file  # noqa: E402
+from llama.loading import accelerator_has_native_bf16, default_dtype  # noqa: E402
+from llama.testing import write_tiny_checkpoint  # noqa: E402
+
+EFFICIENT = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+report: Dict[str, object] = {}
+
+
+def check(name: str, value) -> None:
+    report[name] = value
+    print(f"{name}: {value}", flush=True)
+
+
+def old_attend(q, k, v, mask):
+    """The call every decode step made before issue 15.3: a mask together with grouped heads."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          enable_gqa=True)
+
+
+def decode_tok_s(g: Llama, prompts: List[List[int]], n: int, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs + 1):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        g.generate(prompts, n, temperature=0, stop_tokens=[])
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return len(prompts) * n / statistics.median(times[1:])
+
+
+def with_attend(form: Callable, fn: Callable):
+    saved = llama.model.attend
+    llama.model.attend = form
+    try:
+        return fn()
+    finally:
+        llama.model.attend = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.json"))
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: run this on a GPU machine")
+
+    gpu = torch.device("cuda", 0)
+    check("torch", torch.__version__)
+    check("gpu", f"{torch.cuda.get_device_name(0)}, capability {torch.cuda.get_device_capability(0)}")
+    check("native bf16", accelerator_has_native_bf16(gpu))
+    check("default dtype", str(default_dtype(gpu)))
+
+    tokenizer = str(fetch_wheel_file(*SENTENCEPIECE_32K))
+    params = dict(dim=args.dim, n_layers=args.layers, n_heads=16, n_kv_heads=4, vocab_size=32000,
+                  multiple_of=256, norm_eps=1e-5, rope_theta=10000.0)
+    ckpt = write_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="gpu-check-")), params=params, dtype=torch.bfloat16)
+    build = lambda **kw: Llama.build(str(ckpt), tokenizer, max_seq_len=1024, max_batch_size=4, **kw)  # noqa: E731
+
+    g = build(dtype="bf16")
+    import torch.distributed as dist
+
+    check("backend", dist.get_backend())
+    check("bound device", str(getattr(dist.group.WORLD, "bound_device_id", None)))
+    prompt = g.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8, bos=True, eos=False)
+    ragged = [prompt[: len(prompt) - 9 * i] for i in range(4)]
+
+    # Math kernel off: every attention call must find an efficient kernel, or this raises.
+    for name, prompts in (("batch 1", [prompt]), ("ragged batch 4", ragged)):
+        try:
+            with sdpa_kernel(EFFICIENT):
+                g.generate(prompts, 16, temperature=0)
+            check(f"decode without the math kernel, {name}", "ok")
+        except RuntimeError as exc:
+            check(f"decode without the math kernel, {name}", f"FAILED: {str(exc).splitlines()[0]}")
+        try:
+            with sdpa_kernel(EFFICIENT):
+                with_attend(old_attend, lambda: g.generate(prompts, 4, temperature=0))
+            check(f"old form without the math kernel, {name}", "ran (an efficient kernel took it)")
+        except RuntimeError as exc:
+            check(f"old form without the math kernel, {name}", f"refused, as expected: {str(exc).splitlines()[0][:120]}")
+
+    for name, prompts, n in (("b1", [prompt], 128), ("ragged4", ragged, 64)):
+        new, old = decode_tok_s(g, prompts, n), with_attend(old_attend, lambda: decode_tok_s(g, prompts, n))
+        check(f"decode {name} tok/s (new / old attention form)", f"{new:.1f} / {old:.1f} = {new / old:.2f}x")
+        same = g.generate(prompts, 32, temperature=0)[0] == with_attend(
+            old_attend, lambda: g.generate(prompts, 32, temperature=0)[0])
+        check(f"greedy tokens equal, new vs old form, {name}", same)
+
+    # fp32 on the GPU against fp32 on the CPU.
+    del g
+    g32 = build(dtype="fp32")
+    cpu32 = build(dtype="fp32", device="cpu")
+    tokens = torch.tensor([prompt])
+    diff = (g32.model(tokens.to(gpu)).cpu() - cpu32.model(tokens)).abs().max().item()
+    check("fp32 logits max |GPU - CPU|", f"{diff:.2e}")
+    check("fp32 greedy tokens GPU == CPU (ragged batch 4, 32 tokens)",
+          g32.generate(ragged, 32, temperature=0)[0] == cpu32.generate(ragged, 32, temperature=0)[0])
+
+    # The real-valued rotary form (MPS's) on the GPU against the complex one.
+    saved = llama.model.complex_rotation
+    llama.model.complex_rotation = lambda device: False
+    try:
+        real = build(dtype="fp32")
+    finally:
+        llama.model.complex_rotation = saved
+    diff = (real.model(tokens.to(gpu)) - g32.model(tokens.to(gpu))).abs().max().item()
+    check("real vs complex rotary, fp32 logits max diff", f"{diff:.2e}")
+    del g32, cpu32, real
+
+    # int8: refused with a message, or measured.
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        before = torch.cuda.memory_allocated()
+        q = build(dtype="bf16", quantize="int8")
+        check("int8 build", f"ok; peak {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB, "
+                            f"after {(torch.cuda.memory_allocated() - before) / 2**20:.0f} MiB")
+        b = build(dtype="bf16")
+        check("decode b1 tok/s int8 / bf16",
+              f"{decode_tok_s(q, [prompt], 128):.1f} / {decode_tok_s(b, [prompt], 128):.1f}")
+        same = sum(a == c for a, c in zip(q.generate([prompt], 64, temperature=0)[0][0],
+                                          b.generate([prompt], 64, temperature=0)[0][0]))
+        check("int8 greedy agreement with bf16 (of 64)", same)
+    except LlamaError as exc:
+        check("int8 build", f"refused: {exc}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
