@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 
+from .errors import LlamaError
 from .model import Transformer
 
 
@@ -41,13 +42,24 @@ def matmul_policy(tokens: torch.Tensor) -> Iterator[None]:
 
 DECODE_BACKENDS = ("torch", "native")
 _MEASURED_STEPS = 5  # timed decode steps per backend and batch size (after 2 unmeasured ones)
+NATIVE_SETTINGS = {"0": "PyTorch only", "1": "the native step wherever it runs", "auto": "measured"}
+
+
+def native_setting() -> str:
+    """LLAMA_NATIVE: "0" (native kernels off), "1" (the native decode step wherever it can
+    run, unmeasured) or "auto" (the default: the faster by measurement)."""
+    value = os.environ.get("LLAMA_NATIVE", "auto").strip().lower() or "auto"
+    if value not in NATIVE_SETTINGS:
+        choices = "; ".join(f"{k}: {v}" for k, v in NATIVE_SETTINGS.items())
+        raise LlamaError(f"LLAMA_NATIVE={value!r} is not a setting ({choices}); set one of these or unset it")
+    return value
 
 
 def native_problem(model: Transformer) -> Optional[str]:
     """Why native kernels cannot run `model` here, or None when they can."""
     from . import native
 
-    if os.environ.get("LLAMA_NATIVE", "1") == "0":
+    if native_setting() == "0":
         return "LLAMA_NATIVE=0"
     weight = model.norm.weight
     if weight.device.type != "cpu":
@@ -159,11 +171,15 @@ class DecodeStep:
         self.decoder, self.verdicts = decoder, verdicts
 
     def wants(self, batch: int) -> bool:
-        """Whether `batch` rows decode natively: the verdict of the nearest measured size."""
+        """Whether `batch` rows decode natively: the verdict of the nearest measured size
+        (never with LLAMA_NATIVE=0, looked at every step so that it can be set at any time)."""
         from . import native
 
-        if batch > native.MAX_NATIVE_ROWS:
+        setting = native_setting()
+        if batch > native.MAX_NATIVE_ROWS or setting == "0":
             return False
+        if setting == "1":
+            return True
         nearest = min(self.verdicts, key=lambda size: (abs(math.log2(size / batch)), size))
         return self.verdicts[nearest] == "native"
 
@@ -174,14 +190,14 @@ class DecodeStep:
 def decode_step(model: Transformer, max_batch_size: int) -> Optional[DecodeStep]:
     """The native decode step for `model` where it runs here and measures faster than
     PyTorch at batch 1 or max_batch_size (always, for GGML-quantized weights, which only it
-    reads at full speed); None where PyTorch decodes (LLAMA_NATIVE=0, not the CPU,
-    model-parallel, no library, or slower)."""
+    reads at full speed, and with LLAMA_NATIVE=1); None where PyTorch decodes (LLAMA_NATIVE=0,
+    not the CPU, model-parallel, no library, or slower)."""
     if native_decode_problem(model) is not None:
         return None
     from .native.decode import NativeDecoder
 
     decoder = NativeDecoder(model)
     sizes = {1, min(max_batch_size, model.layers[0].attention.cache.k.shape[0])}
-    if _quantized_layout(model) is not None:
+    if _quantized_layout(model) is not None or native_setting() == "1":
         return DecodeStep(decoder, {size: "native" for size in sizes})
     return DecodeStep(decoder, choose_decode_backends(model, sizes, decoder))

@@ -160,7 +160,9 @@ def load() -> Optional[ctypes.CDLL]:
     if "lib" in _state:
         return _state["lib"]
     lib, reason = None, ""
-    if os.environ.get("LLAMA_NATIVE", "1") == "0":
+    from ..kernels import native_setting
+
+    if native_setting() == "0":
         reason = "LLAMA_NATIVE=0"
     elif (cxx := compiler()) is None:
         reason = "no C++ compiler found; set CXX or install g++"
