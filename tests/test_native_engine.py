@@ -111,10 +111,11 @@ def test_bf16_native_steps_score_their_tokens_as_pytorch_does(tiny_ckpt, sp_toke
 @pytest.mark.parametrize("layout", ["q8_0", "q4_0", "q4_1"])
 def test_ggml_builds_decode_natively_through_generate(layout, tiny_ckpt, sp_tokenizer, monkeypatch, native_calls):
     """quantize="q8_0"/"q4_0"/"q4_1": decode steps in the fused native step without being
-    told to (LLAMA_NATIVE unset); the same greedy tokens as the model's own forward pass over
+    told to (LLAMA_NATIVE unset, whatever a timing would say); the same greedy tokens as the model's own forward pass over
     the same blocks (PyTorch decode, LLAMA_NATIVE=0) in fp32."""
     llama = _build(tiny_ckpt, sp_tokenizer, quantize=layout)
     monkeypatch.delenv("LLAMA_NATIVE", raising=False)
+    monkeypatch.setattr(kernels, "_time_decode", lambda *args: {"torch": 1.0, "native": 2.0})  # not asked
     llama.generate(PROMPTS[:2], max_gen_len=4, temperature=0, stop_tokens=[])
     assert native_calls
     (tokens, _), (expected, _) = _both(llama, monkeypatch, native_calls, max_gen_len=20, temperature=0)
