@@ -39,6 +39,8 @@ POLICIES = ("continuous", "static")
 # Which rows a decode pass computes: "prefix" rows 0..(highest busy row) of the cache in place,
 # free rows in between riding along; "active" only the busy rows, whose cache rows are then
 # gathered (copied) for attention; "all" every row. See README ("Batching") for the measurement.
+# This is for the model's forward pass; the native decode step (llama.kernels) computes the busy
+# rows only, in place.
 DECODE_ROWS = ("prefix", "active", "all")
 
 
