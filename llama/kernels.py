@@ -194,10 +194,12 @@ def decode_step(model: Transformer, max_batch_size: int) -> Optional[DecodeStep]
     not the CPU, model-parallel, no library, or slower)."""
     if native_decode_problem(model) is not None:
         return None
+    from . import native
     from .native.decode import NativeDecoder
 
     decoder = NativeDecoder(model)
-    sizes = {1, min(max_batch_size, model.layers[0].attention.cache.k.shape[0])}
+    # Steps of more rows than the native kernels take always run in PyTorch: not measured.
+    sizes = {1, min(max_batch_size, model.layers[0].attention.cache.k.shape[0], native.MAX_NATIVE_ROWS)}
     if _quantized_layout(model) is not None or native_setting() == "1":
         return DecodeStep(decoder, {size: "native" for size in sizes})
     return DecodeStep(decoder, choose_decode_backends(model, sizes, decoder))

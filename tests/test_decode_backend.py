@@ -107,3 +107,13 @@ def test_ggml_modes_hold_blocks_only(layout, tiny_ckpt, sp_tokenizer):
                    for p in model.state_dict().values()), "a float projection is left"
     step = kernels.decode_step(model, 4)
     assert step is not None and all(v == "native" for v in step.verdicts.values())
+
+
+def test_batches_beyond_the_native_kernels_are_not_measured(tiny_ckpt, sp_tokenizer, monkeypatch):
+    model = _model(tiny_ckpt, sp_tokenizer, batch=native.MAX_NATIVE_ROWS + 8)
+    measured = []
+    monkeypatch.setattr(kernels, "_time_decode", lambda model, step, batch: measured.append(batch) or {
+        "torch": 2.0, "native": 1.0})
+    step = kernels.decode_step(model, native.MAX_NATIVE_ROWS + 8)
+    assert sorted(measured) == [1, native.MAX_NATIVE_ROWS]
+    assert step.wants(native.MAX_NATIVE_ROWS) and not step.wants(native.MAX_NATIVE_ROWS + 1)
