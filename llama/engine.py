@@ -15,8 +15,10 @@ It returns the step's events: new tokens and finished requests with their reason
 
 A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
 see each other (per-row positions and masks), and each request samples with its own key
-(llama.sampling), so it gets what it would get alone (exactly in fp32; in bf16 matmul kernels
-may round differently for different batch shapes).
+(llama.sampling), so it gets what it would get alone (exactly in fp32 on one decode backend;
+the native step and PyTorch's forward agree within about 1e-4, and the measured choice may
+differ between batch sizes; in bf16 matmul kernels may round differently for different batch
+shapes).
 
 Under model parallelism every rank must make the same calls (submit, cancel, step) in the same
 order; the engine is deterministic, so the ranks then run the same forward passes. The engine
