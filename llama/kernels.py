@@ -69,6 +69,13 @@ def native_problem(model: Transformer) -> Optional[str]:
     attention = model.layers[0].attention
     if attention.n_local_heads != model.params.n_heads:
         return "the model is split across ranks; native kernels run at model-parallel size 1"
+    p = model.params
+    widths = {"dim": p.dim, "n_heads * head_dim": p.n_heads * p.head_dim, "ffn hidden dim": p.ffn_hidden_dim}
+    odd = [f"{name} {width}" for name, width in widths.items() if width % native.BLOCK]
+    if odd:
+        return f"the model's {', '.join(odd)} not a multiple of {native.BLOCK}, which the native kernels need"
+    if p.head_dim % 2 or p.head_dim > 512:
+        return f"head_dim {p.head_dim} is odd or above 512, which the native decode step does not take"
     if not native.available():
         return f"the native library is off ({native.build.status()['reason']})"
     return None

@@ -117,3 +117,16 @@ def test_batches_beyond_the_native_kernels_are_not_measured(tiny_ckpt, sp_tokeni
     step = kernels.decode_step(model, native.MAX_NATIVE_ROWS + 8)
     assert sorted(measured) == [1, native.MAX_NATIVE_ROWS]
     assert step.wants(native.MAX_NATIVE_ROWS) and not step.wants(native.MAX_NATIVE_ROWS + 1)
+
+
+def test_shapes_the_native_kernels_do_not_take_decode_in_pytorch(tmp_path, sp_tokenizer):
+    """An FFN width that is not a multiple of 32 (as in test_hf_parity's models): PyTorch decodes,
+    and quantize='q8_0' is refused naming the width."""
+    from llama.testing import TINY_PARAMS, write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "odd", params={**TINY_PARAMS, "multiple_of": 16})  # 176 wide
+    model = Llama.build(str(ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=2, device="cpu").model
+    assert "ffn hidden dim 176" in kernels.native_problem(model)
+    assert kernels.decode_step(model, 2) is None
+    with pytest.raises(LlamaError, match="ffn hidden dim 176.*multiple of 32"):
+        Llama.build(str(ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=2, device="cpu", quantize="q8_0")
