@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="A PyTorch engine for LLaMA-family models with Meta's Llama API, on any hardware",
     packages=find_packages(include=["llama", "llama.*"]),
+    # the native kernels' C++ sources are compiled at first use
+    package_data={"llama.native": ["csrc/*.cpp", "csrc/*.h"]},
     python_requires=">=3.10",  # zip(strict=) in the tests, walrus in the package; torch>=2.6 needs 3.9+
     # Loose on purpose: GPU users need their own CUDA build of torch.
     install_requires=[
@@ -18,7 +20,7 @@ setup(
         "gguf",
         "numpy",
         "tqdm",
-        "filelock",  # OS-level locks: concurrent first starts, one writer per batch output
+        "filelock",  # OS-level locks: concurrent first starts, native builds, one writer per batch output
     ],
     extras_require={
         # References for parity tests, never runtime deps: transformers/accelerate, and

@@ -1,13 +1,19 @@
 """Benchmark suite: our engine against HF transformers and llama.cpp on the demo model.
 
-    python benchmarks/run.py [--engines ours,ours-int8,ours-fp32,hf-bf16,hf-fp32,llamacpp] [--runs 3]
+    python benchmarks/run.py [--engines ours,ours-torch,ours-native,ours-q8_0,...,hf-bf16,llamacpp] [--runs 3]
+
+Our rows: "ours" as a user gets it (bf16 on this CPU, the decode backend chosen by measuring,
+LLAMA_NATIVE unset); "ours-torch" forces PyTorch's decode step (LLAMA_NATIVE=0),
+"ours-native" the native one (LLAMA_NATIVE=1); "ours-q8_0", "ours-q4_0", "ours-q4_1" are
+GGML-quantized builds (native decode), "ours-int8" torch's int8 kernel, "ours-fp32" fp32.
 
 Every engine runs in its own process (so peak memory is its own) on the same prompt token
 ids: SmolLM2-135M-Instruct, our converted checkpoint vs HF and llama.cpp on the same GGUF.
 Workloads: batch-1 decode (128 new tokens), prefill of a 512-token prompt, batch-16
 throughput (64 new tokens each), time to first token of a chat prompt, load time, peak
 memory. A warm-up run comes first; figures are medians of --runs runs. Prints a table with
-our figures over each peer's, and writes benchmarks/results/latest.json.
+our figures over each peer's, and writes benchmarks/results/latest.json and
+run-<cpu model>.json (one per machine kind).
 """
 
 import argparse
@@ -69,7 +75,8 @@ def measure(gen: Callable[[List[List[int]], int], List[List[int]]], ids: Dict[st
 
 # ---- engines (each runs in a child process) ---------------------------------------------
 
-def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str) -> dict:
+def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str, native: str = "auto") -> dict:
+    os.environ["LLAMA_NATIVE"] = native
     sys.path.insert(0, str(ROOT))
     from llama import Llama
     from llama.demo import ensure_demo
@@ -82,7 +89,11 @@ def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str) ->
     def gen(prompts, n):
         return g.generate(prompts, n, temperature=0, stop_tokens=[])[0]
 
-    return measure(gen, ids, runs, load_s)
+    result = measure(gen, ids, runs, load_s)
+    step = g.engine._native_step()  # what the engine decoded with, per measured batch size
+    result["decode_backend"] = "torch" if step is None or native == "0" else \
+        "native" if native == "1" else ",".join(f"b{b}:{v}" for b, v in sorted(step.verdicts.items()))
+    return result
 
 
 def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str) -> dict:
@@ -137,6 +148,11 @@ def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
 
 ENGINES = {
     "ours": lambda ids, runs: run_ours(ids, runs, "", ""),
+    "ours-torch": lambda ids, runs: run_ours(ids, runs, "", "", native="0"),
+    "ours-native": lambda ids, runs: run_ours(ids, runs, "", "", native="1"),
+    "ours-q8_0": lambda ids, runs: run_ours(ids, runs, "", "q8_0"),
+    "ours-q4_0": lambda ids, runs: run_ours(ids, runs, "", "q4_0"),
+    "ours-q4_1": lambda ids, runs: run_ours(ids, runs, "", "q4_1"),
     "ours-int8": lambda ids, runs: run_ours(ids, runs, "bf16", "int8"),
     "ours-fp32": lambda ids, runs: run_ours(ids, runs, "fp32", ""),
     "hf-bf16": lambda ids, runs: run_hf(ids, runs, "bfloat16"),
@@ -189,12 +205,16 @@ def main() -> None:
     cols = [("decode_tok_s", "decode b1 tok/s"), ("prefill_tok_s", "prefill tok/s"),
             ("batch16_tok_s", "batch16 tok/s"), ("ttft_s", "TTFT s"), ("load_s", "load s"),
             ("peak_rss_mb", "peak MB"), ("greedy_agreement_vs_ours_fp32", "agree fp32")]
-    print(f"\nSmolLM2-135M-Instruct on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch threads default\n")
-    print(f"{'engine':11}" + "".join(f"{title:>17}" for _, title in cols))
+    sys.path.insert(0, str(ROOT))
+    from llama.native.cpu import cpu_flags, cpu_model
+
+    cpu = cpu_model() or platform.processor() or platform.machine()
+    print(f"\nSmolLM2-135M-Instruct on {cpu}, {os.cpu_count()} cores, torch threads default\n")
+    print(f"{'engine':12}" + "".join(f"{title:>17}" for _, title in cols) + "  decode backend")
     for name, r in results.items():
         cells = [r.get(k) for k, _ in cols]
-        print(f"{name:11}" + "".join(f"{'n/a' if v is None else f'{v:.3g}':>17}" for v in cells))
+        print(f"{name:12}" + "".join(f"{'n/a' if v is None else f'{v:.3g}':>17}" for v in cells)
+              + f"  {r.get('decode_backend', '')}")
 
     ours = results.get("ours")
     if ours:
@@ -208,17 +228,23 @@ def main() -> None:
                 if a and b:
                     ratios.append(f"{title} {(b / a if key.endswith('_s') and not key.endswith('tok_s') else a / b):.2f}x")
             print(f"  vs {peer}: " + ", ".join(ratios))
-        if "ours-int8" in results and "llamacpp" in results:
-            print(f"  ours-int8 decode vs llamacpp: "
-                  f"{results['ours-int8']['decode_tok_s'] / results['llamacpp']['decode_tok_s']:.2f}x")
+    for peer in ("hf-bf16", "llamacpp"):  # every build of ours at batch-1 decode
+        if peer in results:
+            print(f"decode b1 vs {peer}: " + ", ".join(
+                f"{name} {r['decode_tok_s'] / results[peer]['decode_tok_s']:.2f}x"
+                for name, r in results.items() if name.startswith("ours")))
 
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps(
-        {"machine": {"cpu": platform.processor(), "cores": os.cpu_count(), "python": platform.python_version()},
+    slug = "-".join("".join(c if c.isalnum() else " " for c in cpu.lower()).split())
+    report = json.dumps(
+        {"machine": {"cpu": cpu, "flags": " ".join(cpu_flags()), "cores": os.cpu_count(),
+                     "python": platform.python_version()},
          "workload": {"decode_tokens": DECODE_TOKENS, "batch": BATCH, "batch_tokens": BATCH_TOKENS,
                       "prefill_tokens": PREFILL_TOKENS, "runs": args.runs},
-         "results": results}, indent=2) + "\n")
+         "results": results}, indent=2) + "\n"
+    for name in ("latest.json", f"run-{slug}.json"):  # one file per machine kind, beside the latest
+        (out / name).write_text(report)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,16 @@ own cache row. Every step():
      tokens per step so that decoding rows are not stalled for long; a request whose prompt is
      complete samples its first token;
   3. decodes one token for every request that has one pending, all in one forward pass, each
-     row at its own position.
+     row at its own position: the model's forward pass, or the native decode step where
+     llama.kernels measured it faster for this model on this machine (same cache rows).
 It returns the step's events: new tokens and finished requests with their reason.
 
 A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
 see each other (per-row positions and masks), and each request samples with its own key
-(llama.sampling), so it gets what it would get alone (exactly in fp32; in bf16 matmul kernels
-may round differently for different batch shapes).
+(llama.sampling), so it gets what it would get alone (exactly in fp32 on one decode backend;
+the native step and PyTorch's forward agree within about 1e-4, and the measured choice may
+differ between batch sizes; in bf16 matmul kernels may round differently for different batch
+shapes).
 
 Under model parallelism every rank must make the same calls (submit, cancel, step) in the same
 order; the engine is deterministic, so the ranks then run the same forward passes. The engine
@@ -25,7 +28,7 @@ is not thread-safe: one thread drives it (llama.generation.Llama holds a lock ar
 import collections
 import time
 from dataclasses import dataclass, field
-from typing import Deque, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,6 +41,8 @@ POLICIES = ("continuous", "static")
 # Which rows a decode pass computes: "prefix" rows 0..(highest busy row) of the cache in place,
 # free rows in between riding along; "active" only the busy rows, whose cache rows are then
 # gathered (copied) for attention; "all" every row. See README ("Batching") for the measurement.
+# This is for the model's forward pass; the native decode step (llama.kernels) computes the busy
+# rows only, in place.
 DECODE_ROWS = ("prefix", "active", "all")
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
@@ -148,6 +153,9 @@ class Engine:
         self.stats = EngineStats()
         self._next_id = 0
         self._events: List[Event] = []  # reported by the next step (cancellations)
+        # The decode backend, asked of llama.kernels at the first decode (a measured choice)
+        # and again only if the model's caches are replaced: (the caches it is for, the step).
+        self._decode_backend: Optional[Tuple[object, Optional[kernels.DecodeStep]]] = None
 
     @property
     def device(self) -> torch.device:
@@ -288,6 +296,14 @@ class Engine:
         if complete:
             self._sample(complete, torch.stack(complete_logits), events)
 
+    def _native_step(self) -> Optional[kernels.DecodeStep]:
+        """The decode step llama.kernels chose for this model on this machine, or None for
+        the model's own forward pass. Asked once (it may time both backends the first time)."""
+        caches = self.model.layers[0].attention.cache
+        if self._decode_backend is None or self._decode_backend[0] is not caches:
+            self._decode_backend = (caches, kernels.decode_step(self.model, len(self.slots)))
+        return self._decode_backend[1]
+
     def _decode(self, events: List[Event]) -> None:
         """One token for every row whose latest token is pending, in one forward pass."""
         rows = [h for h in self.slots
@@ -295,6 +311,24 @@ class Engine:
         if not rows:
             return
         positions = {h.slot: len(h.request.prompt_tokens) + len(h.tokens) - 1 for h in rows}
+        step = self._native_step()
+        if step is not None and step.wants(len(rows)):
+            # One call over just the busy rows, reading and writing their rows of the same
+            # caches that prefill wrote.
+            slots = [h.slot for h in rows]
+            logits = step(self._tensor([h.tokens[-1] for h in rows]), self._tensor([positions[s] for s in slots]),
+                          self._tensor(slots))
+            computed = len(rows)
+        else:
+            logits, computed = self._decode_forward(rows, positions)
+        self.stats.decode_passes += 1
+        self.stats.decode_rows += computed
+        self.stats.decode_useful += len(rows)
+        self._sample(rows, logits, events)
+
+    def _decode_forward(self, rows: List[Handle], positions: Dict[int, int]) -> Tuple[torch.Tensor, int]:
+        """The model's forward pass over the decode_rows rows: (the busy rows' logits [N, V],
+        how many rows it computed)."""
         kv_len = max(positions.values()) + 1
         if self.decode_rows == "active":
             computed = [h.slot for h in rows]
@@ -309,12 +343,9 @@ class Engine:
         tokens = self._tensor([last_token.get(s, 0) for s in computed]).unsqueeze(1)
         starts = self._tensor([positions.get(s, min(pending[s], self.params.max_seq_len - 1)) for s in computed])
         logits = self._forward(tokens, starts, kv_len=kv_len, slots=slots)[:, -1]
-        self.stats.decode_passes += 1
-        self.stats.decode_rows += len(computed)
-        self.stats.decode_useful += len(rows)
         if slots is None:
             logits = logits[self._tensor([h.slot for h in rows])] if len(rows) < len(computed) else logits
-        self._sample(rows, logits, events)
+        return logits, len(computed)
 
     def _sample(self, rows: List[Handle], logits: torch.Tensor, events: List[Event]) -> None:
         """Each row's next token from its logits [N, V]; record it or finish the row."""

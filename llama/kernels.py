@@ -1,16 +1,27 @@
 """How the model's matmuls run on this machine: the kernel policy, applied from outside the
 model around each forward pass (by the decode loop), never by flags flipped inside it.
 
-Today one rule, measured on this project's AVX512-BF16 CPU: for a single row (batch-1 decode),
-PyTorch's plain CPU kernels read bf16 weights about twice as fast as oneDNN's, whose fixed
-cost pays off only from two rows up. Native kernels chosen per machine by measurement are to
-join this module.
+For PyTorch's kernels, one rule measured on this project's AVX512-BF16 CPU: for a single row
+(batch-1 decode), PyTorch's plain CPU kernels read bf16 weights about twice as fast as
+oneDNN's, whose fixed cost pays off only from two rows up.
+
+For the decode step as a whole, decode_step() picks PyTorch (eager, with that rule) or the
+native step (llama.native.decode: one call per step) by timing real steps of the model on
+this machine, once per machine kind, software and model shape (cached under LLAMA_CACHE).
 """
 
 import contextlib
-from typing import Iterator
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
+
+from .errors import LlamaError
+from .model import Transformer
 
 
 @contextlib.contextmanager
@@ -25,3 +36,177 @@ def matmul_policy(tokens: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         torch.backends.mkldnn.enabled = saved
+
+
+# ---- the decode step: PyTorch or the native step, chosen by measurement ----------------------
+
+DECODE_BACKENDS = ("torch", "native")
+_MEASURED_STEPS = 5  # timed decode steps per backend and batch size (after 2 unmeasured ones)
+NATIVE_SETTINGS = {"0": "PyTorch only", "1": "the native step wherever it runs", "auto": "measured"}
+
+
+def native_setting() -> str:
+    """LLAMA_NATIVE: "0" (native kernels off), "1" (the native decode step wherever it can
+    run, unmeasured) or "auto" (the default: the faster by measurement)."""
+    value = os.environ.get("LLAMA_NATIVE", "auto").strip().lower() or "auto"
+    if value not in NATIVE_SETTINGS:
+        choices = "; ".join(f"{k}: {v}" for k, v in NATIVE_SETTINGS.items())
+        raise LlamaError(f"LLAMA_NATIVE={value!r} is not a setting ({choices}); set one of these or unset it")
+    return value
+
+
+def native_problem(model: Transformer) -> Optional[str]:
+    """Why native kernels cannot run `model` here, or None when they can."""
+    from . import native
+
+    if native_setting() == "0":
+        return "LLAMA_NATIVE=0"
+    weight = model.norm.weight
+    if weight.device.type != "cpu":
+        return f"the model is on {weight.device}; native kernels are for the CPU"
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        return f"the model is {weight.dtype}; native kernels run fp32 and bf16 models"
+    attention = model.layers[0].attention
+    if attention.n_local_heads != model.params.n_heads:
+        return "the model is split across ranks; native kernels run at model-parallel size 1"
+    p = model.params
+    widths = {"dim": p.dim, "n_heads * head_dim": p.n_heads * p.head_dim, "ffn hidden dim": p.ffn_hidden_dim}
+    odd = [f"{name} {width}" for name, width in widths.items() if width % native.BLOCK]
+    if odd:
+        return f"the model's {', '.join(odd)} not a multiple of {native.BLOCK}, which the native kernels need"
+    if p.head_dim % 2 or p.head_dim > 512:
+        return f"head_dim {p.head_dim} is odd or above 512, which the native decode step does not take"
+    if not native.available():
+        return f"the native library is off ({native.build.status()['reason']})"
+    return None
+
+
+def native_decode_problem(model: Transformer) -> Optional[str]:
+    """Why the native decode step cannot run `model` here, or None when it can."""
+    cache = model.layers[0].attention.cache
+    if cache is None or cache.k.dtype != torch.float32:
+        return "the model has no fp32 KV cache (call setup_caches)"
+    return native_problem(model)
+
+
+def _quantized_layout(model: Transformer) -> Optional[str]:
+    """The GGML layout of a model quantized by llama.quantize ("q8_0", ...), else None."""
+    from .native import NativeLinear
+
+    projection = model.layers[0].attention.wq
+    return projection.layout if isinstance(projection, NativeLinear) else None
+
+
+def decode_key(model: Transformer, batch: int) -> Dict[str, object]:
+    """What a measured verdict depends on: machine, software, model shape, dtype, threads, batch."""
+    from .native.build import sources_digest
+    from .native.cpu import cpu_flags, cpu_model
+
+    p = model.params
+    return {"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "cores": os.cpu_count(),
+            "torch": torch.__version__, "kernels": sources_digest()[:16],
+            "shape": [p.dim, p.n_layers, p.n_heads, p.kv_heads, p.ffn_hidden_dim,
+                      model.vocab_size],
+            "dtype": str(model.norm.weight.dtype).replace("torch.", ""),
+            "weights": _quantized_layout(model) or "float", "threads": torch.get_num_threads(), "batch": batch}
+
+
+def _verdict_file() -> Path:
+    from .assets import cache_dir
+
+    return cache_dir() / "tune" / "decode-backend.json"
+
+
+def _time_decode(model: Transformer, native_step: Callable, batch: int) -> Dict[str, float]:
+    """Milliseconds of one decode step of `batch` rows on each backend: real steps on the
+    model's own caches (rows 0..batch-1 at one position, restored afterwards)."""
+    from .native.tune import best_time
+
+    position = min(model.rope.shape[0] - 1, 64)
+    tokens = torch.zeros(batch, dtype=torch.long)
+    positions = torch.full((batch,), position, dtype=torch.long)
+    caches = [layer.attention.cache for layer in model.layers]
+    saved = [(c.k[:batch, position].clone(), c.v[:batch, position].clone()) for c in caches]
+
+    def torch_step() -> None:
+        with matmul_policy(tokens[:, None]):
+            model(tokens[:, None], positions, kv_len=position + 1)
+
+    try:
+        with torch.inference_mode():
+            return {name: 1e3 * best_time([step], _MEASURED_STEPS)
+                    for name, step in (("torch", torch_step), ("native", lambda: native_step(tokens, positions)))}
+    finally:
+        for c, (k, v) in zip(caches, saved):
+            c.k[:batch, position] = k
+            c.v[:batch, position] = v
+
+
+def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], native_step: Callable,
+                           measure: Optional[Callable[[int], Dict[str, float]]] = None) -> Dict[int, str]:
+    """The faster decode backend ("torch" or "native") at each batch size, as measured on
+    this machine for this model (cached in $LLAMA_CACHE/tune/decode-backend.json under
+    decode_key()); measure(batch) -> {backend: ms} defaults to timing real steps."""
+    from .native.tune import read_cache, write_entries
+
+    measure = measure or (lambda batch: _time_decode(model, native_step, batch))
+    entries = read_cache(_verdict_file()).get("entries", {})
+    verdicts, new = {}, {}
+    for batch in sorted(set(batch_sizes)):
+        key = decode_key(model, batch)
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        entry = entries.get(name)
+        if entry is None:
+            times = measure(batch)
+            entry = new[name] = {"key": key, "ms": {b: round(t, 3) for b, t in times.items()},
+                                 "best": min(times, key=times.get)}
+        verdicts[batch] = entry["best"]
+    if new:
+        write_entries(new, _verdict_file())
+    return verdicts
+
+
+class DecodeStep:
+    """The native decode step for the batch sizes where it measured faster than PyTorch.
+
+        step = decode_step(model, max_batch_size)    # None: PyTorch decodes everything
+        if step is not None and step.wants(batch):
+            logits = step(tokens, positions, rows)   # [B] each -> fp32 logits [B, V]
+    """
+
+    def __init__(self, decoder: Callable, verdicts: Dict[int, str]):
+        self.decoder, self.verdicts = decoder, verdicts
+
+    def wants(self, batch: int) -> bool:
+        """Whether `batch` rows decode natively: the verdict of the nearest measured size
+        (never with LLAMA_NATIVE=0, looked at every step so that it can be set at any time)."""
+        from . import native
+
+        setting = native_setting()
+        if batch > native.MAX_NATIVE_ROWS or setting == "0":
+            return False
+        if setting == "1":
+            return True
+        nearest = min(self.verdicts, key=lambda size: (abs(math.log2(size / batch)), size))
+        return self.verdicts[nearest] == "native"
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return self.decoder(tokens, positions, rows)
+
+
+def decode_step(model: Transformer, max_batch_size: int) -> Optional[DecodeStep]:
+    """The native decode step for `model` where it runs here and measures faster than
+    PyTorch at batch 1 or max_batch_size (always, for GGML-quantized weights, which only it
+    reads at full speed, and with LLAMA_NATIVE=1); None where PyTorch decodes (LLAMA_NATIVE=0,
+    not the CPU, model-parallel, no library, or slower)."""
+    if native_decode_problem(model) is not None:
+        return None
+    from . import native
+    from .native.decode import NativeDecoder
+
+    decoder = NativeDecoder(model)
+    # Steps of more rows than the native kernels take always run in PyTorch: not measured.
+    sizes = {1, min(max_batch_size, model.layers[0].attention.cache.k.shape[0], native.MAX_NATIVE_ROWS)}
+    if _quantized_layout(model) is not None or native_setting() == "1":
+        return DecodeStep(decoder, {size: "native" for size in sizes})
+    return DecodeStep(decoder, choose_decode_backends(model, sizes, decoder))

@@ -1,5 +1,7 @@
-"""Weight-only int8 quantization, applied to a loaded model from outside by swapping
-each parallel projection for an int8 one that keeps its collective (as gpt-fast does).
+"""Weight-only quantization, applied to a loaded model from outside by swapping each
+parallel projection: "int8" here (an int8 layer that keeps its collective, as gpt-fast
+does), "q8_0", "q4_0", "q4_1" in GGML's block layouts for the native CPU kernels
+(llama.native.quantized_model; CPU, model-parallel size 1).
 
 Each projection's weight becomes int8 with one scale per output row (symmetric,
 absmax/127); activations stay in the model dtype. Decode-sized inputs run torch's fused
@@ -21,7 +23,7 @@ from .errors import LlamaError
 from .model import Transformer
 from .parallel import Collective, ParallelLinear, no_collective
 
-QUANTIZE_MODES = ("int8",)
+QUANTIZE_MODES = ("int8", "q8_0", "q4_0", "q4_1")
 FUSED_MAX_ROWS = 32  # decode steps up to this batch size use the fused int8 kernel (measured)
 BLOCK_BYTES = 16 * 2**20  # the fp32 temporaries of quantizing one weight: one block of rows at a time
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -98,6 +100,10 @@ def quantize_model(model: Transformer, mode: Optional[str]) -> Transformer:
         return model
     if mode not in QUANTIZE_MODES:
         raise LlamaError(f"quantize={mode!r} is not supported; use one of {', '.join(QUANTIZE_MODES)} or None")
+    if mode != "int8":
+        from .native.quantized_model import quantize_to_blocks
+
+        return quantize_to_blocks(model, mode)
     check_int8_device(model.norm.weight.device, model.norm.weight.dtype)
     swaps = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, ParallelLinear)]

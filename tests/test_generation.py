@@ -195,7 +195,8 @@ def test_stream_tokens_checks_like_generate_and_at_once(generator, kwargs, match
 def test_batch1_decode_uses_plain_cpu_kernels_and_the_model_flips_no_flag(generator, monkeypatch):
     """The kernel policy (llama.kernels) is applied around the model by the decode loop:
     oneDNN off for single-row CPU steps, untouched for the prefill; forward() itself leaves the
-    global flag alone."""
+    global flag alone (PyTorch's decode step: LLAMA_NATIVE=0)."""
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
     seen = []
     forward = generator.model.forward
 

@@ -109,9 +109,12 @@ def test_suffix_encoding_matches_meta_on_llama2_vocabulary(sp_tokenizer):
         assert tok.encode_infilling(suffix) == meta_encode_infilling(sp, suffix)
 
 
-def test_text_infilling_greedy_stops_at_eot(code_llama):
+def test_text_infilling_greedy_stops_at_eot(code_llama, monkeypatch):
     """The generation is the greedy continuation of Meta's prompt cut before the first ▁<EOT>
-    (not at EOS), decoded without dropping its leading space; full_text joins the three."""
+    (not at EOS), decoded without dropping its leading space; full_text joins the three.
+    The logits are steered by a hook on the model's output layer, so decode steps run in
+    PyTorch (LLAMA_NATIVE=0): the native step does not call the model's modules."""
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
     tok = code_llama.tokenizer
     prefix, suffix = CASES[0]
     calls = []

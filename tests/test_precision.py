@@ -32,8 +32,17 @@ def demo_ids():
 @pytest.mark.parametrize("dtype, quantize, min_agreement, max_ppl_ratio", [
     ("bf16", None, 0.93, 1.03),
     ("bf16", "int8", 0.90, 1.05),
+    ("bf16", "q8_0", 0.95, 1.01),  # measured 0.971, 0.999
+    # The demo's weights come from a Q4_1 file: q4_1 gives them back exactly (0.967, 1.002 as
+    # bf16), while q4_0's symmetric grid re-quantizes them badly (0.665, 1.31).
+    ("bf16", "q4_1", 0.93, 1.03),
+    ("bf16", "q4_0", 0.60, 1.40),
 ])
 def test_reduced_precision_agrees_with_fp32(demo_ids, dtype, quantize, min_agreement, max_ppl_ratio):
+    from llama import native
+
+    if quantize in ("q8_0", "q4_0", "q4_1") and not native.available():
+        pytest.skip("GGML layouts need the native kernels, which are off here")
     ckpt, ids, (ref_choice, ref_ppl) = demo_ids
     g = Llama.build(ckpt, max_seq_len=1024, max_batch_size=1, device="cpu", dtype=dtype, quantize=quantize)
     choice, ppl = _score(g, ids)

@@ -1,0 +1,121 @@
+// The C ABI that llama/native loads with ctypes. All pointers are to contiguous memory
+// owned by the caller (torch tensors); every function returns 0 or a negative error code.
+#include "linear.h"
+#include "quant.h"
+
+namespace {
+
+using namespace llama;
+
+constexpr int ABI_VERSION = 2;
+
+enum Error : int { OK = 0, BAD_LAYOUT = -1, BAD_PATH = -2, BAD_SHAPE = -3, BAD_DTYPE = -4 };
+
+bool cpu_has(int path) {
+#ifdef LLAMA_X86
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512vnni");
+    switch (path) {
+        case SCALAR: return true;
+        case AVX2: return avx2;
+        case AVX512: return avx512;
+        case AVX512_BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+    }
+    return false;
+#else
+    return path == SCALAR;
+#endif
+}
+
+bool quantized(int layout) { return layout == Q8_0 || layout == Q4_0 || layout == Q4_1; }
+
+}  // namespace
+
+extern "C" {
+
+int llama_native_abi(void) { return ABI_VERSION; }
+
+// Bit p set: code path p (SCALAR, AVX2, AVX512, AVX512_BF16) is built and this CPU runs it.
+int llama_native_paths(void) {
+    int mask = 0;
+    for (int p = SCALAR; p <= AVX512_BF16; p++)
+        if (cpu_has(p)) mask |= 1 << p;
+    return mask;
+}
+
+// The size of the OpenMP team the kernels use (torch's intra-op threads).
+int llama_native_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// y[m, n] = x[m, k] @ W[n, k]^T. x: fp32 or bf16 (x_dtype), y: fp32 or bf16 (y_dtype).
+// threads: 1 for the calling thread only, else the OpenMP team.
+int llama_linear(int layout, int path, const void* x, int x_dtype, int64_t m, int64_t k, const void* w,
+                 int64_t n, void* y, int y_dtype, int threads) {
+    if (layout < F32 || layout > Q4_1) return BAD_LAYOUT;
+    if (!cpu_has(path)) return BAD_PATH;
+    if (m < 1 || n < 1 || k < QK || k % QK != 0) return BAD_SHAPE;
+    if ((x_dtype != DT_F32 && x_dtype != DT_BF16) || (y_dtype != DT_F32 && y_dtype != DT_BF16)) return BAD_DTYPE;
+    return run_linear({layout, m, n, k, x, x_dtype, (const uint8_t*)w, y, y_dtype, threads}, path);
+}
+
+namespace {
+struct RowsJob {
+    int layout;
+    int64_t k;
+    const void* src;
+    void* dst;
+    int dtype;
+};
+
+void quantize_rows(const void* ctx, int64_t begin, int64_t end) {
+    const RowsJob& j = *(const RowsJob*)ctx;
+    const size_t rb = row_bytes(j.layout, j.k);
+    for (int64_t r = begin; r < end; r++)
+        quantize_row(j.layout, (const float*)j.src + r * j.k, j.k, (uint8_t*)j.dst + r * rb);
+}
+
+void dequantize_rows(const void* ctx, int64_t begin, int64_t end) {
+    const RowsJob& j = *(const RowsJob*)ctx;
+    const size_t rb = row_bytes(j.layout, j.k);
+    float* tmp = (float*)scratch(sizeof(float) * j.k, SCRATCH_SLOTS - 1);  // per thread
+    for (int64_t r = begin; r < end; r++) {
+        const uint8_t* in = (const uint8_t*)j.src + r * rb;
+        if (j.dtype == DT_F32) {
+            dequantize_row(j.layout, in, j.k, (float*)j.dst + r * j.k);
+        } else {
+            dequantize_row(j.layout, in, j.k, tmp);
+            uint16_t* out = (uint16_t*)j.dst + r * j.k;
+            for (int64_t i = 0; i < j.k; i++) out[i] = f32_to_bf16(tmp[i]);
+        }
+    }
+}
+}  // namespace
+
+// src fp32 [rows, k] -> dst blocks [rows, row_bytes], as ggml-quants.c does it.
+int llama_quantize(int layout, const float* src, int64_t rows, int64_t k, void* dst, int threads) {
+    if (!quantized(layout)) return BAD_LAYOUT;
+    if (rows < 0 || k < QK || k % QK != 0) return BAD_SHAPE;
+    const RowsJob j{layout, k, src, dst, DT_F32};
+    parallel_ranges(&j, rows, quantize_rows, threads);
+    return OK;
+}
+
+// src blocks [rows, row_bytes] -> dst [rows, k] in fp32 or bf16 (dtype).
+int llama_dequantize(int layout, const void* src, int64_t rows, int64_t k, void* dst, int dtype, int threads) {
+    if (!quantized(layout)) return BAD_LAYOUT;
+    if (rows < 0 || k < QK || k % QK != 0) return BAD_SHAPE;
+    if (dtype != DT_F32 && dtype != DT_BF16) return BAD_DTYPE;
+    const RowsJob j{layout, k, src, dst, dtype};
+    parallel_ranges(&j, rows, dequantize_rows, threads);
+    return OK;
+}
+
+}  // extern "C"

@@ -1,0 +1,93 @@
+// Shared definitions of the native kernels: weight layouts, code paths, small helpers.
+//
+// Weight layouts are GGML's (GGUF) block formats, byte for byte, so a GGUF tensor can be
+// used as it is. A row of K weights is K/32 blocks:
+//   Q8_0: fp16 d, int8 q[32]                    value = q * d
+//   Q4_0: fp16 d, uint8 nibbles[16]              value = (q - 8) * d
+//   Q4_1: fp16 d, fp16 m, uint8 nibbles[16]      value = q * d + m
+// where byte j of the nibbles holds element j in its low nibble and element j + 16 in its
+// high nibble. BF16 and F32 rows are plain arrays.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define LLAMA_X86 1
+#include <immintrin.h>
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace llama {
+
+enum Layout : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4 };
+enum Path : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+enum DType : int { DT_F32 = 0, DT_BF16 = 1 };
+
+constexpr int QK = 32;  // weights per block
+
+struct BlockQ8_0 { uint16_t d; int8_t qs[QK]; };
+struct BlockQ4_0 { uint16_t d; uint8_t qs[QK / 2]; };
+struct BlockQ4_1 { uint16_t d, m; uint8_t qs[QK / 2]; };
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20,
+              "GGML block sizes");
+
+// Bytes of one row of k weights in a layout.
+static inline size_t row_bytes(int layout, int64_t k) {
+    switch (layout) {
+        case F32: return 4 * (size_t)k;
+        case BF16: return 2 * (size_t)k;
+        case Q8_0: return sizeof(BlockQ8_0) * (size_t)(k / QK);
+        case Q4_0: return sizeof(BlockQ4_0) * (size_t)(k / QK);
+        case Q4_1: return sizeof(BlockQ4_1) * (size_t)(k / QK);
+    }
+    return 0;
+}
+
+// ---- scalar conversions (portable) ------------------------------------------------------
+
+static inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
+
+// Round to nearest even, as torch does; NaN stays NaN.
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u = f32_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+// IEEE half -> float, for any value (subnormals included).
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+    if (exp == 0x1f) return bits_to_f32(sign | 0x7f800000u | (man << 13));
+    if (exp == 0) {  // zero or subnormal: man * 2^-24
+        float v = (float)man * 5.9604644775390625e-8f;
+        return sign ? -v : v;
+    }
+    return bits_to_f32(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+// float -> IEEE half, round to nearest even (numpy's astype(float16)).
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u = f32_to_bits(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | 0x7e00u;                   // NaN
+    if (a >= 0x477ff000u) return sign | 0x7c00u;                  // overflow -> inf
+    if (a < 0x38800000u) {                                        // subnormal or zero
+        float v = bits_to_f32(a) * 16777216.0f;                   // scale by 2^24, then round
+        float r = __builtin_nearbyintf(v);                        // ties to even (default mode)
+        return sign | (uint16_t)r;
+    }
+    uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+    return sign | (uint16_t)((rounded - 0x38000000u) >> 13);
+}
+
+}  // namespace llama

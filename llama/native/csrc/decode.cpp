@@ -1,0 +1,290 @@
+// One decode step of a LLaMA transformer in a single native call (model-parallel size 1,
+// CPU): embedding, then per layer RMSNorm, q/k/v projections, interleaved-pair rotary
+// (Meta's layout), KV-cache write at each row's own position, attention over the cache in
+// fp32 with grouped-query heads, wo and the residual, RMSNorm, SwiGLU, w2 and the
+// residual; then the final norm and the output projection.
+//
+// It all runs in one OpenMP parallel region on torch's thread team: the matmuls split
+// their output columns across threads, attention splits its (row, head) pairs, and the
+// small serial steps (norms, activation quantization) run on the calling thread between
+// barriers. No Python, no per-op dispatch.
+#include <algorithm>
+#include <cmath>
+#include <initializer_list>
+
+#include "linear.h"
+
+namespace llama {
+
+struct Matrix {
+    const void* w;   // [n, row_bytes(layout, k)]
+    int64_t n, k;
+    int32_t layout;
+    int32_t path;    // the native code path that runs it
+};
+
+struct LayerWeights {
+    const void* attention_norm;  // [dim], param_dtype
+    const void* ffn_norm;        // [dim], param_dtype
+    Matrix wq, wk, wv, wo, w1, w2, w3;
+    float* cache_k;              // [max_batch, max_seq, n_kv_heads, head_dim]
+    float* cache_v;
+};
+
+struct ModelWeights {
+    int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, hidden, vocab, max_batch, max_seq;
+    float norm_eps;
+    int32_t param_dtype;   // of the embedding and norm weights: DT_F32 or DT_BF16
+    int32_t act_dtype;     // DT_BF16: activations rounded where a bf16 PyTorch model rounds them
+    const void* tok_embeddings;  // [vocab, dim], param_dtype
+    const void* norm;            // [dim], param_dtype
+    Matrix output;
+    const float* rope;           // [max_seq, head_dim / 2, 2]: cos, sin of each position's angles
+    const LayerWeights* layers;
+};
+
+namespace {
+
+inline float load_param(const void* p, int dtype, int64_t i) {
+    return dtype == DT_F32 ? ((const float*)p)[i] : bf16_to_f32(((const uint16_t*)p)[i]);
+}
+
+inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// Barriers between phases; `master` runs the serial parts on the calling thread, whose
+// scratch buffers hold the planned matmuls' prepared activations.
+#ifdef _OPENMP
+#define BARRIER _Pragma("omp barrier")
+#define MASTER_THEN_BARRIER(...) { _Pragma("omp master") { __VA_ARGS__; } _Pragma("omp barrier") }
+#define FOR_EACH(var, count) _Pragma("omp for schedule(static)") for (int64_t var = 0; var < (count); var++)
+#else
+#define BARRIER
+#define MASTER_THEN_BARRIER(...) { __VA_ARGS__; }
+#define FOR_EACH(var, count) for (int64_t var = 0; var < (count); var++)
+#endif
+
+struct Step {
+    const ModelWeights& m;
+    int64_t batch;
+    const int64_t* positions;  // [batch]: each token's position
+    const int64_t* rows;       // [batch]: each token's cache row
+    bool bf16;  // emulate a bf16 model's rounding
+    // activations: h is the residual stream (fp32, rounded to bf16 in a bf16 model)
+    float *h, *q, *k, *v, *tmp, *gate, *up;
+    void *xn, *att, *act;  // matmul inputs, in the activation dtype
+    Plan plans[3];
+
+    int xdt() const { return bf16 ? DT_BF16 : DT_F32; }
+
+    void store_act(void* dst, int64_t i, float value) const {
+        if (bf16) ((uint16_t*)dst)[i] = f32_to_bf16(value);
+        else ((float*)dst)[i] = value;
+    }
+
+    // Row b: h += tmp (the last sublayer's output) if `add`, then
+    // xn = RMSNorm(h) * weight, as F.rms_norm(h.float()).type_as(h) * weight does.
+    void add_and_norm(int64_t b, bool add, const void* weight) const {
+        const int64_t d = m.dim;
+        float* x = h + b * d;
+        if (add)
+            for (int64_t i = 0; i < d; i++) x[i] = round_to(xdt(), x[i] + round_to(xdt(), tmp[b * d + i]));
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
+        const float inv = 1.0f / std::sqrt(ss / (float)d + m.norm_eps);
+        for (int64_t i = 0; i < d; i++)
+            store_act(xn, b * d + i, round_to(xdt(), round_to(xdt(), x[i] * inv) * load_param(weight, m.param_dtype, i)));
+    }
+
+    // Every thread: y_i = x @ W_i^T (fp32) for up to 3 matrices sharing x; the calling
+    // thread prepares x (its scratch holds the plans' activations), then all share the work.
+    void matmuls(std::initializer_list<const Matrix*> mats, const void* x, std::initializer_list<float*> ys) {
+        const int count = (int)mats.size();
+        MASTER_THEN_BARRIER({
+            for (int i = 0; i < count; i++) {
+                const Matrix& w = *mats.begin()[i];
+                const LinearArgs a{w.layout, batch, w.n, w.k, x, xdt(), (const uint8_t*)w.w, ys.begin()[i], DT_F32, 0};
+                plan_linear(plans[i], a, w.path, i * SLOTS_PER_PLAN);
+            }
+        })
+        run(count);
+        BARRIER
+    }
+
+    // Every thread: its share of the planned matmuls' units (no barrier).
+    void run(int count) const {
+        int64_t total = 0;
+        for (int i = 0; i < count; i++) total += plans[i].count;
+#ifdef _OPENMP
+        const int64_t team = omp_get_num_threads(), id = omp_get_thread_num();
+#else
+        const int64_t team = 1, id = 0;
+#endif
+        const int64_t per = (total + team - 1) / team, begin = id * per, end = std::min(total, begin + per);
+        int64_t offset = 0;
+        for (int i = 0; i < count; i++) {
+            const int64_t lo = std::max(begin, offset), hi = std::min(end, offset + plans[i].count);
+            if (lo < hi) plans[i].fn(plans[i].ctx, lo - offset, hi - offset);
+            offset += plans[i].count;
+        }
+    }
+
+    // Rotate pairs (x[2i], x[2i+1]) by the angles of position pos, as complex numbers.
+    void rotate(float* x, int64_t pos) const {
+        const float* cs = m.rope + pos * m.head_dim;  // (cos, sin) per pair
+        for (int64_t i = 0; i < m.head_dim / 2; i++) {
+            const float re = x[2 * i], im = x[2 * i + 1], c = cs[2 * i], s = cs[2 * i + 1];
+            x[2 * i] = re * c - im * s;
+            x[2 * i + 1] = re * s + im * c;
+        }
+    }
+
+    // Task t < batch * n_heads rotates a query head; the rest rotate a key head and write
+    // it, with its value head, into the cache at the row's position.
+    void rope_and_cache(const LayerWeights& lw, int64_t t) const {
+        const int64_t hd = m.head_dim, qheads = batch * m.n_heads;
+        if (t < qheads) {
+            float* x = q + t * hd;
+            for (int64_t i = 0; i < hd; i++) x[i] = round_to(xdt(), x[i]);
+            rotate(x, positions[t / m.n_heads]);
+            return;
+        }
+        t -= qheads;
+        const int64_t b = t / m.n_kv_heads, kvh = t % m.n_kv_heads, pos = positions[b];
+        float* x = k + t * hd;
+        for (int64_t i = 0; i < hd; i++) x[i] = round_to(xdt(), x[i]);
+        rotate(x, pos);
+        const int64_t slot = ((rows[b] * m.max_seq + pos) * m.n_kv_heads + kvh) * hd;
+        for (int64_t i = 0; i < hd; i++) {
+            lw.cache_k[slot + i] = x[i];
+            lw.cache_v[slot + i] = round_to(xdt(), v[t * hd + i]);
+        }
+    }
+
+    // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. pos, for head t of batch * n_heads.
+    void attend(const LayerWeights& lw, int64_t t, float* scores) const {
+        const int64_t hd = m.head_dim, b = t / m.n_heads, head = t % m.n_heads;
+        const int64_t kvh = head / (m.n_heads / m.n_kv_heads), len = positions[b] + 1;
+        const int64_t stride = m.n_kv_heads * hd;
+        const float* qv = q + t * hd;
+        const float* keys = lw.cache_k + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float* values = lw.cache_v + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float scale = 1.0f / std::sqrt((float)hd);
+        float top = -INFINITY;
+        for (int64_t s = 0; s < len; s++) {
+            const float* kv = keys + s * stride;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < hd; i++) dot += qv[i] * kv[i];
+            scores[s] = dot * scale;
+            top = std::max(top, scores[s]);
+        }
+        float total = 0.0f;
+        for (int64_t s = 0; s < len; s++) total += (scores[s] = std::exp(scores[s] - top));
+        float out[512];  // head_dim <= 512, checked by the caller
+        for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
+        for (int64_t s = 0; s < len; s++) {
+            const float p = scores[s] / total;
+            const float* vv = values + s * stride;
+#pragma omp simd
+            for (int64_t i = 0; i < hd; i++) out[i] += p * vv[i];
+        }
+        for (int64_t i = 0; i < hd; i++) store_act(att, t * hd + i, out[i]);
+    }
+
+    static constexpr int64_t CHUNK = 512;  // elements of the SwiGLU per task
+    int64_t swiglu_chunks() const { return (batch * m.hidden + CHUNK - 1) / CHUNK; }
+
+    void swiglu(int64_t chunk) const {  // act = silu(gate) * up
+        const int64_t end = std::min(batch * m.hidden, (chunk + 1) * CHUNK);
+        for (int64_t i = chunk * CHUNK; i < end; i++) {
+            const float g = round_to(xdt(), gate[i]), u = round_to(xdt(), up[i]);
+            store_act(act, i, round_to(xdt(), g / (1.0f + std::exp(-g))) * u);
+        }
+    }
+};
+
+void step_all(Step& st, const int64_t* tokens, float* logits) {
+    const ModelWeights& m = st.m;
+    FOR_EACH(b, st.batch)
+        for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
+    for (int64_t l = 0; l < m.n_layers; l++) {
+        const LayerWeights& lw = m.layers[l];
+        FOR_EACH(b, st.batch) st.add_and_norm(b, l > 0, lw.attention_norm);
+        st.matmuls({&lw.wq, &lw.wk, &lw.wv}, st.xn, {st.q, st.k, st.v});
+        FOR_EACH(t, st.batch * (m.n_heads + m.n_kv_heads)) st.rope_and_cache(lw, t);
+        {
+            float* scores = (float*)scratch(sizeof(float) * m.max_seq, SCRATCH_SLOTS - 2);  // per thread
+            FOR_EACH(t, st.batch * m.n_heads) st.attend(lw, t, scores);
+        }
+        st.matmuls({&lw.wo}, st.att, {st.tmp});
+        FOR_EACH(b, st.batch) st.add_and_norm(b, true, lw.ffn_norm);
+        st.matmuls({&lw.w1, &lw.w3}, st.xn, {st.gate, st.up});
+        FOR_EACH(c, st.swiglu_chunks()) st.swiglu(c);
+        st.matmuls({&lw.w2}, st.act, {st.tmp});
+    }
+    FOR_EACH(b, st.batch) st.add_and_norm(b, true, m.norm);
+    st.matmuls({&m.output}, st.xn, {logits});
+}
+
+}  // namespace
+}  // namespace llama
+
+using namespace llama;
+
+// Built twice (see build.py): for any CPU, and with AVX-512 enabled, which the first uses
+// where the CPU has it.
+#ifdef LLAMA_DECODE_AVX512
+#define DECODE_STEP llama_decode_step_avx512
+#else
+#define DECODE_STEP llama_decode_step
+#if defined(LLAMA_X86)
+extern "C" int llama_decode_step_avx512(const ModelWeights*, int64_t, const int64_t*, const int64_t*,
+                                        const int64_t*, float*, int);
+#endif
+#endif
+
+extern "C" {
+
+// logits [batch, vocab] (fp32) for one new token per row: tokens [batch] at positions [batch]
+// (each below max_seq) in cache rows `rows` [batch] (distinct, below max_batch; null: rows
+// 0 .. batch-1). Token b attends to slots 0 .. positions[b] of its row. Returns 0, or -3
+// for shapes the step does not handle.
+int DECODE_STEP(const ModelWeights* m, int64_t batch, const int64_t* tokens, const int64_t* positions,
+                const int64_t* rows, float* logits, int threads) {
+#if defined(LLAMA_X86) && !defined(LLAMA_DECODE_AVX512)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma"))
+        return llama_decode_step_avx512(m, batch, tokens, positions, rows, logits, threads);
+#endif
+    if (batch < 1 || batch > m->max_batch || m->head_dim > 512 || m->head_dim % 2 ||
+        m->n_heads % m->n_kv_heads)
+        return -3;
+    for (int64_t b = 0; b < batch; b++)
+        if (positions[b] < 0 || positions[b] >= m->max_seq || tokens[b] < 0 || tokens[b] >= m->vocab) return -3;
+    int64_t* own_rows = (int64_t*)scratch(sizeof(int64_t) * batch, SCRATCH_SLOTS - 5);
+    for (int64_t b = 0; b < batch; b++) {
+        own_rows[b] = rows ? rows[b] : b;
+        if (own_rows[b] < 0 || own_rows[b] >= m->max_batch) return -3;
+        for (int64_t c = 0; c < b; c++)
+            if (own_rows[c] == own_rows[b]) return -3;  // two tokens would write one cache slot
+    }
+    const bool bf16 = m->act_dtype == DT_BF16;
+    const int64_t qd = m->n_heads * m->head_dim, kvd = m->n_kv_heads * m->head_dim, es = bf16 ? 2 : 4;
+    // Buffers of the calling thread, reused across steps.
+    float* f = (float*)scratch(sizeof(float) * batch * (2 * m->dim + qd + 2 * kvd + 2 * m->hidden), SCRATCH_SLOTS - 3);
+    uint8_t* a = (uint8_t*)scratch(es * batch * (m->dim + qd + m->hidden), SCRATCH_SLOTS - 4);
+    Step st{*m, batch, positions, own_rows, bf16,
+            f, f + batch * m->dim, f + batch * (m->dim + qd), f + batch * (m->dim + qd + kvd),
+            f + batch * (m->dim + qd + 2 * kvd), f + batch * (2 * m->dim + qd + 2 * kvd),
+            f + batch * (2 * m->dim + qd + 2 * kvd + m->hidden),
+            a, a + es * batch * m->dim, a + es * batch * (m->dim + qd), {}};
+#ifdef _OPENMP
+#pragma omp parallel if (threads != 1 && !omp_in_parallel())
+#endif
+    step_all(st, tokens, logits);
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,290 @@
+// AVX-512 path (F, BW, VL, DQ, VNNI). Built with those flags only; linear.cpp calls it
+// only on CPUs that have them.
+//
+// Float layouts: weights widened to fp32, FMA with fp32 activations.
+// Quantized layouts: activations quantized to int8 per block of 32 (fp32 scale), integer
+// dot products with VPDPBUSD (unsigned weights x signed activations), then one fp32 FMA
+// per pair of blocks. Two blocks (64 weights) fill one 512-bit register.
+#include <algorithm>
+
+#include "tiling.h"
+
+namespace llama {
+namespace {
+
+constexpr int MT = 4;  // rows of x per tile
+
+inline __m512 add_vectors(__m512 x, __m512 y) { return _mm512_add_ps(x, y); }
+inline float sum_lanes(__m512 x) { return _mm512_reduce_add_ps(x); }
+
+// ---- activations for the quantized layouts ----------------------------------------------
+// Per row and per pair of blocks (a = 2p, b = 2p + 1; b is zero when K/32 is odd):
+//   q:  64 int8 in the order the weights unpack to (Q8_0: a, b; Q4_x: a[0:16], b[0:16],
+//       a[16:32], b[16:32], because a nibble byte holds elements j and j + 16)
+//   dv: the activation scale of the block under each of the 16 int32 lanes of a dot product
+//   iv: the integer each lane's dot product starts from (a correction, see prepare_activations)
+//   sv: Q4_1 only: dx * sum(qx) / 8 under each lane, for the offset (m) term
+struct Act {
+    int64_t pairs = 0;
+    const int8_t* q = nullptr;
+    const float* dv = nullptr;
+    const int32_t* iv = nullptr;
+    const float* sv = nullptr;
+};
+
+// Lane i of a 16-lane vector belongs to block a (index 0) or b (index 1).
+inline __m512i lane_blocks(int layout) {
+    return layout == Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                          : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+}
+
+// Two values spread over the lanes of their blocks.
+inline __m512 spread(__m512i lanes, __m128 ab) {
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(ab));
+}
+
+// One block of 32 activations: q = round(x / d) (halves away from zero, like roundf),
+// d = max|x| / 127, s = sum(q).
+inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* s) {
+    const __m512 v[2] = {_mm512_loadu_ps(x), _mm512_loadu_ps(x + 16)};
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    const float scale = amax / 127.0f, inv = scale != 0.0f ? 1.0f / scale : 0.0f;
+    const __m512 vinv = _mm512_set1_ps(inv), half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    __m512i sum = _mm512_setzero_si512();
+    for (int h = 0; h < 2; h++) {
+        const __m512 r = _mm512_mul_ps(v[h], vinv);
+        __m512 t = _mm512_roundscale_ps(r, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+        const __mmask16 up = _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(r, t)), half, _CMP_GE_OQ);
+        const __m512 away = _mm512_or_ps(one, _mm512_and_ps(r, _mm512_set1_ps(-0.0f)));  // +-1
+        t = _mm512_mask_add_ps(t, up, t, away);
+        const __m512i qi = _mm512_cvttps_epi32(t);
+        sum = _mm512_add_epi32(sum, qi);
+        _mm_storeu_si128((__m128i*)(q + 16 * h), _mm512_cvtepi32_epi8(qi));
+    }
+    *d = scale;
+    *s = _mm512_reduce_add_epi32(sum);
+}
+
+Act prepare_activations(const LinearArgs& a, int base) {
+    const float* xf = activations_f32(a, base);  // scratch slot base when x is bf16
+    const int64_t nb = a.k / QK;
+    Act act;
+    act.pairs = (nb + 1) / 2;
+    const int64_t units = a.m * act.pairs;
+    int8_t* q = (int8_t*)scratch(64 * units, base + 1);
+    float* dv = (float*)scratch(64 * units, base + 2);
+    int32_t* iv = (int32_t*)scratch(64 * units, base + 3);
+    float* sv = a.layout == Q4_1 ? (float*)scratch(64 * units, base + 4) : nullptr;
+    const __m512i lanes = lane_blocks(a.layout);
+    alignas(64) int8_t qa[QK], qb[QK];
+    for (int64_t m = 0; m < a.m; m++) {
+        for (int64_t p = 0; p < act.pairs; p++) {
+            const float* x = xf + m * a.k + 2 * p * QK;
+            float da = 0.0f, db = 0.0f;
+            int32_t sa = 0, sb = 0;
+            quantize_block(x, qa, &da, &sa);
+            if (2 * p + 1 < nb) quantize_block(x + QK, qb, &db, &sb);
+            else std::memset(qb, 0, QK);
+            const int64_t u = m * act.pairs + p;
+            int8_t* qu = q + 64 * u;
+            if (a.layout == Q8_0) {
+                std::memcpy(qu, qa, 32); std::memcpy(qu + 32, qb, 32);
+            } else {
+                std::memcpy(qu, qa, 16); std::memcpy(qu + 16, qb, 16);
+                std::memcpy(qu + 32, qa + 16, 16); std::memcpy(qu + 48, qb + 16, 16);
+            }
+            _mm512_storeu_ps(dv + 16 * u, spread(lanes, _mm_setr_ps(da, db, 0, 0)));
+            // Each block spans 8 lanes. Q8_0 weights enter as q + 128, so a lane starts at
+            // -16 * sum(qx) (8 lanes: -128 * sum(qx)); Q4_0 weights enter as q for q - 8, so
+            // a lane starts at -sum(qx); Q4_1 needs no correction.
+            const int ka = a.layout == Q8_0 ? -16 * sa : a.layout == Q4_0 ? -sa : 0;
+            const int kb = a.layout == Q8_0 ? -16 * sb : a.layout == Q4_0 ? -sb : 0;
+            _mm512_storeu_si512(iv + 16 * u, _mm512_permutexvar_epi32(lanes, _mm512_castsi128_si512(
+                _mm_setr_epi32(ka, kb, 0, 0))));
+            if (sv) _mm512_storeu_ps(sv + 16 * u, spread(lanes, _mm_setr_ps(da * (float)sa / 8.0f,
+                                                                            db * (float)sb / 8.0f, 0, 0)));
+        }
+    }
+    act.q = q; act.dv = dv; act.iv = iv; act.sv = sv;
+    return act;
+}
+
+// ---- weights of the quantized layouts -----------------------------------------------------
+// Blocks 2p and 2p + 1 of a row as 64 unsigned bytes in the activations' order, with
+// their scales (and Q4_1 offsets) spread over the lanes. `single`: only block 2p exists.
+
+template <int L> struct Blocks;
+template <> struct Blocks<Q8_0> { using T = BlockQ8_0; };
+template <> struct Blocks<Q4_0> { using T = BlockQ4_0; };
+template <> struct Blocks<Q4_1> { using T = BlockQ4_1; };
+
+template <int L>
+inline __m512i weight_pair(const uint8_t* row, int64_t p, bool single, __m512i lanes, __m512* scale, __m512* offset) {
+    using B = typename Blocks<L>::T;
+    const B* blk = (const B*)row + 2 * p;
+    if constexpr (L == Q4_1) {  // d and m side by side: one conversion gives da, ma, db, mb
+        uint32_t a, b = 0;
+        std::memcpy(&a, &blk[0], 4);
+        if (!single) std::memcpy(&b, &blk[1], 4);
+        const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi64_si128((int64_t)a | ((int64_t)b << 32))));
+        const __m512i even = _mm512_add_epi32(lanes, lanes);
+        *scale = _mm512_permutexvar_ps(even, dm);
+        *offset = _mm512_permutexvar_ps(_mm512_add_epi32(even, _mm512_set1_epi32(1)), dm);
+    } else {
+        const uint16_t db = single ? 0 : blk[1].d;
+        *scale = spread(lanes, _mm_cvtph_ps(_mm_cvtsi32_si128((int)blk[0].d | ((int)db << 16))));
+    }
+    if constexpr (L == Q8_0) {
+        const __m256i qa = _mm256_loadu_si256((const __m256i*)blk[0].qs);
+        const __m256i qb = single ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i*)blk[1].qs);
+        const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(qa), qb, 1);
+        return _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));  // int8 q -> uint8 q + 128
+    } else {
+        const __m128i qa = _mm_loadu_si128((const __m128i*)blk[0].qs);
+        const __m128i qb = single ? _mm_setzero_si128() : _mm_loadu_si128((const __m128i*)blk[1].qs);
+        const __m256i ab = _mm256_inserti128_si256(_mm256_castsi128_si256(qa), qb, 1);
+        const __m512i abab = _mm512_inserti64x4(_mm512_castsi256_si512(ab), ab, 1);
+        // low nibbles from the first copy, high nibbles from the second: a_lo, b_lo, a_hi, b_hi
+        const __m512i shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+        return _mm512_and_si512(_mm512_srlv_epi16(abab, shifts), _mm512_set1_epi8(0x0f));
+    }
+}
+
+// Up to STREAM_ROWS rows of x, weight rows are read one at a time (one sequential stream,
+// unrolled for loads in flight: what the hardware prefetcher handles best). More rows of x
+// share each x load across tiles of WIDE weight rows instead.
+constexpr int STREAM_ROWS = 4;
+constexpr int WIDE = 4;
+
+template <int L, int NT, int R>
+inline void quant_tile(const LinearArgs& a, const Act& act, const uint8_t* const rows[NT], int64_t m0,
+                       float out[MT][NT]) {
+    constexpr int U = NT == 1 ? 2 : 1;  // pairs of blocks per step
+    __m512 acc[R][NT][U];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NT; c++)
+            for (int u = 0; u < U; u++) acc[r][c][u] = _mm512_setzero_ps();
+    const __m512i lanes = lane_blocks(L);
+    const int64_t full = a.k / QK / 2, ahead = NT * row_bytes(L, a.k);
+    auto step = [&](int64_t p, int u, bool single) __attribute__((always_inline)) {
+        __m512i w[NT];
+        __m512 ws[NT], wm[NT];
+        for (int c = 0; c < NT; c++) {
+            if constexpr (NT > 1) {  // the next tile's rows follow these: fetch them meanwhile
+                const char* next = (const char*)rows[c] + ahead + 2 * p * sizeof(typename Blocks<L>::T);
+                _mm_prefetch(next, _MM_HINT_T0);
+                if constexpr (L == Q8_0) _mm_prefetch(next + 64, _MM_HINT_T0);
+            }
+            w[c] = weight_pair<L>(rows[c], p, single, lanes, &ws[c], &wm[c]);
+        }
+        for (int r = 0; r < R; r++) {
+            const int64_t i = (m0 + r) * act.pairs + p;
+            const __m512i xq = _mm512_loadu_si512(act.q + 64 * i);
+            const __m512 dv = _mm512_loadu_ps(act.dv + 16 * i);
+            const __m512i iv = _mm512_loadu_si512(act.iv + 16 * i);
+            for (int c = 0; c < NT; c++) {
+                const __m512i dot = _mm512_dpbusd_epi32(iv, w[c], xq);
+                acc[r][c][u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws[c], dv), acc[r][c][u]);
+            }
+            if constexpr (L == Q4_1) {
+                const __m512 sv = _mm512_loadu_ps(act.sv + 16 * i);
+                for (int c = 0; c < NT; c++) acc[r][c][u] = _mm512_fmadd_ps(wm[c], sv, acc[r][c][u]);
+            }
+        }
+    };
+    int64_t p = 0;
+    for (; p + U <= full; p += U)
+        for (int u = 0; u < U; u++) step(p + u, u, false);
+    for (; p < full; p++) step(p, 0, false);
+    if (act.pairs > full) step(full, 0, true);  // an odd block count: the last block alone
+    reduce_tile(acc, out, add_vectors, sum_lanes);
+}
+
+// ---- float layouts ------------------------------------------------------------------------
+
+template <int L>
+inline __m512 widen(const uint8_t* row, int64_t j) {  // 16 weights from element j, as fp32
+    if constexpr (L == F32) return _mm512_loadu_ps((const float*)row + j);
+    // bf16 -> fp32 is a 16-bit shift
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)((const uint16_t*)row + j))), 16));
+}
+
+template <int L, int NT, int R>
+inline void float_tile(const LinearArgs& a, const float* xf, const uint8_t* const rows[NT], int64_t m0,
+                       float out[MT][NT]) {
+    constexpr int U = NT == 1 ? 4 : 1;  // steps of 16 weights in flight
+    __m512 acc[R][NT][U];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < NT; c++)
+            for (int u = 0; u < U; u++) acc[r][c][u] = _mm512_setzero_ps();
+    const int64_t ahead = NT * row_bytes(L, a.k);
+    auto step = [&](int64_t j, int u) __attribute__((always_inline)) {
+        __m512 w[NT];
+        for (int c = 0; c < NT; c++) {
+            if constexpr (NT > 1)
+                if (L == F32 || j % 32 == 0) _mm_prefetch((const char*)rows[c] + ahead + j * (L == F32 ? 4 : 2), _MM_HINT_T0);
+            w[c] = widen<L>(rows[c], j);
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512 x = _mm512_loadu_ps(xf + (m0 + r) * a.k + j);
+            for (int c = 0; c < NT; c++) acc[r][c][u] = _mm512_fmadd_ps(w[c], x, acc[r][c][u]);
+        }
+    };
+    unrolled<U>(a.k, 16, step);
+    reduce_tile(acc, out, add_vectors, sum_lanes);
+}
+
+// ---- driver -------------------------------------------------------------------------------
+
+struct Ctx {
+    const LinearArgs* a;
+    const float* xf;
+    Act act;
+};
+
+template <int L, int NT, int R>
+inline void tile(const Ctx& c, const uint8_t* const rows[NT], int64_t m0, float out[MT][NT]) {
+    if constexpr (L == F32 || L == BF16) float_tile<L, NT, R>(*c.a, c.xf, rows, m0, out);
+    else quant_tile<L, NT, R>(*c.a, c.act, rows, m0, out);
+}
+
+template <int L, int NT>
+void tiles(const Ctx& c, int64_t begin, int64_t end) {
+    for_each_tile<NT, MT>(*c.a, begin, end, [&](const uint8_t* const rows[NT], int64_t m0, int r, float out[MT][NT]) {
+        switch (r) {
+            case 1: tile<L, NT, 1>(c, rows, m0, out); break;
+            case 2: tile<L, NT, 2>(c, rows, m0, out); break;
+            case 3: tile<L, NT, 3>(c, rows, m0, out); break;
+            default: tile<L, NT, 4>(c, rows, m0, out); break;
+        }
+    });
+}
+
+template <int L>
+void column_range(const void* vctx, int64_t begin, int64_t end) {
+    const Ctx& c = *(const Ctx*)vctx;
+    if (c.a->m <= STREAM_ROWS) tiles<L, 1>(c, begin, end);
+    else tiles<L, WIDE>(c, begin, end);
+}
+
+}  // namespace
+
+int plan_avx512(Plan& p, int base) {
+    Ctx& c = plan_context<Ctx>(p);
+    const LinearArgs& a = p.args;
+    c.a = &p.args;
+    p.count = column_groups(a.n);
+    switch (a.layout) {
+        case F32: p.fn = column_range<F32>; c.xf = activations_f32(a, base); return 0;
+        case BF16: p.fn = column_range<BF16>; c.xf = activations_f32(a, base); return 0;
+        case Q8_0: p.fn = column_range<Q8_0>; break;
+        case Q4_0: p.fn = column_range<Q4_0>; break;
+        case Q4_1: p.fn = column_range<Q4_1>; break;
+        default: return -1;
+    }
+    c.act = prepare_activations(a, base);
+    return 0;
+}
+
+}  // namespace llama

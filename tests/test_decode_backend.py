@@ -1,0 +1,132 @@
+"""The decode backend (llama.kernels.decode_step): PyTorch or the native step, chosen by
+timing real steps and cached per machine, software, model and threads; LLAMA_NATIVE=0
+forces PyTorch; GGML-quantized models (quantize="q8_0", "q4_0", "q4_1") and where they
+are refused."""
+
+import pytest
+import torch
+
+from llama import Llama, LlamaError, kernels, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels here (no compiler)")
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch, tmp_path):
+    """Verdicts in a fresh cache (the library stays loaded from wherever it was built)."""
+    native.available()
+    monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("LLAMA_TUNE", "0")
+
+
+def _model(tiny_ckpt, sp_tokenizer, dtype="fp32", batch=4, quantize=None):
+    return Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=batch, device="cpu",
+                       dtype=dtype, quantize=quantize).model
+
+
+def test_the_key_names_machine_software_model_dtype_threads_and_batch(tiny_ckpt, sp_tokenizer):
+    fp32, bf16 = _model(tiny_ckpt, sp_tokenizer), _model(tiny_ckpt, sp_tokenizer, "bf16")
+    key = kernels.decode_key(fp32, 1)
+    assert key["cpu"] and key["flags"] and key["cores"] and key["torch"] == torch.__version__
+    assert key["kernels"] and key["shape"] == [64, 2, 4, 2, 192, 32000] and key["weights"] == "float"
+    assert kernels.decode_key(bf16, 1)["dtype"] != key["dtype"]
+    assert kernels.decode_key(fp32, 4)["batch"] == 4
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if saved > 1 else 2)
+        assert kernels.decode_key(fp32, 1)["threads"] != key["threads"]
+    finally:
+        torch.set_num_threads(saved)
+    assert kernels.decode_key(_model(tiny_ckpt, sp_tokenizer, quantize="q4_0"), 1)["weights"] == "q4_0"
+
+
+@pytest.mark.parametrize("faster", kernels.DECODE_BACKENDS)
+def test_the_faster_backend_wins_and_the_verdict_is_kept(faster, tiny_ckpt, sp_tokenizer):
+    model = _model(tiny_ckpt, sp_tokenizer)
+    asked = []
+
+    def fake(batch):
+        asked.append(batch)
+        return {name: 1.0 if name == faster else 2.0 for name in kernels.DECODE_BACKENDS}
+
+    assert kernels.choose_decode_backends(model, [1, 4], None, fake) == {1: faster, 4: faster}
+    assert asked == [1, 4]
+
+    def never(batch):
+        raise AssertionError("measured again although the verdict is cached")
+
+    assert kernels.choose_decode_backends(model, [4, 1], None, never) == {1: faster, 4: faster}
+    with pytest.raises(AssertionError):  # another thread count is another machine
+        saved = torch.get_num_threads()
+        torch.set_num_threads(1 if saved > 1 else 2)
+        try:
+            kernels.choose_decode_backends(model, [1], None, never)
+        finally:
+            torch.set_num_threads(saved)
+
+
+def test_a_step_follows_the_verdict_of_the_nearest_batch_size():
+    step = kernels.DecodeStep(None, {1: "native", 16: "torch"})
+    assert [step.wants(b) for b in (1, 2, 3, 4, 5, 8, 16, 32, 33)] == \
+        [True, True, True, True, False, False, False, False, False]
+
+
+def test_real_timing_is_cached(tiny_ckpt, sp_tokenizer):
+    model = _model(tiny_ckpt, sp_tokenizer)
+    caches = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
+    step = kernels.decode_step(model, 4)
+    assert step is not None and set(step.verdicts) == {1, 4}
+    for layer, (k, v) in zip(model.layers, caches):  # timing leaves the caches as they were
+        assert torch.equal(layer.attention.cache.k, k) and torch.equal(layer.attention.cache.v, v)
+    entries = kernels._verdict_file().read_text()
+    assert '"ms"' in entries and '"native"' in entries
+
+
+def test_llama_native_0_forces_pytorch(tiny_ckpt, sp_tokenizer, monkeypatch):
+    model = _model(tiny_ckpt, sp_tokenizer)
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
+    assert kernels.decode_step(model, 4) is None
+    with pytest.raises(LlamaError, match="quantize='q8_0'.*LLAMA_NATIVE=0.*int8"):
+        _model(tiny_ckpt, sp_tokenizer, quantize="q8_0")
+
+
+def test_ggml_modes_are_refused_where_native_kernels_cannot_run(tiny_ckpt, sp_tokenizer):
+    from conftest import pose_as_rank
+
+    with pose_as_rank(0, 2), pytest.raises(LlamaError, match="quantize='q4_1'.*model-parallel size 1"):
+        _model(tiny_ckpt, sp_tokenizer, quantize="q4_1")
+
+
+@pytest.mark.parametrize("layout", ["q8_0", "q4_0", "q4_1"])
+def test_ggml_modes_hold_blocks_only(layout, tiny_ckpt, sp_tokenizer):
+    model = _model(tiny_ckpt, sp_tokenizer, "bf16", quantize=layout)
+    wq, out = model.layers[0].attention.wq, model.output
+    assert isinstance(wq, native.NativeLinear) and wq.layout == layout and wq.packed.dtype == torch.uint8
+    assert out.layout == ("q8_0" if layout != "q8_0" else layout)  # 8-bit output, as llama.cpp keeps it
+    assert not any(p.dtype != torch.uint8 and p.dim() == 2 and p.shape[0] != 32000
+                   for p in model.state_dict().values()), "a float projection is left"
+    step = kernels.decode_step(model, 4)
+    assert step is not None and all(v == "native" for v in step.verdicts.values())
+
+
+def test_batches_beyond_the_native_kernels_are_not_measured(tiny_ckpt, sp_tokenizer, monkeypatch):
+    model = _model(tiny_ckpt, sp_tokenizer, batch=native.MAX_NATIVE_ROWS + 8)
+    measured = []
+    monkeypatch.setattr(kernels, "_time_decode", lambda model, step, batch: measured.append(batch) or {
+        "torch": 2.0, "native": 1.0})
+    step = kernels.decode_step(model, native.MAX_NATIVE_ROWS + 8)
+    assert sorted(measured) == [1, native.MAX_NATIVE_ROWS]
+    assert step.wants(native.MAX_NATIVE_ROWS) and not step.wants(native.MAX_NATIVE_ROWS + 1)
+
+
+def test_shapes_the_native_kernels_do_not_take_decode_in_pytorch(tmp_path, sp_tokenizer):
+    """An FFN width that is not a multiple of 32 (as in test_hf_parity's models): PyTorch decodes,
+    and quantize='q8_0' is refused naming the width."""
+    from llama.testing import TINY_PARAMS, write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(tmp_path / "odd", params={**TINY_PARAMS, "multiple_of": 16})  # 176 wide
+    model = Llama.build(str(ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=2, device="cpu").model
+    assert "ffn hidden dim 176" in kernels.native_problem(model)
+    assert kernels.decode_step(model, 2) is None
+    with pytest.raises(LlamaError, match="ffn hidden dim 176.*multiple of 32"):
+        Llama.build(str(ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=2, device="cpu", quantize="q8_0")
