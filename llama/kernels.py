@@ -83,9 +83,17 @@ def native_problem(model: Transformer) -> Optional[str]:
 
 def native_decode_problem(model: Transformer) -> Optional[str]:
     """Why the native decode step cannot run `model` here, or None when it can."""
+    from .native import NativeLinear
+
     cache = model.layers[0].attention.cache
     if cache is None or cache.k.dtype != torch.float32:
         return "the model has no fp32 KV cache (call setup_caches)"
+    if not torch.is_complex(model.rope):
+        return "the model's rotary table is real-valued (the MPS form); the native step reads the complex one"
+    projection = model.layers[0].attention.wq
+    if not (isinstance(projection, NativeLinear) or isinstance(getattr(projection, "weight", None), torch.Tensor)):
+        return (f"the model's projections are {type(projection).__name__} (quantize='int8' has its own "
+                f"kernel); the native step reads float or GGML-quantized ones")
     return native_problem(model)
 
 

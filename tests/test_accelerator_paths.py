@@ -26,6 +26,9 @@ def sdpa_calls(monkeypatch):
         return real(q, k, v, attn_mask=attn_mask, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    # The model's own decode steps: the native CPU step (llama.kernels), which never runs on
+    # accelerators, would otherwise take them here.
+    monkeypatch.setenv("LLAMA_NATIVE", "0")
     return calls
 
 
