@@ -13,8 +13,9 @@ own process, same token ids, same batch size:
               (Engine(policy="static"), what generate() did before continuous batching)
   hf-bf16     HF transformers generate() on the same GGUF, chunks of --batch prompts,
               left-padded, each chunk run to its largest max_gen_len
-Reports generated (useful) tokens per second, per process, and the fraction of decode rows
-that produced a wanted token; prints a table and our ratios, writes
+Reports generated (useful) tokens per second, per process, the fraction of the rows a decode
+pass computed that produced a wanted token ("useful rows"), and the occupancy: wanted tokens
+per decode pass over the batch size (how full the batch ran); prints a table and our ratios, writes
 benchmarks/results/batch.json with the CPU model and flags.
 """
 
@@ -93,7 +94,8 @@ def run_ours(requests: List[dict], batch: int, policy: str, dtype: str) -> dict:
     run(requests)
     seconds = time.perf_counter() - start
     stats = g.engine.stats
-    return {"seconds": seconds, "useful_fraction": stats.useful_fraction, "decode_passes": stats.decode_passes}
+    return {"seconds": seconds, "useful_fraction": stats.useful_fraction, "decode_passes": stats.decode_passes,
+            "occupancy": stats.decode_useful / max(1, stats.decode_passes * batch)}
 
 
 def run_hf(requests: List[dict], batch: int) -> dict:
@@ -128,7 +130,8 @@ def run_hf(requests: List[dict], batch: int) -> dict:
     start = time.perf_counter()
     rows = run(requests)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "useful_fraction": sum(r["max_gen_len"] for r in requests) / rows}
+    useful = sum(r["max_gen_len"] for r in requests) / rows
+    return {"seconds": seconds, "useful_fraction": useful, "occupancy": useful}
 
 
 def child(engine: str, batch: int, dtype: str) -> None:
@@ -171,9 +174,9 @@ def main() -> None:
     print(f"\n{args.prompts} chat prompts (mixed lengths), max_gen_len 16-256 (sum {useful} tokens), batch "
           f"{args.batch}, SmolLM2-135M-Instruct on {machine['cpu']}, {machine['cores']} cores, "
           f"flags {' '.join(machine['flags'])}\n")
-    print(f"{'engine':12}{'seconds':>10}{'tok/s':>10}{'useful rows':>13}")
+    print(f"{'engine':12}{'seconds':>10}{'tok/s':>10}{'useful rows':>13}{'occupancy':>11}")
     for name, r in results.items():
-        print(f"{name:12}{r['seconds']:>10.1f}{r['tok_s']:>10.1f}{r['useful_fraction']:>13.2f}")
+        print(f"{name:12}{r['seconds']:>10.1f}{r['tok_s']:>10.1f}{r['useful_fraction']:>13.2f}{r['occupancy']:>11.2f}")
     if "continuous" in results:
         for peer in ("static", "hf-bf16"):
             if peer in results:
