@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU-relevant tests, the GPU checks (benchmarks/gpu_check.py) and a 2-rank torchrun
-# chat, in one call on a GPU machine that cannot reach any package registry.
+# The GPU checks (benchmarks/gpu_check.py), the GPU benchmark against HF transformers
+# (benchmarks/gpu_bench.py), a 2-rank torchrun chat and the GPU-relevant tests, in one call on a GPU machine that cannot reach any package registry.
 #
 #   bash benchmarks/gpu_check.sh --pack   # here, once: copies what the GPU machine lacks into
 #                                         # .gpu-check/ (git-ignored): fairscale, fire, termcolor,
-#                                         # and the test tokenizers from the llama cache
+#                                         # gguf, and the test tokenizers from the llama cache
 #   bash benchmarks/gpu_check.sh          # there, with .gpu-check carried along
 #
 # With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-check"]).
@@ -18,7 +18,7 @@ if [ "${1:-}" = "--pack" ]; then
     python - "$PACK/deps" <<'EOF'
 import importlib, shutil, sys
 from pathlib import Path
-for name in ("fairscale", "fire", "termcolor"):
+for name in ("fairscale", "fire", "termcolor", "gguf"):
     src = Path(importlib.import_module(name).__file__).parent
     shutil.copytree(src, Path(sys.argv[1]) / name, ignore=shutil.ignore_patterns("__pycache__"))
 EOF
@@ -48,13 +48,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" \
     2>&1 | tee -a "$OUT/machine.txt"
 
-echo "== tests (CPU paths and faked devices, on this machine's torch)"
-$PY -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_accelerator_paths.py tests/test_quantize.py \
-    tests/test_generation.py tests/test_streaming.py tests/test_multiprocess.py tests/test_faults.py -k "not download" \
-    2>&1 | tee "$OUT/pytest.txt" | tail -30 || status=1
-
 echo "== GPU checks"
 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
+
+echo "== GPU benchmark against HF transformers"
+$PY benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt" || status=1
 
 echo "== 2-rank torchrun chat (NCCL on 2+ GPUs; with one GPU, the refusal to put two ranks on it)"
 CKPT=$(mktemp -d)/tiny2
@@ -74,6 +72,11 @@ fi
 echo "== the same 2-rank chat on the CPU (gloo), for comparison"
 CUDA_VISIBLE_DEVICES= $PY -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 --master_port 29534 \
     example_chat_completion.py --ckpt_dir "$CKPT" --max_gen_len 16 2>&1 | tee "$OUT/torchrun2_cpu.txt" | tail -5
+
+echo "== tests (CPU paths and faked devices, on this machine's torch)"
+LLAMA_TEST_WARM_CACHE=1 timeout "${TEST_SECONDS:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_accelerator_paths.py tests/test_quantize.py \
+    tests/test_generation.py tests/test_engine.py tests/test_loading.py tests/test_streaming.py tests/test_multiprocess.py tests/test_faults.py -k "not download" \
+    2>&1 | tee "$OUT/pytest.txt" | tail -30 || status=1
 
 echo "== done: status $status; files in $OUT"
 exit $status

@@ -1,7 +1,7 @@
 """The model's accelerator-only forms, run on the CPU by faking the device type they key on:
-attention that gives an efficient kernel what it accepts (never a mask together with
-grouped query heads), and the real-valued rotary form for MPS. Each must equal the CPU
-path, and attention an explicit reference written here."""
+attention that gives an efficient kernel what it accepts (a mask together with grouped query
+heads only where an efficient kernel takes it), and the real-valued rotary form for MPS. Each
+must equal the CPU path, and attention an explicit reference written here."""
 
 import math
 
@@ -23,7 +23,10 @@ def sdpa_calls(monkeypatch):
 
     def spy(q, k, v, attn_mask=None, **kwargs):
         calls.append((q.shape[1], k.shape[1], attn_mask is not None, q.shape[2]))
-        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+        out = real(q, k, v, attn_mask=attn_mask, **kwargs)
+        if llama.model.attention_device_type(q) != "cpu":  # strided, as CUDA's efficient kernel returns it
+            out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        return out
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     # The model's own decode steps: the native CPU step (llama.kernels), which never runs on
@@ -33,7 +36,11 @@ def sdpa_calls(monkeypatch):
 
 
 def fake_device_type(monkeypatch, device_type: str) -> None:
-    monkeypatch.setattr(llama.model, "attention_device_type", lambda t: device_type)
+    """device_type "cuda+gqa-mask": a CUDA device whose efficient kernel takes a mask with
+    grouped heads (torch 2.11 on an H200); "cuda": one whose kernels do not."""
+    monkeypatch.setattr(llama.model, "attention_device_type", lambda t: device_type.split("+")[0])
+    monkeypatch.setattr(llama.model, "efficient_kernel_takes_grouped_mask",
+                        lambda *args: device_type == "cuda+gqa-mask")
 
 
 def reference_attention(q, k, v, mask):
@@ -57,9 +64,10 @@ CASES = {  # (batch, query heads, key heads, query rows S, keys L, mask kind)
 }
 
 
-@pytest.mark.parametrize("device_type", ["cuda", "mps", "cpu"])
+@pytest.mark.parametrize("device_type", ["cuda", "cuda+gqa-mask", "mps", "cpu"])
 @pytest.mark.parametrize("case", CASES)
-def test_attend_never_sends_mask_with_grouped_heads_to_accelerators(case, device_type, sdpa_calls, monkeypatch):
+def test_attend_sends_mask_with_grouped_heads_only_where_a_kernel_takes_them(case, device_type, sdpa_calls,
+                                                                            monkeypatch):
     batch, heads, kv_heads, s, length, kind = CASES[case]
     g = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, s, 16, generator=g)
@@ -76,13 +84,16 @@ def test_attend_never_sends_mask_with_grouped_heads_to_accelerators(case, device
     torch.testing.assert_close(out, reference_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert len(sdpa_calls) == 1
     q_heads, k_heads, masked, rows = sdpa_calls[0]
-    if device_type != "cpu":
+    if device_type in ("cuda", "mps"):
         assert not (masked and q_heads != k_heads), sdpa_calls
-    if device_type != "cpu" and kind == "ragged" and heads != kv_heads:  # folded, not dropped
+    if device_type in ("cuda", "mps") and kind == "ragged" and heads != kv_heads:  # folded, not dropped
         assert masked and (q_heads, rows) == (kv_heads, heads // kv_heads * s)
+    if device_type in ("cpu", "cuda+gqa-mask") and kind == "ragged":  # as it is: the kernel takes it
+        assert masked and (q_heads, k_heads, rows) == (heads, kv_heads, s)
 
 
-def test_decode_on_accelerators_equals_cpu(generator, sdpa_calls, monkeypatch):
+@pytest.mark.parametrize("device_type", ["cuda", "cuda+gqa-mask"])
+def test_decode_on_accelerators_equals_cpu(device_type, generator, sdpa_calls, monkeypatch):
     """A ragged batch (masked decode) and a single prompt (maskless decode) through the whole
     model, with the attention forms of a CUDA device, give the CPU path's tokens and logprobs."""
     prompts = [generator.tokenizer.encode(t, bos=True, eos=False) for t in PROMPTS]
@@ -90,17 +101,39 @@ def test_decode_on_accelerators_equals_cpu(generator, sdpa_calls, monkeypatch):
     expected = [generator.generate(p, max_gen_len=8, temperature=0, logprobs=True) for p in (prompts, prompts[:1])]
     sdpa_calls.clear()
 
-    fake_device_type(monkeypatch, "cuda")
+    fake_device_type(monkeypatch, device_type)
     for batch, (tokens, logprobs) in zip((prompts, prompts[:1]), expected):
         got_tokens, got_logprobs = generator.generate(batch, max_gen_len=8, temperature=0, logprobs=True)
         assert got_tokens == tokens
         for got, want in zip(got_logprobs, logprobs):
             assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4
 
-    assert sdpa_calls and not [c for c in sdpa_calls if c[2] and c[0] != c[1]]
-    assert any(c[2] for c in sdpa_calls)  # the ragged batch decoded with a mask (folded)
+    grouped_with_mask = [c for c in sdpa_calls if c[2] and c[0] != c[1]]
+    assert bool(grouped_with_mask) == (device_type == "cuda+gqa-mask"), sdpa_calls
+    assert any(c[2] for c in sdpa_calls)  # the ragged batch decoded with a mask
     single = [c for c in sdpa_calls if c[3] == 1 and not c[2]]
     assert single  # one prompt: every decode step without a mask (flash attention's case)
+
+
+def test_grouped_mask_probe_answers_what_the_kernel_did_without_warnings(monkeypatch):
+    """The probe says yes where the kernel call (efficient kernels only) returns, no where it
+    raises, and lets none of torch's per-kernel warnings reach the user."""
+    import warnings
+
+    probe = llama.model.efficient_kernel_takes_grouped_mask
+    real = F.scaled_dot_product_attention
+
+    def refusing(*args, **kwargs):
+        warnings.warn("Flash Attention does not support non-null attn_mask.")
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    for kernel, expected in ((real, True), (refusing, False)):
+        probe.cache_clear()
+        monkeypatch.setattr(F, "scaled_dot_product_attention", kernel)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert probe(torch.device("cpu"), torch.float32, 16) is expected
+    probe.cache_clear()
 
 
 def test_decode_at_a_common_position_runs_without_mask(generator, sdpa_calls):

@@ -18,6 +18,7 @@ from llama.loading import cpu_has_native_bf16, default_dtype, resolve_dtype
 # every position of the prompts (tiny random model, logits up to ~19): total variation distance
 # (measured at most 0.027) and |log-prob| (measured at most 0.32; bf16 keeps 8 bits of mantissa).
 BF16_TV_BOUND, BF16_LOGPROB_BOUND = 0.06, 0.6
+BF16_TIE_GAP = 0.25  # logits: a near tie in bf16, where kernel rounding may decide
 PROMPTS_FOR_DTYPE = ["The capital of France is", "Hi", "Once upon a time, in a land far away, there",
                      "naïve café, 東京 🚀"]
 
@@ -128,11 +129,24 @@ def test_default_dtype_streams_what_it_generates_as_valid_text(default_generator
 
 
 def test_default_dtype_batch_rows_agree_with_one_by_one(default_generator):
-    """In bf16 a row's tokens may depend on its batch mates only through kernel rounding: the
-    batch and one-by-one runs agree on at least 90% of the greedy tokens (measured: all)."""
+    """In bf16 a row's tokens may depend on its batch mates only through kernel rounding (a
+    batch and a single row can take different matmul kernels): each row's greedy tokens equal
+    its one-by-one tokens up to the first difference, and there the two runs' choices were a
+    near tie in the one-by-one model's own logits (measured: all equal on an AMD EPYC; on an
+    Intel Xeon with AMX one row of four parted, at a logit gap of 0.03)."""
     gen = default_generator
     prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in PROMPTS_FOR_DTYPE]
     batch, _ = gen.generate(prompts, max_gen_len=10, temperature=0, stop_tokens=[])
     alone = [gen.generate([p], max_gen_len=10, temperature=0, stop_tokens=[])[0][0] for p in prompts]
-    same = sum(a == b for row, ref in zip(batch, alone) for a, b in zip(row, ref))
-    assert same >= 0.9 * sum(len(r) for r in alone), (batch, alone)
+    parted = 0
+    for prompt, row, ref in zip(prompts, batch, alone):
+        if row == ref:
+            continue
+        parted += 1
+        first = next(i for i, (a, b) in enumerate(zip(row, ref)) if a != b)
+        with torch.inference_mode():
+            logits = gen.model(torch.tensor([prompt + ref[:first]]), 0)[0, -1].float()
+        gap = (logits[ref[first]] - logits[row[first]]).item()
+        print(f"a row parted at token {first}: logit gap {gap:.3g}")
+        assert abs(gap) < BF16_TIE_GAP, (first, gap, row, ref)
+    assert parted <= 1, (batch, alone)

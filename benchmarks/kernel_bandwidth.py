@@ -1,6 +1,6 @@
 """Matmul kernels for decode-sized inputs against this machine's memory bandwidth.
 
-    python benchmarks/kernels.py [--models demo,1b] [--rows 1,16] [--reps 15]
+    python benchmarks/kernel_bandwidth.py [--models demo,1b] [--rows 1,16] [--reps 15]
 
 Measures the memory bandwidth (reading and copying a 1 GB tensor with torch's threads),
 then for each matmul shape of SmolLM2-135M ("demo") and Llama-3.2-1B ("1b") at M rows of
