@@ -156,6 +156,7 @@ class Engine:
         # The decode backend, asked of llama.kernels at the first decode (a measured choice)
         # and again only if the model's caches are replaced: (the caches it is for, the step).
         self._decode_backend: Optional[Tuple[object, Optional[kernels.DecodeStep]]] = None
+        self._prompt_attention_for: Optional[object] = None  # the caches it was chosen for
 
     @property
     def device(self) -> torch.device:
@@ -263,6 +264,7 @@ class Engine:
         for i, chunk in enumerate(chunks):
             tokens[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
         tokens = tokens.to(self.device)
+        self._choose_prompt_attention()
         slots = [h.slot for h in rows]
         starts = [h.prefilled for h in rows]
         fresh = not any(starts)  # every row starts at 0: plain causal attention, no cache reads
@@ -295,6 +297,16 @@ class Engine:
                     complete_logits.append(row_logits)
         if complete:
             self._sample(complete, torch.stack(complete_logits), events)
+
+    def _choose_prompt_attention(self) -> None:
+        """The dtype of prompts' attention, asked of llama.kernels (a measured choice) once per
+        model and caches, before the first prefill."""
+        caches = self.model.layers[0].attention.cache
+        if self._prompt_attention_for is not caches:
+            dtype = kernels.prompt_attention_dtype(self.model)
+            for layer in self.model.layers:
+                layer.attention.prompt_attention_dtype = dtype
+            self._prompt_attention_for = caches
 
     def _native_step(self) -> Optional[kernels.DecodeStep]:
         """The decode step llama.kernels chose for this model on this machine, or None for

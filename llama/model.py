@@ -241,6 +241,9 @@ class Attention(nn.Module):
         self.n_local_heads = self.wq.weight.shape[0] // self.head_dim
         self.n_local_kv_heads = self.wk.weight.shape[0] // self.head_dim
         self.cache: Optional[KVCache] = None
+        # The dtype a prompt's attention over its own keys runs in; None: the cache's. Set from
+        # outside, where kernels are chosen by measurement (llama.kernels.prompt_attention_dtype).
+        self.prompt_attention_dtype: Optional[torch.dtype] = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
                 rotation: torch.Tensor, mask: Optional[torch.Tensor],
@@ -253,7 +256,10 @@ class Attention(nn.Module):
         dtype = self.cache.k.dtype  # attention runs in the cache's dtype
         q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
         # fresh (no gather from the cache) only where the keys are exactly these S tokens
-        keys, values = self.cache.update(positions, k, v, kv_len, slots, fresh=mask is None and kv_len == seqlen)
+        fresh = mask is None and kv_len == seqlen
+        keys, values = self.cache.update(positions, k, v, kv_len, slots, fresh=fresh)
+        if fresh and seqlen > 1 and self.prompt_attention_dtype is not None:  # the cache keeps its dtype
+            q, keys, values = (t.to(self.prompt_attention_dtype) for t in (q, keys, values))
         out = attend(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).to(x.dtype))
 
