@@ -210,8 +210,8 @@ def grouped_mask_kernel(q: torch.Tensor) -> bool:
 def efficient_kernel_takes_grouped_mask(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether an efficient attention kernel (not PyTorch's math one) accepts a boolean mask
     with grouped heads on this CUDA device in this dtype: asked once, on tiny tensors. Where it
-    does (torch 2.11 on an H200, bf16; not fp32), a ragged batch of 4 decoded 1.08x faster so
-    than folded; where it does not, the math kernel would take that call."""
+    does (torch 2.11 on an H200, bf16; not fp32), a ragged batch of 4 decoded 1.08x faster
+    unfolded than folded; where it does not, the math kernel would take that call."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q = torch.zeros(1, 4, 1, head_dim, device=device, dtype=dtype)
@@ -253,7 +253,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
-        dtype = self.cache.k.dtype  # attention runs in the cache's dtype
+        dtype = self.cache.k.dtype  # attention runs in the cache's dtype (a fresh prompt's: see below)
         q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
         # fresh (no gather from the cache) only where the keys are exactly these S tokens
         fresh = mask is None and kv_len == seqlen

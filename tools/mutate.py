@@ -227,6 +227,21 @@ MUTATIONS: List[Mutation] = [
     M("hf-rotary-not-unpermuted", "llama/convert.py",
       [("weight.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)",
         "weight.reshape(rows, cols)")], CONVERT, "HF q/k kept in rotate-half order"),
+    # ---- found by the GPU run and the Intel AMX machine (2026-12-04) --------------------------------
+    M("folded-output-viewed", "llama/model.py",
+      [("return out.reshape(batch, heads, seqlen, dim)", "return out.view(batch, heads, seqlen, dim)")],
+      ["tests/test_accelerator_paths.py"], "the folded form's strided CUDA output viewed (crashed on an H200)"),
+    M("grouped-mask-probe-ignored", "llama/model.py",
+      [("if heads == kv_heads or grouped_mask_kernel(q):",
+        "if heads == kv_heads or attention_device_type(q) == \"cpu\":")],
+      ["tests/test_accelerator_paths.py"], "CUDA folds even where an efficient kernel takes the mask as it is"),
+    M("prompt-attention-on-later-chunks", "llama/model.py",
+      [("if fresh and seqlen > 1 and self.prompt_attention_dtype is not None:",
+        "if seqlen > 1 and self.prompt_attention_dtype is not None:")],
+      ["tests/test_prompt_attention.py"], "prompt chunks that read the fp32 cache attend in bf16 too"),
+    M("prompt-attention-no-margin", "llama/kernels.py",
+      [("< PROMPT_ATTENTION_MARGIN * time_prompt_attention(", "< time_prompt_attention(")],
+      ["tests/test_prompt_attention.py"], "bf16 prompt attention chosen at a near tie (flip-flops)"),
 ]
 
 
