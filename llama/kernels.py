@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional, Sequence
 
@@ -52,31 +51,52 @@ def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     """The dtype for a prompt's attention over its own keys, where the KV cache is kept in
     another dtype than the model's (fp32 on the CPU, see model.kv_cache_dtype): the model's
     (bf16, fp16) where PyTorch's CPU flash attention ran a 256-token prompt faster in it on
-    this machine, else None (the cache's). Measured on an Intel Xeon with AMX: bf16 2.8x faster
-    at 512 tokens (0.94 against 2.68 ms a layer of SmolLM2-135M), which made prefill 0.59x of
-    HF's before. Decode steps keep the cache's dtype: bf16 attention is slower for one query."""
+    this machine, else None (the cache's). Measured once per machine, software and head shape
+    and kept in $LLAMA_CACHE/tune/prompt-attention.json, so that every process here makes the
+    same choice (a server and a script agree to the last bit). On an Intel Xeon with AMX: bf16
+    2.8x faster at 512 tokens (0.94 against 2.68 ms a layer of SmolLM2-135M), which made prefill
+    0.59x of HF's before. Decode steps keep the cache's dtype: bf16 is slower for one query."""
+    from .native.tune import read_cache, write_entries
+
     attention = model.layers[0].attention
     cache_dtype, model_dtype = attention.cache.k.dtype, model.norm.weight.dtype
     if attention.cache.k.device.type != "cpu" or model_dtype == cache_dtype:
         return None
     shape = (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim)
-    faster = time_prompt_attention(model_dtype, *shape) < PROMPT_ATTENTION_MARGIN * time_prompt_attention(
-        cache_dtype, *shape)
-    return model_dtype if faster else None
+    key = prompt_attention_key(model_dtype, cache_dtype, shape)
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    entry = read_cache(_prompt_verdict_file()).get("entries", {}).get(name)
+    if entry is None:
+        ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape) for d in (model_dtype, cache_dtype)}
+        model_ms, cache_ms = ms.values()
+        entry = {"key": key, "ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
+        write_entries({name: entry}, _prompt_verdict_file())
+    return model_dtype if entry["model_dtype"] else None
+
+
+def prompt_attention_key(model_dtype: torch.dtype, cache_dtype: torch.dtype, shape: Sequence[int]) -> dict:
+    """What the prompt-attention verdict depends on: machine, software, heads, dtypes, threads."""
+    from .native.cpu import cpu_flags, cpu_model
+
+    return {"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "cores": os.cpu_count(), "torch": torch.__version__,
+            "heads": list(shape), "dtypes": [str(model_dtype), str(cache_dtype)], "threads": torch.get_num_threads()}
+
+
+def _prompt_verdict_file() -> Path:
+    from .assets import cache_dir
+
+    return cache_dir() / "tune" / "prompt-attention.json"
 
 
 def time_prompt_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> float:
-    """Seconds of one causal attention of a PROMPT_TOKENS_TIMED-token prompt: best of 5 (after
-    one unmeasured)."""
+    """Seconds of one causal attention of a PROMPT_TOKENS_TIMED-token prompt: the best of 10."""
+    from .native.tune import best_time
+
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, PROMPT_TOKENS_TIMED, head_dim, generator=g).to(dtype)
     k = torch.randn(1, kv_heads, PROMPT_TOKENS_TIMED, head_dim, generator=g).to(dtype)
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
-        times.append(time.perf_counter() - start)
-    return min(times[1:])
+    return best_time([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True,
+                                                                               enable_gqa=True)], 10)
 
 
 # ---- the decode step: PyTorch or the native step, chosen by measurement ----------------------

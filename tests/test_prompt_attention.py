@@ -1,8 +1,8 @@
 """A prompt's attention in the model's dtype where that is measured faster than in the KV
 cache's fp32 (llama.kernels.prompt_attention_dtype, on the CPU): the choice follows the timing
-with a margin, is asked once per model and caches, applies to prompts over their own keys only
-(decode steps and later prompt chunks keep the cache's dtype), and moves the prompt's logits
-only within bf16 rounding."""
+with a margin, is kept per machine so that every process makes the same one, is asked once per
+model and caches, applies to prompts over their own keys only (decode steps and later prompt
+chunks keep the cache's dtype), and moves the prompt's logits only within bf16 rounding."""
 
 import pytest
 import torch
@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from llama import Llama, kernels
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Hello", "Once upon a time, in a land far away"]
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(monkeypatch, tmp_path):
+    """Verdicts in a fresh cache, so that each test measures (or fakes) its own."""
+    monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
 
 
 def _build(tiny_ckpt, sp_tokenizer, dtype: str) -> Llama:
@@ -37,6 +43,21 @@ def test_the_models_dtype_is_chosen_only_where_clearly_faster(bf16_seconds, chos
     a = model.layers[0].attention
     assert {d for d, *_ in timed} == {torch.bfloat16, torch.float32}
     assert {tuple(shape) for _, *shape in timed} == {(a.n_local_heads, a.n_local_kv_heads, a.head_dim)}
+
+
+def test_the_verdict_is_kept_for_every_process_on_the_machine(tiny_ckpt, sp_tokenizer, monkeypatch):
+    """Measured once: a second model (as a server beside a script would build) gets the kept
+    verdict untimed, even where a new timing would now say otherwise; other threads re-time."""
+    model = _build(tiny_ckpt, sp_tokenizer, "bf16").model
+    timed = []
+    monkeypatch.setattr(kernels, "time_prompt_attention",
+                        lambda dtype, *shape: timed.append(dtype) or (0.5 if dtype == torch.bfloat16 else 1.0))
+    assert kernels.prompt_attention_dtype(model) == torch.bfloat16 and len(timed) == 2
+    monkeypatch.setattr(kernels, "time_prompt_attention", lambda dtype, *shape: timed.append(dtype) or 1.0)
+    assert kernels.prompt_attention_dtype(_build(tiny_ckpt, sp_tokenizer, "bf16").model) == torch.bfloat16
+    assert len(timed) == 2
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    assert kernels.prompt_attention_dtype(model) is None and len(timed) == 4
 
 
 def test_nothing_is_timed_where_the_cache_has_the_models_dtype(tiny_ckpt, sp_tokenizer, monkeypatch):
