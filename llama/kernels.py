@@ -53,9 +53,10 @@ def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     (bf16, fp16) where PyTorch's CPU flash attention ran a 256-token prompt faster in it on
     this machine, else None (the cache's). Measured once per machine, software and head shape
     and kept in $LLAMA_CACHE/tune/prompt-attention.json, so that every process here makes the
-    same choice (a server and a script agree to the last bit). On an Intel Xeon with AMX: bf16
+    same choice (a server and a script, the ranks of a job, agree to the last bit). On an Intel Xeon with AMX: bf16
     2.8x faster at 512 tokens (0.94 against 2.68 ms a layer of SmolLM2-135M), which made prefill
     0.59x of HF's before. Decode steps keep the cache's dtype: bf16 is slower for one query."""
+    from .locking import hold
     from .native.tune import read_cache, write_entries
 
     attention = model.layers[0].attention
@@ -67,10 +68,16 @@ def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     entry = read_cache(_prompt_verdict_file()).get("entries", {}).get(name)
     if entry is None:
-        ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape) for d in (model_dtype, cache_dtype)}
-        model_ms, cache_ms = ms.values()
-        entry = {"key": key, "ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
-        write_entries({name: entry}, _prompt_verdict_file())
+        # One process measures at a time (the ranks of a job start together): the others then
+        # read its verdict instead of timing while it does, and all choose the same.
+        with hold(_prompt_verdict_file(), "the prompt-attention measurement", quiet=True):
+            entry = read_cache(_prompt_verdict_file()).get("entries", {}).get(name)
+            if entry is None:
+                ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape)
+                      for d in (model_dtype, cache_dtype)}
+                model_ms, cache_ms = ms.values()
+                entry = {"key": key, "ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
+                write_entries({name: entry}, _prompt_verdict_file())
     return model_dtype if entry["model_dtype"] else None
 
 

@@ -4,6 +4,9 @@ with a margin, is kept per machine so that every process makes the same one, is 
 model and caches, applies to prompts over their own keys only (decode steps and later prompt
 chunks keep the cache's dtype), and moves the prompt's logits only within bf16 rounding."""
 
+import multiprocessing
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -132,3 +135,39 @@ def test_bf16_prompt_attention_keeps_the_bf16_build_within_its_bounds_of_fp32(ti
     for tv, lp in worst.values():
         assert tv < 0.06 and lp < 0.6
     assert moved > 0  # really another computation
+
+
+def _measure_in_a_process(ckpt: str, tokenizer: str, cache: str, bf16_faster: bool, both_timing, out) -> None:
+    """A process whose own timing favours bf16 or not. Its timing waits (up to 3 s) for the
+    other process to be timing too: so both time at once unless one waits for the other's verdict."""
+    import threading
+
+    os.environ["LLAMA_CACHE"] = cache
+    model = Llama.build(ckpt, tokenizer, max_seq_len=64, max_batch_size=4, device="cpu", dtype="bf16").model
+
+    def timing(dtype, *shape):
+        try:
+            both_timing.wait(timeout=3)
+        except threading.BrokenBarrierError:
+            pass
+        return (0.5 if bf16_faster else 1.5) if dtype == torch.bfloat16 else 1.0
+
+    kernels.time_prompt_attention = timing
+    out.put(str(kernels.prompt_attention_dtype(model)))
+
+
+def test_processes_measuring_at_once_choose_alike(tiny_ckpt, sp_tokenizer, tmp_path):
+    """Two processes (the ranks of a job) whose own timings disagree, starting together: one
+    measures, the other waits for its verdict, and both choose the same."""
+    context = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool and hang
+    out, both_timing = context.Queue(), context.Barrier(2)
+    procs = [context.Process(target=_measure_in_a_process,
+                             args=(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster, both_timing, out))
+             for faster in (True, False)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    choices = [out.get(timeout=5) for _ in procs]
+    assert choices[0] == choices[1], choices
