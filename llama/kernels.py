@@ -223,23 +223,30 @@ def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], nativ
     """The faster decode backend ("torch" or "native") at each batch size, as measured on
     this machine for this model (cached in $LLAMA_CACHE/tune/decode-backend.json under
     decode_key()); measure(batch) -> {backend: ms} defaults to timing real steps."""
+    from .locking import hold
     from .native.tune import read_cache, write_entries
 
     measure = measure or (lambda batch: _time_decode(model, native_step, batch))
-    entries = read_cache(_verdict_file()).get("entries", {})
-    verdicts, new = {}, {}
+    names = {}
     for batch in sorted(set(batch_sizes)):
         key = decode_key(model, batch)
-        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        entry = entries.get(name)
-        if entry is None:
-            times = measure(batch)
-            entry = new[name] = {"key": key, "ms": {b: round(t, 3) for b, t in times.items()},
+        names[batch] = (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key)
+    entries = read_cache(_verdict_file()).get("entries", {})
+    if any(name not in entries for name, _ in names.values()):
+        # One process measures at a time (native steps run at model-parallel size 1 only, so no
+        # rank waits here inside a collective): the others read its verdicts and choose alike.
+        with hold(_verdict_file(), "the decode-backend measurement", quiet=True):
+            entries = read_cache(_verdict_file()).get("entries", {})
+            new = {}
+            for batch, (name, key) in names.items():
+                if name not in entries:
+                    times = measure(batch)
+                    new[name] = {"key": key, "ms": {b: round(t, 3) for b, t in times.items()},
                                  "best": min(times, key=times.get)}
-        verdicts[batch] = entry["best"]
-    if new:
-        write_entries(new, _verdict_file())
-    return verdicts
+            if new:
+                write_entries(new, _verdict_file())
+                entries.update(new)
+    return {batch: entries[name]["best"] for batch, (name, _) in names.items()}
 
 
 class DecodeStep:

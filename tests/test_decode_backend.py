@@ -130,3 +130,41 @@ def test_shapes_the_native_kernels_do_not_take_decode_in_pytorch(tmp_path, sp_to
     assert kernels.decode_step(model, 2) is None
     with pytest.raises(LlamaError, match="ffn hidden dim 176.*multiple of 32"):
         Llama.build(str(ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=2, device="cpu", quantize="q8_0")
+
+
+def _choose_in_a_process(ckpt: str, tokenizer: str, cache: str, faster: str, both_timing, out) -> None:
+    """A process whose own timing favours `faster`; its timing waits (up to 3 s) for the other
+    process to be timing too, so both time at once unless one waits for the other's verdict."""
+    import os
+    import threading
+
+    os.environ.update(LLAMA_CACHE=cache, LLAMA_TUNE="0")
+    model = Llama.build(ckpt, tokenizer, max_seq_len=32, max_batch_size=4, device="cpu", dtype="fp32").model
+
+    def fake(batch):
+        try:
+            both_timing.wait(timeout=3)
+        except threading.BrokenBarrierError:
+            pass
+        return {name: 1.0 if name == faster else 2.0 for name in kernels.DECODE_BACKENDS}
+
+    out.put(kernels.choose_decode_backends(model, [1], None, fake))
+
+
+def test_processes_measuring_at_once_choose_alike(tiny_ckpt, sp_tokenizer, tmp_path):
+    """Two processes (the ranks of a job) whose own timings disagree, starting together: one
+    measures, the other waits for its verdict, and both decode alike."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool and hang
+    out, both_timing = context.Queue(), context.Barrier(2)
+    procs = [context.Process(target=_choose_in_a_process,
+                             args=(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster, both_timing, out))
+             for faster in kernels.DECODE_BACKENDS]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    choices = [out.get(timeout=5) for _ in procs]
+    assert choices[0] == choices[1], choices
