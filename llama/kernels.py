@@ -53,9 +53,10 @@ def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     (bf16, fp16) where PyTorch's CPU flash attention ran a 256-token prompt faster in it on
     this machine, else None (the cache's). Measured once per machine, software and head shape
     and kept in $LLAMA_CACHE/tune/prompt-attention.json, so that every process here makes the
-    same choice (a server and a script, the ranks of a job, agree to the last bit). On an Intel Xeon with AMX: bf16
-    2.8x faster at 512 tokens (0.94 against 2.68 ms a layer of SmolLM2-135M), which made prefill
-    0.59x of HF's before. Decode steps keep the cache's dtype: bf16 is slower for one query."""
+    same choice (a server and a script, the ranks of a job, agree to the last bit). On an Intel
+    Xeon with AMX: bf16 2.8x faster at 512 tokens (0.94 against 2.68 ms a layer of
+    SmolLM2-135M), which made prefill 0.59x of HF's before. Decode steps keep the cache's
+    dtype: bf16 is slower for one query."""
     from .locking import hold
     from .native.tune import read_cache, write_entries
 
