@@ -251,6 +251,23 @@ def wrong_weights(model, expected: dict) -> list:
 
 # ---- real multi-process runs ----------------------------------------------------------------
 
+def choices_of_processes_starting_together(target, args_per_process: list, timeout_s: float = 120) -> list:
+    """Start one spawned process per args tuple at once, each called as target(*args, barrier,
+    queue) with a barrier of them all and a queue for its one result; wait for them and return
+    the results (fork would inherit torch's thread pool and hang)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    out, barrier = context.Queue(), context.Barrier(len(args_per_process))
+    procs = [context.Process(target=target, args=(*args, barrier, out)) for args in args_per_process]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=timeout_s)
+    assert [proc.exitcode for proc in procs] == [0] * len(procs)
+    return [out.get(timeout=5) for _ in procs]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

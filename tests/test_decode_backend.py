@@ -6,6 +6,7 @@ are refused."""
 import pytest
 import torch
 
+from conftest import choices_of_processes_starting_together
 from llama import Llama, LlamaError, kernels, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels here (no compiler)")
@@ -154,17 +155,7 @@ def _choose_in_a_process(ckpt: str, tokenizer: str, cache: str, faster: str, bot
 def test_processes_measuring_at_once_choose_alike(tiny_ckpt, sp_tokenizer, tmp_path):
     """Two processes (the ranks of a job) whose own timings disagree, starting together: one
     measures, the other waits for its verdict, and both decode alike."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool and hang
-    out, both_timing = context.Queue(), context.Barrier(2)
-    procs = [context.Process(target=_choose_in_a_process,
-                             args=(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster, both_timing, out))
-             for faster in kernels.DECODE_BACKENDS]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    choices = [out.get(timeout=5) for _ in procs]
+    choices = choices_of_processes_starting_together(
+        _choose_in_a_process,
+        [(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster) for faster in kernels.DECODE_BACKENDS])
     assert choices[0] == choices[1], choices

@@ -4,13 +4,13 @@ with a margin, is kept per machine so that every process makes the same one, is 
 model and caches, applies to prompts over their own keys only (decode steps and later prompt
 chunks keep the cache's dtype), and moves the prompt's logits only within bf16 rounding."""
 
-import multiprocessing
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import choices_of_processes_starting_together
 from llama import Llama, kernels
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog", "Hello", "Once upon a time, in a land far away"]
@@ -159,15 +159,6 @@ def _measure_in_a_process(ckpt: str, tokenizer: str, cache: str, bf16_faster: bo
 def test_processes_measuring_at_once_choose_alike(tiny_ckpt, sp_tokenizer, tmp_path):
     """Two processes (the ranks of a job) whose own timings disagree, starting together: one
     measures, the other waits for its verdict, and both choose the same."""
-    context = multiprocessing.get_context("spawn")  # fork would inherit torch's thread pool and hang
-    out, both_timing = context.Queue(), context.Barrier(2)
-    procs = [context.Process(target=_measure_in_a_process,
-                             args=(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster, both_timing, out))
-             for faster in (True, False)]
-    for proc in procs:
-        proc.start()
-    for proc in procs:
-        proc.join(timeout=120)
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    choices = [out.get(timeout=5) for _ in procs]
+    choices = choices_of_processes_starting_together(
+        _measure_in_a_process, [(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster) for faster in (True, False)])
     assert choices[0] == choices[1], choices
