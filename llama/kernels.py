@@ -57,37 +57,56 @@ def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     Xeon with AMX: bf16 2.8x faster at 512 tokens (0.94 against 2.68 ms a layer of
     SmolLM2-135M), which made prefill 0.59x of HF's before. Decode steps keep the cache's
     dtype: bf16 is slower for one query."""
-    from .locking import hold
-    from .native.tune import read_cache, write_entries
-
     attention = model.layers[0].attention
     cache_dtype, model_dtype = attention.cache.k.dtype, model.norm.weight.dtype
     if attention.cache.k.device.type != "cpu" or model_dtype == cache_dtype:
         return None
     shape = (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim)
-    key = prompt_attention_key(model_dtype, cache_dtype, shape)
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    entry = read_cache(_prompt_verdict_file()).get("entries", {}).get(name)
-    if entry is None:
-        # One process measures at a time (the ranks of a job start together): the others then
-        # read its verdict instead of timing while it does, and all choose the same.
-        with hold(_prompt_verdict_file(), "the prompt-attention measurement", quiet=True):
-            entry = read_cache(_prompt_verdict_file()).get("entries", {}).get(name)
-            if entry is None:
-                ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape)
-                      for d in (model_dtype, cache_dtype)}
-                model_ms, cache_ms = ms.values()
-                entry = {"key": key, "ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
-                write_entries({name: entry}, _prompt_verdict_file())
+
+    def measure(_) -> dict:
+        ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape) for d in (model_dtype, cache_dtype)}
+        model_ms, cache_ms = ms.values()
+        return {"ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
+
+    entry = kept_verdicts(_prompt_verdict_file(), {"": prompt_attention_key(model_dtype, cache_dtype, shape)},
+                          measure, "the prompt-attention measurement")[""]
     return model_dtype if entry["model_dtype"] else None
 
 
 def prompt_attention_key(model_dtype: torch.dtype, cache_dtype: torch.dtype, shape: Sequence[int]) -> dict:
     """What the prompt-attention verdict depends on: machine, software, heads, dtypes, threads."""
+    return {**machine_key_fields(), "heads": list(shape), "dtypes": [str(model_dtype), str(cache_dtype)]}
+
+
+def machine_key_fields() -> Dict[str, object]:
+    """The fields of every measured verdict's key that name the machine and software."""
     from .native.cpu import cpu_flags, cpu_model
 
-    return {"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "cores": os.cpu_count(), "torch": torch.__version__,
-            "heads": list(shape), "dtypes": [str(model_dtype), str(cache_dtype)], "threads": torch.get_num_threads()}
+    return {"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def kept_verdicts(path: Path, keys: Dict[object, dict], measure: Callable[[object], dict],
+                  what: str) -> Dict[object, dict]:
+    """For each item of `keys` (item -> the key its verdict depends on), the entry kept in
+    `path`: measure(item) -> entry fields for those not kept yet, and kept. One process measures
+    at a time (the ranks of a job start together): the others read its verdicts instead of
+    timing beside it, and all choose alike. No collective may run inside measure(): a rank
+    waiting on the lock would stall the one holding it."""
+    from .locking import hold
+    from .native.tune import read_cache, write_entries
+
+    names = {item: (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key)
+             for item, key in keys.items()}
+    entries = read_cache(path).get("entries", {})
+    if any(name not in entries for name, _ in names.values()):
+        with hold(path, what, quiet=True):
+            entries = read_cache(path).get("entries", {})
+            new = {name: {"key": key, **measure(item)} for item, (name, key) in names.items() if name not in entries}
+            if new:
+                write_entries(new, path)
+                entries.update(new)
+    return {item: entries[name] for item, (name, _) in names.items()}
 
 
 def _prompt_verdict_file() -> Path:
@@ -177,15 +196,12 @@ def _quantized_layout(model: Transformer) -> Optional[str]:
 def decode_key(model: Transformer, batch: int) -> Dict[str, object]:
     """What a measured verdict depends on: machine, software, model shape, dtype, threads, batch."""
     from .native.build import sources_digest
-    from .native.cpu import cpu_flags, cpu_model
 
     p = model.params
-    return {"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "cores": os.cpu_count(),
-            "torch": torch.__version__, "kernels": sources_digest()[:16],
-            "shape": [p.dim, p.n_layers, p.n_heads, p.kv_heads, p.ffn_hidden_dim,
-                      model.vocab_size],
+    return {**machine_key_fields(), "kernels": sources_digest()[:16],
+            "shape": [p.dim, p.n_layers, p.n_heads, p.kv_heads, p.ffn_hidden_dim, model.vocab_size],
             "dtype": str(model.norm.weight.dtype).replace("torch.", ""),
-            "weights": _quantized_layout(model) or "float", "threads": torch.get_num_threads(), "batch": batch}
+            "weights": _quantized_layout(model) or "float", "batch": batch}
 
 
 def _verdict_file() -> Path:
@@ -224,30 +240,16 @@ def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], nativ
     """The faster decode backend ("torch" or "native") at each batch size, as measured on
     this machine for this model (cached in $LLAMA_CACHE/tune/decode-backend.json under
     decode_key()); measure(batch) -> {backend: ms} defaults to timing real steps."""
-    from .locking import hold
-    from .native.tune import read_cache, write_entries
-
     measure = measure or (lambda batch: _time_decode(model, native_step, batch))
-    names = {}
-    for batch in sorted(set(batch_sizes)):
-        key = decode_key(model, batch)
-        names[batch] = (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16], key)
-    entries = read_cache(_verdict_file()).get("entries", {})
-    if any(name not in entries for name, _ in names.values()):
-        # One process measures at a time (native steps run at model-parallel size 1 only, so no
-        # rank waits here inside a collective): the others read its verdicts and choose alike.
-        with hold(_verdict_file(), "the decode-backend measurement", quiet=True):
-            entries = read_cache(_verdict_file()).get("entries", {})
-            new = {}
-            for batch, (name, key) in names.items():
-                if name not in entries:
-                    times = measure(batch)
-                    new[name] = {"key": key, "ms": {b: round(t, 3) for b, t in times.items()},
-                                 "best": min(times, key=times.get)}
-            if new:
-                write_entries(new, _verdict_file())
-                entries.update(new)
-    return {batch: entries[name]["best"] for batch, (name, _) in names.items()}
+
+    def measured(batch: int) -> dict:
+        times = measure(batch)
+        return {"ms": {b: round(t, 3) for b, t in times.items()}, "best": min(times, key=times.get)}
+
+    # Native steps run at model-parallel size 1 only: no collective inside the measurement.
+    entries = kept_verdicts(_verdict_file(), {b: decode_key(model, b) for b in sorted(set(batch_sizes))},
+                            measured, "the decode-backend measurement")
+    return {batch: entry["best"] for batch, entry in entries.items()}
 
 
 class DecodeStep:
