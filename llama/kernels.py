@@ -6,8 +6,9 @@ For PyTorch's kernels, one rule measured on this project's AVX512-BF16 CPU: for 
 oneDNN's, whose fixed cost pays off only from two rows up.
 
 For the decode step as a whole, decode_step() picks PyTorch (eager, with that rule) or the
-native step (llama.native.decode: one call per step) by timing real steps of the model on
-this machine, once per machine kind, software and model shape (cached under LLAMA_CACHE).
+native step (llama.native.decode: one call per step) on one of its code paths (AMX or
+AVX512-BF16 for bf16 weights) by timing real steps of the model on this machine, once per
+machine kind, software and model shape (cached under LLAMA_CACHE).
 
 For a prompt's attention over its own keys, prompt_attention_dtype() picks the KV cache's fp32
 or the model's bf16/fp16 by timing PyTorch's attention in both (once per model and caches).
@@ -19,7 +20,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -210,9 +211,25 @@ def _verdict_file() -> Path:
     return cache_dir() / "tune" / "decode-backend.json"
 
 
-def _time_decode(model: Transformer, native_step: Callable, batch: int) -> Dict[str, float]:
-    """Milliseconds of one decode step of `batch` rows on each backend: real steps on the
-    model's own caches (rows 0..batch-1 at one position, restored afterwards)."""
+def native_step_paths(model: Transformer) -> List[str]:
+    """The native code paths whose decode steps are timed against PyTorch's, newest first: the
+    newest this CPU runs and, for bf16 weights on a CPU with both AMX and AVX512-BF16, the
+    AVX512-BF16 one too (the tile unit's fixed costs could lose on another CPU of its kind;
+    on an Intel Xeon with AMX it read the demo's bf16 weights 1.3x faster at batch 1, 2x at
+    batch 16). Other weights take the same AVX-512 code on either path."""
+    from . import native
+
+    newest = native.paths()[::-1]
+    bf16 = [p for p in newest if p in ("amx", "avx512_bf16")]
+    if _quantized_layout(model) is None and model.norm.weight.dtype == torch.bfloat16 and len(bf16) == 2:
+        return bf16
+    return newest[:1]
+
+
+def _time_decode(model: Transformer, native_steps: Dict[str, Callable], batch: int) -> Dict[str, float]:
+    """Milliseconds of one decode step of `batch` rows on PyTorch and on each native step (by
+    name): real steps on the model's own caches (rows 0..batch-1 at one position, restored
+    afterwards)."""
     from .native.tune import best_time
 
     position = min(model.rope.shape[0] - 1, 64)
@@ -225,22 +242,24 @@ def _time_decode(model: Transformer, native_step: Callable, batch: int) -> Dict[
         with matmul_policy(tokens[:, None]):
             model(tokens[:, None], positions, kv_len=position + 1)
 
+    steps = {"torch": torch_step, **{name: (lambda step=step: step(tokens, positions))
+                                     for name, step in native_steps.items()}}
     try:
         with torch.inference_mode():
-            return {name: 1e3 * best_time([step], _MEASURED_STEPS)
-                    for name, step in (("torch", torch_step), ("native", lambda: native_step(tokens, positions)))}
+            return {name: 1e3 * best_time([step], _MEASURED_STEPS) for name, step in steps.items()}
     finally:
         for c, (k, v) in zip(caches, saved):
             c.k[:batch, position] = k
             c.v[:batch, position] = v
 
 
-def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], native_step: Callable,
+def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], native_steps: Dict[str, Callable],
                            measure: Optional[Callable[[int], Dict[str, float]]] = None) -> Dict[int, str]:
-    """The faster decode backend ("torch" or "native") at each batch size, as measured on
-    this machine for this model (cached in $LLAMA_CACHE/tune/decode-backend.json under
-    decode_key()); measure(batch) -> {backend: ms} defaults to timing real steps."""
-    measure = measure or (lambda batch: _time_decode(model, native_step, batch))
+    """The fastest decode backend at each batch size ("torch" or a native step's name, e.g.
+    "native:amx"), as measured on this machine for this model (cached in
+    $LLAMA_CACHE/tune/decode-backend.json under decode_key()); measure(batch) -> {backend: ms}
+    defaults to timing real steps."""
+    measure = measure or (lambda batch: _time_decode(model, native_steps, batch))
 
     def measured(batch: int) -> dict:
         times = measure(batch)
@@ -258,10 +277,17 @@ class DecodeStep:
         step = decode_step(model, max_batch_size)    # None: PyTorch decodes everything
         if step is not None and step.wants(batch):
             logits = step(tokens, positions, rows)   # [B] each -> fp32 logits [B, V]
+
+    decoders: native steps by name ("native:amx", ...), the default first; verdicts: batch
+    size -> "torch", a decoder's name, or "native" (the default decoder).
     """
 
-    def __init__(self, decoder: Callable, verdicts: Dict[int, str]):
-        self.decoder, self.verdicts = decoder, verdicts
+    def __init__(self, decoders: Dict[str, Callable], verdicts: Dict[int, str]):
+        self.decoders, self.verdicts = decoders, verdicts
+
+    def _verdict(self, batch: int) -> str:
+        nearest = min(self.verdicts, key=lambda size: (abs(math.log2(size / batch)), size))
+        return self.verdicts[nearest]
 
     def wants(self, batch: int) -> bool:
         """Whether `batch` rows decode natively: the verdict of the nearest measured size
@@ -271,28 +297,27 @@ class DecodeStep:
         setting = native_setting()
         if batch > native.MAX_NATIVE_ROWS or setting == "0":
             return False
-        if setting == "1":
-            return True
-        nearest = min(self.verdicts, key=lambda size: (abs(math.log2(size / batch)), size))
-        return self.verdicts[nearest] == "native"
+        return setting == "1" or self._verdict(batch) != "torch"
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return self.decoder(tokens, positions, rows)
+        decoder = self.decoders.get(self._verdict(tokens.numel())) or next(iter(self.decoders.values()))
+        return decoder(tokens, positions, rows)
 
 
 def decode_step(model: Transformer, max_batch_size: int) -> Optional[DecodeStep]:
     """The native decode step for `model` where it runs here and measures faster than
-    PyTorch at batch 1 or max_batch_size (always, for GGML-quantized weights, which only it
-    reads at full speed, and with LLAMA_NATIVE=1); None where PyTorch decodes (LLAMA_NATIVE=0,
-    not the CPU, model-parallel, no library, or slower)."""
+    PyTorch at batch 1 or max_batch_size, on the code path that measured fastest (always,
+    on the newest path, for GGML-quantized weights, which only it reads at full speed, and
+    with LLAMA_NATIVE=1); None where PyTorch decodes (LLAMA_NATIVE=0, not the CPU,
+    model-parallel, no library, or slower)."""
     if native_decode_problem(model) is not None:
         return None
     from . import native
     from .native.decode import NativeDecoder
 
-    decoder = NativeDecoder(model)
+    decoders = {f"native:{path}": NativeDecoder(model, path=path) for path in native_step_paths(model)}
     # Steps of more rows than the native kernels take always run in PyTorch: not measured.
     sizes = {1, min(max_batch_size, model.layers[0].attention.cache.k.shape[0], native.MAX_NATIVE_ROWS)}
     if _quantized_layout(model) is not None or native_setting() == "1":
-        return DecodeStep(decoder, {size: "native" for size in sizes})
-    return DecodeStep(decoder, choose_decode_backends(model, sizes, decoder))
+        return DecodeStep(decoders, {size: "native" for size in sizes})
+    return DecodeStep(decoders, choose_decode_backends(model, sizes, decoders))

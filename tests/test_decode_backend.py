@@ -72,6 +72,25 @@ def test_a_step_follows_the_verdict_of_the_nearest_batch_size():
         [True, True, True, True, False, False, False, False, False]
 
 
+def test_a_step_runs_the_native_path_its_verdict_names():
+    ran = []
+    decoders = {name: (lambda *args, name=name: ran.append(name)) for name in ("native:amx", "native:avx512_bf16")}
+    step = kernels.DecodeStep(decoders, {1: "native:avx512_bf16", 16: "native:amx"})
+    for batch in (1, 16, 2):
+        step(torch.zeros(batch, dtype=torch.long), None, None)
+    assert ran == ["native:avx512_bf16", "native:amx", "native:avx512_bf16"]
+    kernels.DecodeStep(decoders, {1: "native"})(torch.zeros(1), None, None)  # LLAMA_NATIVE=1: the default
+    assert ran[-1] == "native:amx"
+
+
+def test_bf16_weights_time_both_of_their_native_paths(tiny_ckpt, sp_tokenizer):
+    newest = native.paths()[-1]
+    assert kernels.native_step_paths(_model(tiny_ckpt, sp_tokenizer)) == [newest]  # fp32: one AVX-512 code
+    both = kernels.native_step_paths(_model(tiny_ckpt, sp_tokenizer, "bf16"))
+    assert both == (["amx", "avx512_bf16"] if newest == "amx" else [newest])
+    assert kernels.native_step_paths(_model(tiny_ckpt, sp_tokenizer, "bf16", quantize="q8_0")) == [newest]
+
+
 def test_real_timing_is_cached(tiny_ckpt, sp_tokenizer):
     model = _model(tiny_ckpt, sp_tokenizer)
     caches = [(layer.attention.cache.k.clone(), layer.attention.cache.v.clone()) for layer in model.layers]
@@ -80,7 +99,7 @@ def test_real_timing_is_cached(tiny_ckpt, sp_tokenizer):
     for layer, (k, v) in zip(model.layers, caches):  # timing leaves the caches as they were
         assert torch.equal(layer.attention.cache.k, k) and torch.equal(layer.attention.cache.v, v)
     entries = kernels._verdict_file().read_text()
-    assert '"ms"' in entries and '"native"' in entries
+    assert '"ms"' in entries and '"native:' in entries
 
 
 def test_llama_native_0_forces_pytorch(tiny_ckpt, sp_tokenizer, monkeypatch):

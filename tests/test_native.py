@@ -151,7 +151,7 @@ def _exact_activations(m: int, k: int, seed: int) -> torch.Tensor:
 
 
 def _paths():
-    return ["scalar", "avx2", "avx512", "avx512_bf16"]
+    return ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
 
 
 @pytest.mark.parametrize("path", _paths())
@@ -328,12 +328,16 @@ def test_decode_step_equals_transformer_fp32(concurrent_build, tiny_ckpt, sp_tok
         torch.testing.assert_close(v, rv, rtol=0, atol=1e-5)
 
 
-def test_decode_step_equals_transformer_bf16(concurrent_build, tiny_ckpt, sp_tokenizer):
+@pytest.mark.parametrize("path", ["avx512_bf16", "amx"])  # their own kernels for bf16 weights
+def test_decode_step_equals_transformer_bf16(path, concurrent_build, tiny_ckpt, sp_tokenizer):
     from llama import Llama
+    from llama.native.decode import NativeDecoder
 
+    if path not in native.paths():
+        pytest.skip(f"this CPU does not run the {path} path")
     model = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=3, device="cpu",
                         dtype="bf16").model
-    ref, ours, _, _ = _decode_both_ways(model)
+    ref, ours, _, _ = _decode_both_ways(model, make_step=lambda m: NativeDecoder(m, path=path))
     for r, o in zip(ref, ours):
         assert torch.equal(o.argmax(-1), r.argmax(-1)), "greedy tokens differ"
         # PyTorch's bf16 logits are rounded to bf16 (steps of 1/16 near 20), ours are not

@@ -251,6 +251,22 @@ MUTATIONS: List[Mutation] = [
     M("prompt-attention-no-margin", "llama/kernels.py",
       [("model_ms < PROMPT_ATTENTION_MARGIN * cache_ms", "model_ms < cache_ms")],
       ["tests/test_prompt_attention.py"], "bf16 prompt attention chosen at a near tie (flip-flops)"),
+    M("amx-pairs-swapped", "llama/native/csrc/linear_amx.cpp",
+      [("xp + kp * c.mpad + mb * TILE_ROWS,", "xp + (kp ^ 1) * c.mpad + mb * TILE_ROWS,")],
+      ["tests/test_native.py"], "x's column pairs packed out of order for the tile unit"),
+    M("amx-second-rows-block-dropped", "llama/native/csrc/linear_amx.cpp",
+      [("            _tile_dpbf16ps(3, 5, 7);\n", "")],
+      ["tests/test_native.py"], "rows 17-32 of x miss half the weight rows on the tile unit"),
+    M("amx-tail-rows-skipped", "llama/native/csrc/linear_amx.cpp",
+      [("    if (end > full) tail_rows(c, full * UNIT_ROWS);", "")],
+      ["tests/test_native.py"], "the last N % 32 weight rows never computed"),
+    M("attention-group-wrong-kv-head", "llama/native/csrc/decode.cpp",
+      [("kvh = h0 / (m.n_heads / m.n_kv_heads)", "kvh = h0 % m.n_kv_heads")],
+      ["tests/test_native.py"], "grouped query heads read another KV head's cache"),
+    M("decode-path-verdict-ignored", "llama/kernels.py",
+      [("decoder = self.decoders.get(self._verdict(tokens.numel())) or next(iter(self.decoders.values()))",
+        "decoder = next(iter(self.decoders.values()))")],
+      ["tests/test_decode_backend.py"], "the native path that measured fastest is not the one that runs"),
 ]
 
 

@@ -32,7 +32,7 @@ from .layouts import (BLOCK, BLOCK_BYTES, FLOAT_LAYOUTS, LAYOUT_IDS, LAYOUTS, ch
 __all__ = ["available", "paths", "quantize", "dequantize", "pack", "linear", "NativeLinear",
            "best_linear_kernel", "LAYOUTS", "PATHS", "MAX_NATIVE_ROWS", "BLOCK", "BLOCK_BYTES"]
 
-PATHS = ("scalar", "avx2", "avx512", "avx512_bf16")  # code paths, as numbered in csrc/common.h
+PATHS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # code paths, as numbered in csrc/common.h
 MAX_NATIVE_ROWS = 32  # the native kernels are built for decode-sized inputs
 _DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1}
 _DEQUANT_ROWS = 4096  # rows of W dequantized at a time for PyTorch's GEMM

@@ -40,7 +40,9 @@ _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx
 _SOURCES = {name: (name, []) for name in ("api.cpp", "linear.cpp", "quant.cpp", "decode.cpp", "pool.cpp")}
 _X86_SOURCES = {"linear_avx2.cpp": ("linear_avx2.cpp", _AVX2), "linear_avx512.cpp": ("linear_avx512.cpp", _AVX512),
                 "linear_avx512_bf16.cpp": ("linear_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
+                "linear_amx.cpp": ("linear_amx.cpp", _AVX512 + ["-mavx512bf16"]),
                 "decode_avx512.cpp": ("decode.cpp", _AVX512 + ["-DLLAMA_DECODE_AVX512"])}
+_AMX = ["-mamx-tile", "-mamx-bf16"]  # added to linear_amx.cpp where the compiler takes them
 
 _state: dict = {}  # "lib": the loaded library or None, "reason": why not, "build_s": seconds
 
@@ -97,11 +99,26 @@ def build_key(cxx: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _compiler_takes(cxx: str, flags: List[str], out_dir: Path) -> bool:
+    """Whether the compiler accepts these flags (an older one may lack e.g. AMX)."""
+    probe = out_dir / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    try:
+        done = subprocess.run([cxx, *flags, "-c", str(probe), "-o", str(out_dir / "probe.o")],
+                              capture_output=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0
+
+
 def _compile(cxx: str, out_dir: Path) -> Tuple[bool, str]:
     """Compile every source in parallel, then link. Returns (ok, compiler output)."""
     jobs: List[Tuple[subprocess.Popen, str]] = []
     objects = []
+    amx = _x86() and _compiler_takes(cxx, _AMX, out_dir)
     for name, (source, flags) in _sources().items():
+        if name == "linear_amx.cpp" and amx:
+            flags = flags + _AMX  # else the file builds to a stub and the path is not offered
         obj = out_dir / (name + ".o")
         objects.append(str(obj))
         cmd = [cxx, *_BASE_FLAGS, *flags, "-c", str(CSRC / source), "-o", str(obj)]

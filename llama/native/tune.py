@@ -27,6 +27,7 @@ from .cpu import cpu_flags, cpu_model, machine_key
 from .layouts import is_quantized, packed_shape
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
+BF16_ONLY_PATHS = ("avx512_bf16", "amx")  # own code for bf16 weights x bf16 activations only
 AUTO_TUNE_MAX_BYTES = 64 << 20  # measure at first use only for weights up to this size
 _COLD_BYTES = 192 << 20          # copies of a small weight rotate through this much memory
 _memo: Dict[str, str] = {}
@@ -59,7 +60,7 @@ def candidates(layout: str, dtype: torch.dtype) -> List[str]:
     if len(native) > 1:  # the scalar path only matters where nothing faster exists
         native = native[1:]
     if not (layout == "bf16" and dtype == torch.bfloat16):
-        native = [p for p in native if p != "avx512_bf16"]  # the same code as avx512 there
+        native = [p for p in native if p not in BF16_ONLY_PATHS]  # the same code as avx512 there
     return [f"native:{p}" for p in native] + ["torch", "onednn"]
 
 
@@ -73,7 +74,7 @@ def default_kernel(layout: str, m: int, dtype: torch.dtype) -> str:
         return "onednn"
     if native == ["scalar"] and not is_quantized(layout):
         return "torch"
-    usable = [p for p in native if p != "avx512_bf16" or (layout == "bf16" and dtype == torch.bfloat16)]
+    usable = [p for p in native if p not in BF16_ONLY_PATHS or (layout == "bf16" and dtype == torch.bfloat16)]
     return f"native:{usable[-1]}"
 
 

@@ -3,6 +3,10 @@
 #include "linear.h"
 #include "quant.h"
 
+#ifdef LLAMA_X86
+#include <cpuid.h>
+#endif
+
 namespace {
 
 using namespace llama;
@@ -11,23 +15,39 @@ constexpr int ABI_VERSION = 2;
 
 enum Error : int { OK = 0, BAD_LAYOUT = -1, BAD_PATH = -2, BAD_SHAPE = -3, BAD_DTYPE = -4 };
 
-bool cpu_has(int path) {
+bool detect(int path) {
 #ifdef LLAMA_X86
     __builtin_cpu_init();
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("avx512vnni");
+    const bool avx512_bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+    unsigned eax, ebx, ecx, edx;  // CPUID 7.0 EDX: bit 22 AMX-BF16, bit 24 AMX-TILE
+    const bool tiles = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 22 & 1) && (edx >> 24 & 1);
     switch (path) {
         case SCALAR: return true;
         case AVX2: return avx2;
         case AVX512: return avx512;
-        case AVX512_BF16: return avx512 && __builtin_cpu_supports("avx512bf16");
+        case AVX512_BF16: return avx512_bf16;
+        case AMX: return avx512_bf16 && tiles && amx_usable();
     }
     return false;
 #else
     return path == SCALAR;
 #endif
+}
+
+// Whether code path `path` is built and this CPU (and OS) runs it; detected once (CPUID
+// traps to the hypervisor in a VM: too slow for every call).
+bool cpu_has(int path) {
+    static const int mask = [] {
+        int bits = 0;
+        for (int p = SCALAR; p <= AMX; p++)
+            if (detect(p)) bits |= 1 << p;
+        return bits;
+    }();
+    return path >= SCALAR && path <= AMX && (mask >> path & 1);
 }
 
 bool quantized(int layout) { return layout == Q8_0 || layout == Q4_0 || layout == Q4_1; }
@@ -38,10 +58,10 @@ extern "C" {
 
 int llama_native_abi(void) { return ABI_VERSION; }
 
-// Bit p set: code path p (SCALAR, AVX2, AVX512, AVX512_BF16) is built and this CPU runs it.
+// Bit p set: code path p (SCALAR, AVX2, AVX512, AVX512_BF16, AMX) is built and this CPU runs it.
 int llama_native_paths(void) {
     int mask = 0;
-    for (int p = SCALAR; p <= AVX512_BF16; p++)
+    for (int p = SCALAR; p <= AMX; p++)
         if (cpu_has(p)) mask |= 1 << p;
     return mask;
 }

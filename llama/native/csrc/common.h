@@ -25,7 +25,7 @@
 namespace llama {
 
 enum Layout : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4 };
-enum Path : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+enum Path : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 4 };
 enum DType : int { DT_F32 = 0, DT_BF16 = 1 };
 
 constexpr int QK = 32;  // weights per block
@@ -55,12 +55,27 @@ static inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4)
 
 static inline float bf16_to_f32(uint16_t h) { return bits_to_f32((uint32_t)h << 16); }
 
-// Round to nearest even, as torch does; NaN stays NaN.
+// Round to nearest even, as torch does; NaN stays NaN. Branch-free, so loops over it vectorize.
 static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u = f32_to_bits(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t u = f32_to_bits(f);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, quiet_nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
+// e^x for the decode step's softmax and SiLU, branch-free so that loops over it vectorize
+// (std::exp is a library call per element): x = n ln2 + r with |r| <= ln2 / 2, e^r by its
+// Taylor polynomial to degree 7, 2^n from exponent bits. Within 2 ulp of expf for x in
+// [-87.3, 88.3]; outside, x is clamped (1.2e-38 for e^-100, not 0). NaN stays NaN.
+static inline float exp_approx(float x) {
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.3f ? 88.3f : x;
+    const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+    const float n = (x * 1.44269504088896341f + shifter) - shifter;
+    const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-06f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720; p = p * r + 1.0f / 120; p = p * r + 1.0f / 24; p = p * r + 1.0f / 6;
+    p = p * r + 0.5f; p = p * r + 1.0f; p = p * r + 1.0f;
+    return p * bits_to_f32((uint32_t)((int32_t)n + 127) << 23);
 }
 
 // IEEE half -> float, for any value (subnormals included).

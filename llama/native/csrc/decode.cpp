@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
+#include <type_traits>
 
 #include "linear.h"
 
@@ -72,7 +73,6 @@ struct Step {
     // activations: h is the residual stream (fp32, rounded to bf16 in a bf16 model)
     float *h, *q, *k, *v, *tmp, *gate, *up;
     void *xn, *att, *act;  // matmul inputs, in the activation dtype
-    Plan plans[3];
 
     int xdt() const { return bf16 ? DT_BF16 : DT_F32; }
 
@@ -84,35 +84,51 @@ struct Step {
     // Row b: h += tmp (the last sublayer's output) if `add`, then
     // xn = RMSNorm(h) * weight, as F.rms_norm(h.float()).type_as(h) * weight does.
     void add_and_norm(int64_t b, bool add, const void* weight) const {
+        const bool bf16_weight = m.param_dtype == DT_BF16;  // each loop compiled per dtype: it vectorizes
+        if (bf16) bf16_weight ? add_and_norm_as<DT_BF16, DT_BF16>(b, add, weight) : add_and_norm_as<DT_BF16, DT_F32>(b, add, weight);
+        else bf16_weight ? add_and_norm_as<DT_F32, DT_BF16>(b, add, weight) : add_and_norm_as<DT_F32, DT_F32>(b, add, weight);
+    }
+
+    template <int XDT, int PDT>
+    void add_and_norm_as(int64_t b, bool add, const void* weight) const {
         const int64_t d = m.dim;
         float* x = h + b * d;
-        if (add)
-            for (int64_t i = 0; i < d; i++) x[i] = round_to(xdt(), x[i] + round_to(xdt(), tmp[b * d + i]));
+        const float* t = tmp + b * d;
+        if (add) {
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) x[i] = round_to(XDT, x[i] + round_to(XDT, t[i]));
+        }
         float ss = 0.0f;
 #pragma omp simd reduction(+ : ss)
         for (int64_t i = 0; i < d; i++) ss += x[i] * x[i];
         const float inv = 1.0f / std::sqrt(ss / (float)d + m.norm_eps);
-        for (int64_t i = 0; i < d; i++)
-            store_act(xn, b * d + i, round_to(xdt(), round_to(xdt(), x[i] * inv) * load_param(weight, m.param_dtype, i)));
+        using Act = std::conditional_t<XDT == DT_BF16, uint16_t, float>;
+        Act* out = (Act*)xn + b * d;
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) {
+            const float value = round_to(XDT, round_to(XDT, x[i] * inv) * load_param(weight, PDT, i));
+            if constexpr (XDT == DT_BF16) out[i] = f32_to_bf16(value);
+            else out[i] = value;
+        }
     }
 
-    // Every thread: y_i = x @ W_i^T (fp32) for up to 3 matrices sharing x; the calling
-    // thread prepares x (its scratch holds the plans' activations), then all share the work.
-    void matmuls(std::initializer_list<const Matrix*> mats, const void* x, std::initializer_list<float*> ys) {
+    // Every thread: y_i = x @ W_i^T (fp32) for up to 3 matrices sharing x. Each thread
+    // prepares x itself, into its own scratch (the same work at the same time as one
+    // thread doing it for all), so no thread waits for another before the matmuls start.
+    void matmuls(std::initializer_list<const Matrix*> mats, const void* x, std::initializer_list<float*> ys) const {
         const int count = (int)mats.size();
-        MASTER_THEN_BARRIER({
-            for (int i = 0; i < count; i++) {
-                const Matrix& w = *mats.begin()[i];
-                const LinearArgs a{w.layout, batch, w.n, w.k, x, xdt(), (const uint8_t*)w.w, ys.begin()[i], DT_F32, 0};
-                plan_linear(plans[i], a, w.path, i * SLOTS_PER_PLAN);
-            }
-        })
-        run(count);
+        Plan plans[3];
+        for (int i = 0; i < count; i++) {
+            const Matrix& w = *mats.begin()[i];
+            const LinearArgs a{w.layout, batch, w.n, w.k, x, xdt(), (const uint8_t*)w.w, ys.begin()[i], DT_F32, 0};
+            plan_linear(plans[i], a, w.path, i * SLOTS_PER_PLAN);
+        }
+        run(plans, count);
         BARRIER
     }
 
     // Every thread: its share of the planned matmuls' units (no barrier).
-    void run(int count) const {
+    static void run(const Plan* plans, int count) {
         int64_t total = 0;
         for (int i = 0; i < count; i++) total += plans[i].count;
 #ifdef _OPENMP
@@ -161,45 +177,87 @@ struct Step {
         }
     }
 
-    // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. pos, for head t of batch * n_heads.
-    void attend(const LayerWeights& lw, int64_t t, float* scores) const {
-        const int64_t hd = m.head_dim, b = t / m.n_heads, head = t % m.n_heads;
-        const int64_t kvh = head / (m.n_heads / m.n_kv_heads), len = positions[b] + 1;
-        const int64_t stride = m.n_kv_heads * hd;
-        const float* qv = q + t * hd;
+    // Attention tasks: each takes `heads_per_task` query heads that share one KV head (of
+    // one token), so that each cached key and value is read once for all of them; groups are
+    // split only as far as it takes to give every thread work (a batch of one).
+    int64_t heads_per_task = 1;
+
+    void plan_attention(int64_t team) {
+        const int64_t group = m.n_heads / m.n_kv_heads;
+        heads_per_task = group;
+        for (int64_t parts = 1; parts <= group; parts++)
+            if (group % parts == 0) {
+                heads_per_task = group / parts;
+                if (batch * m.n_kv_heads * parts >= 2 * team) break;
+            }
+    }
+
+    int64_t attention_tasks() const { return batch * m.n_heads / heads_per_task; }
+
+    // For query heads h0 .. h0 + G - 1 (G = heads_per_task) of token b, all on KV head kvh:
+    // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. positions[b].
+    // scores: [G, max_seq] and out: [G, head_dim] of this thread.
+    void attend(const LayerWeights& lw, int64_t task, float* scores, float* out) const {
+        const int64_t hd = m.head_dim, G = heads_per_task, tasks_per_token = m.n_heads / G;
+        const int64_t b = task / tasks_per_token, h0 = task % tasks_per_token * G;
+        const int64_t kvh = h0 / (m.n_heads / m.n_kv_heads), len = positions[b] + 1, ms = m.max_seq;
+        const int64_t stride = m.n_kv_heads * hd, ahead = 8 * stride;  // prefetch distance: 8 slots
+        const float* qv = q + (b * m.n_heads + h0) * hd;
         const float* keys = lw.cache_k + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
         const float* values = lw.cache_v + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
         const float scale = 1.0f / std::sqrt((float)hd);
-        float top = -INFINITY;
         for (int64_t s = 0; s < len; s++) {
             const float* kv = keys + s * stride;
-            float dot = 0.0f;
+            for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(kv + ahead + i);
+            for (int64_t g = 0; g < G; g++) {
+                const float* qg = qv + g * hd;
+                float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < hd; i++) dot += qv[i] * kv[i];
-            scores[s] = dot * scale;
-            top = std::max(top, scores[s]);
+                for (int64_t i = 0; i < hd; i++) dot += qg[i] * kv[i];
+                scores[g * ms + s] = dot * scale;
+            }
         }
-        float total = 0.0f;
-        for (int64_t s = 0; s < len; s++) total += (scores[s] = std::exp(scores[s] - top));
-        float out[512];  // head_dim <= 512, checked by the caller
-        for (int64_t i = 0; i < hd; i++) out[i] = 0.0f;
-        for (int64_t s = 0; s < len; s++) {
-            const float p = scores[s] / total;
-            const float* vv = values + s * stride;
+        for (int64_t g = 0; g < G; g++) {
+            float* sg = scores + g * ms;
+            float top = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < len; s++) top = std::max(top, sg[s]);
+#pragma omp simd reduction(+ : total)
+            for (int64_t s = 0; s < len; s++) total += (sg[s] = exp_approx(sg[s] - top));
+            const float inv = 1.0f / total;
 #pragma omp simd
-            for (int64_t i = 0; i < hd; i++) out[i] += p * vv[i];
+            for (int64_t s = 0; s < len; s++) sg[s] *= inv;
+            for (int64_t i = 0; i < hd; i++) out[g * hd + i] = 0.0f;
         }
-        for (int64_t i = 0; i < hd; i++) store_act(att, t * hd + i, out[i]);
+        for (int64_t s = 0; s < len; s++) {
+            const float* vv = values + s * stride;
+            for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(vv + ahead + i);
+            for (int64_t g = 0; g < G; g++) {
+                const float p = scores[g * ms + s];
+                float* og = out + g * hd;
+#pragma omp simd
+                for (int64_t i = 0; i < hd; i++) og[i] += p * vv[i];
+            }
+        }
+        for (int64_t i = 0; i < G * hd; i++) store_act(att, (b * m.n_heads + h0) * hd + i, out[i]);
     }
 
     static constexpr int64_t CHUNK = 512;  // elements of the SwiGLU per task
     int64_t swiglu_chunks() const { return (batch * m.hidden + CHUNK - 1) / CHUNK; }
 
     void swiglu(int64_t chunk) const {  // act = silu(gate) * up
-        const int64_t end = std::min(batch * m.hidden, (chunk + 1) * CHUNK);
-        for (int64_t i = chunk * CHUNK; i < end; i++) {
-            const float g = round_to(xdt(), gate[i]), u = round_to(xdt(), up[i]);
-            store_act(act, i, round_to(xdt(), g / (1.0f + std::exp(-g))) * u);
+        const int64_t begin = chunk * CHUNK, end = std::min(batch * m.hidden, (chunk + 1) * CHUNK);
+        const float *g = gate, *u = up;
+        if (bf16) {  // the loop once per activation dtype, so that each vectorizes
+            uint16_t* out = (uint16_t*)act;
+#pragma omp simd
+            for (int64_t i = begin; i < end; i++) {
+                const float gi = round_to(DT_BF16, g[i]);
+                out[i] = f32_to_bf16(round_to(DT_BF16, gi / (1.0f + exp_approx(-gi))) * round_to(DT_BF16, u[i]));
+            }
+        } else {
+            float* out = (float*)act;
+#pragma omp simd
+            for (int64_t i = begin; i < end; i++) out[i] = g[i] / (1.0f + exp_approx(-g[i])) * u[i];
         }
     }
 };
@@ -208,14 +266,16 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
     const ModelWeights& m = st.m;
     FOR_EACH(b, st.batch)
         for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
+    // this thread's attention buffers
+    float* scores = (float*)scratch(sizeof(float) * st.heads_per_task * m.max_seq, SCRATCH_SLOTS - 2);
+    float* out = (float*)scratch(sizeof(float) * st.heads_per_task * m.head_dim, SCRATCH_SLOTS - 6);
     for (int64_t l = 0; l < m.n_layers; l++) {
         const LayerWeights& lw = m.layers[l];
         FOR_EACH(b, st.batch) st.add_and_norm(b, l > 0, lw.attention_norm);
         st.matmuls({&lw.wq, &lw.wk, &lw.wv}, st.xn, {st.q, st.k, st.v});
         FOR_EACH(t, st.batch * (m.n_heads + m.n_kv_heads)) st.rope_and_cache(lw, t);
         {
-            float* scores = (float*)scratch(sizeof(float) * m.max_seq, SCRATCH_SLOTS - 2);  // per thread
-            FOR_EACH(t, st.batch * m.n_heads) st.attend(lw, t, scores);
+            FOR_EACH(t, st.attention_tasks()) st.attend(lw, t, scores, out);
         }
         st.matmuls({&lw.wo}, st.att, {st.tmp});
         FOR_EACH(b, st.batch) st.add_and_norm(b, true, lw.ffn_norm);
@@ -279,9 +339,13 @@ int DECODE_STEP(const ModelWeights* m, int64_t batch, const int64_t* tokens, con
             f, f + batch * m->dim, f + batch * (m->dim + qd), f + batch * (m->dim + qd + kvd),
             f + batch * (m->dim + qd + 2 * kvd), f + batch * (2 * m->dim + qd + 2 * kvd),
             f + batch * (2 * m->dim + qd + 2 * kvd + m->hidden),
-            a, a + es * batch * m->dim, a + es * batch * (m->dim + qd), {}};
+            a, a + es * batch * m->dim, a + es * batch * (m->dim + qd)};
 #ifdef _OPENMP
-#pragma omp parallel if (threads != 1 && !omp_in_parallel())
+    const bool team = threads != 1 && !omp_in_parallel();
+    st.plan_attention(team ? omp_get_max_threads() : 1);
+#pragma omp parallel if (team)
+#else
+    st.plan_attention(1);
 #endif
     step_all(st, tokens, logits);
     return 0;

@@ -159,6 +159,7 @@ int plan_linear(Plan& p, const LinearArgs& a, int path, int scratch_base) {
         case AVX2: return plan_avx2(p, scratch_base);
         case AVX512: return plan_avx512(p, scratch_base);
         case AVX512_BF16: return plan_avx512_bf16(p, scratch_base);
+        case AMX: return plan_amx(p, scratch_base);
 #endif
     }
     return -2;

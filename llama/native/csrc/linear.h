@@ -76,5 +76,9 @@ int plan_scalar(Plan& p, int base);
 int plan_avx2(Plan& p, int base);
 int plan_avx512(Plan& p, int base);
 int plan_avx512_bf16(Plan& p, int base);
+int plan_amx(Plan& p, int base);
+
+// Whether this process may use the AMX tile unit (asks Linux once; false where not built).
+bool amx_usable();
 
 }  // namespace llama
