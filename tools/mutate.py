@@ -261,7 +261,7 @@ MUTATIONS: List[Mutation] = [
       [("    if (end > full) tail_rows(c, full * UNIT_ROWS);", "")],
       ["tests/test_native.py"], "the last N % 32 weight rows never computed"),
     M("attention-group-wrong-kv-head", "llama/native/csrc/decode.cpp",
-      [("kvh = h0 / (m.n_heads / m.n_kv_heads)", "kvh = h0 % m.n_kv_heads")],
+      [("*kv = ks + (h0 + g) / group * hd;", "*kv = ks + (h0 + g) % m.n_kv_heads * hd;")],
       ["tests/test_native.py"], "grouped query heads read another KV head's cache"),
     M("decode-path-verdict-ignored", "llama/kernels.py",
       [("decoder = self.decoders.get(self._verdict(tokens.numel())) or next(iter(self.decoders.values()))",

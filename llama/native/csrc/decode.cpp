@@ -177,40 +177,42 @@ struct Step {
         }
     }
 
-    // Attention tasks: each takes `heads_per_task` query heads that share one KV head (of
-    // one token), so that each cached key and value is read once for all of them; groups are
-    // split only as far as it takes to give every thread work (a batch of one).
+    // Attention tasks: each takes `heads_per_task` consecutive query heads of one token, so
+    // that it reads each cached position's keys and values of their KV heads (adjacent in
+    // the cache) once, in one pass over the row: as many heads as still give every thread
+    // two tasks or more.
     int64_t heads_per_task = 1;
 
     void plan_attention(int64_t team) {
-        const int64_t group = m.n_heads / m.n_kv_heads;
-        heads_per_task = group;
-        for (int64_t parts = 1; parts <= group; parts++)
-            if (group % parts == 0) {
-                heads_per_task = group / parts;
-                if (batch * m.n_kv_heads * parts >= 2 * team) break;
+        heads_per_task = 1;
+        for (int64_t g = m.n_heads; g > 1; g--)
+            if (m.n_heads % g == 0 && batch * (m.n_heads / g) >= 2 * team) {
+                heads_per_task = g;
+                break;
             }
     }
 
     int64_t attention_tasks() const { return batch * m.n_heads / heads_per_task; }
 
-    // For query heads h0 .. h0 + G - 1 (G = heads_per_task) of token b, all on KV head kvh:
-    // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. positions[b].
-    // scores: [G, max_seq] and out: [G, head_dim] of this thread.
+    // For query heads h0 .. h0 + G - 1 (G = heads_per_task) of token b:
+    // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. positions[b], each
+    // head on its KV head's keys and values. scores: [G, max_seq] and out: [G, head_dim] of
+    // this thread.
     void attend(const LayerWeights& lw, int64_t task, float* scores, float* out) const {
         const int64_t hd = m.head_dim, G = heads_per_task, tasks_per_token = m.n_heads / G;
-        const int64_t b = task / tasks_per_token, h0 = task % tasks_per_token * G;
-        const int64_t kvh = h0 / (m.n_heads / m.n_kv_heads), len = positions[b] + 1, ms = m.max_seq;
-        const int64_t stride = m.n_kv_heads * hd, ahead = 8 * stride;  // prefetch distance: 8 slots
+        const int64_t b = task / tasks_per_token, h0 = task % tasks_per_token * G, group = m.n_heads / m.n_kv_heads;
+        const int64_t first_kv = h0 / group, last_kv = (h0 + G - 1) / group;
+        const int64_t len = positions[b] + 1, ms = m.max_seq, stride = m.n_kv_heads * hd;
+        const int64_t span = (last_kv - first_kv + 1) * hd, ahead = 8 * stride;  // prefetch 8 slots ahead
         const float* qv = q + (b * m.n_heads + h0) * hd;
-        const float* keys = lw.cache_k + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
-        const float* values = lw.cache_v + (rows[b] * m.max_seq * m.n_kv_heads + kvh) * hd;
+        const float* keys = lw.cache_k + rows[b] * m.max_seq * stride;
+        const float* values = lw.cache_v + rows[b] * m.max_seq * stride;
         const float scale = 1.0f / std::sqrt((float)hd);
         for (int64_t s = 0; s < len; s++) {
-            const float* kv = keys + s * stride;
-            for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(kv + ahead + i);
+            const float* ks = keys + s * stride;
+            for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(ks + first_kv * hd + ahead + i);
             for (int64_t g = 0; g < G; g++) {
-                const float* qg = qv + g * hd;
+                const float *qg = qv + g * hd, *kv = ks + (h0 + g) / group * hd;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
                 for (int64_t i = 0; i < hd; i++) dot += qg[i] * kv[i];
@@ -229,10 +231,10 @@ struct Step {
             for (int64_t i = 0; i < hd; i++) out[g * hd + i] = 0.0f;
         }
         for (int64_t s = 0; s < len; s++) {
-            const float* vv = values + s * stride;
-            for (int64_t i = 0; i < hd; i += 16) __builtin_prefetch(vv + ahead + i);
+            const float* vs = values + s * stride;
+            for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(vs + first_kv * hd + ahead + i);
             for (int64_t g = 0; g < G; g++) {
-                const float p = scores[g * ms + s];
+                const float p = scores[g * ms + s], *vv = vs + (h0 + g) / group * hd;
                 float* og = out + g * hd;
 #pragma omp simd
                 for (int64_t i = 0; i < hd; i++) og[i] += p * vv[i];
