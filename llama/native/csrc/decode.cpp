@@ -5,9 +5,9 @@
 // residual; then the final norm and the output projection.
 //
 // It all runs in one OpenMP parallel region on torch's thread team: the matmuls split
-// their output columns across threads, attention splits its (row, head) pairs, and the
-// small serial steps (norms, activation quantization) run on the calling thread between
-// barriers. No Python, no per-op dispatch.
+// their output columns across threads (each thread prepares the activations itself),
+// attention splits its (row, group of heads) tasks, norms and SiLU their rows and chunks,
+// with barriers between phases. No Python, no per-op dispatch.
 #include <algorithm>
 #include <cmath>
 #include <initializer_list>
@@ -52,15 +52,13 @@ inline float load_param(const void* p, int dtype, int64_t i) {
 
 inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
-// Barriers between phases; `master` runs the serial parts on the calling thread, whose
-// scratch buffers hold the planned matmuls' prepared activations.
+// Barriers between phases; FOR_EACH shares a loop's iterations across the team (and ends
+// in a barrier).
 #ifdef _OPENMP
 #define BARRIER _Pragma("omp barrier")
-#define MASTER_THEN_BARRIER(...) { _Pragma("omp master") { __VA_ARGS__; } _Pragma("omp barrier") }
 #define FOR_EACH(var, count) _Pragma("omp for schedule(static)") for (int64_t var = 0; var < (count); var++)
 #else
 #define BARRIER
-#define MASTER_THEN_BARRIER(...) { __VA_ARGS__; }
 #define FOR_EACH(var, count) for (int64_t var = 0; var < (count); var++)
 #endif
 
@@ -276,9 +274,7 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
         FOR_EACH(b, st.batch) st.add_and_norm(b, l > 0, lw.attention_norm);
         st.matmuls({&lw.wq, &lw.wk, &lw.wv}, st.xn, {st.q, st.k, st.v});
         FOR_EACH(t, st.batch * (m.n_heads + m.n_kv_heads)) st.rope_and_cache(lw, t);
-        {
-            FOR_EACH(t, st.attention_tasks()) st.attend(lw, t, scores, out);
-        }
+        FOR_EACH(t, st.attention_tasks()) st.attend(lw, t, scores, out);
         st.matmuls({&lw.wo}, st.att, {st.tmp});
         FOR_EACH(b, st.batch) st.add_and_norm(b, true, lw.ffn_norm);
         st.matmuls({&lw.w1, &lw.w3}, st.xn, {st.gate, st.up});
