@@ -218,9 +218,10 @@ def native_step_paths(model: Transformer) -> List[str]:
     on an Intel Xeon with AMX it read the demo's bf16 weights 1.3x faster at batch 1, 2x at
     batch 16). Other weights take the same AVX-512 code on either path."""
     from . import native
+    from .native.tune import BF16_ONLY_PATHS
 
     newest = native.paths()[::-1]
-    bf16 = [p for p in newest if p in ("amx", "avx512_bf16")]
+    bf16 = [p for p in newest if p in BF16_ONLY_PATHS]
     if _quantized_layout(model) is None and model.norm.weight.dtype == torch.bfloat16 and len(bf16) == 2:
         return bf16
     return newest[:1]
