@@ -3,36 +3,21 @@ or under `torchrun --nproc_per_node N example_chat_completion.py ...`."""
 
 from typing import List, Optional
 
-from llama import Dialog, Llama
-from llama.cli import path_flags, print_streamed, print_timing, run
-from llama.demo import ensure_demo
+from llama import Dialog
+from llama.cli import ModelFlags, print_streamed, print_timing, run, with_model_flags
 
 
-@path_flags("ckpt_dir", "tokenizer_path")
+@with_model_flags(max_seq_len=512, max_batch_size=4)
 def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
+    model: ModelFlags,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,
-    model_parallel_size: Optional[int] = None,
-    dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
     stream: bool = False,
 ):
     """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
     With --stream, each answer is printed as it is generated, one dialog at a time."""
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        model_parallel_size=model_parallel_size,
-        dtype=dtype,
-        quantize=quantize,
-    )
+    generator = model.build()
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What is the capital of France?"}],
         [

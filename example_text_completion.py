@@ -1,38 +1,22 @@
 """Complete a few text prompts. Runs as `python example_text_completion.py --ckpt_dir ...`
 or under `torchrun --nproc_per_node N example_text_completion.py ...`."""
 
-from typing import List, Optional
+from typing import List
 
-from llama import Llama
-from llama.cli import path_flags, print_streamed, print_timing, run
-from llama.demo import ensure_demo
+from llama.cli import ModelFlags, print_streamed, print_timing, run, with_model_flags
 
 
-@path_flags("ckpt_dir", "tokenizer_path")
+@with_model_flags(max_seq_len=128, max_batch_size=4)
 def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
+    model: ModelFlags,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 128,
     max_gen_len: int = 64,
-    max_batch_size: int = 4,
-    model_parallel_size: Optional[int] = None,
-    dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
     stream: bool = False,
 ):
     """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
     With --stream, each completion is printed as it is generated, one prompt at a time."""
-    generator = Llama.build(
-        ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
-        tokenizer_path=tokenizer_path,
-        max_seq_len=max_seq_len,
-        max_batch_size=max_batch_size,
-        model_parallel_size=model_parallel_size,
-        dtype=dtype,
-        quantize=quantize,
-    )
+    generator = model.build()
     prompts: List[str] = [
         # Plain continuation
         "The three most useful things to pack for a week of hiking are",

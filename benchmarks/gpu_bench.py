@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama import Llama  # noqa: E402
-from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file  # noqa: E402
+from llama.utils.assets import SENTENCEPIECE_32K, fetch_wheel_file  # noqa: E402
 from llama.checkpoint import save_checkpoint  # noqa: E402
-from llama.convert import meta_from_hf_state_dict, params_from_hf_config  # noqa: E402
-from llama.engine import Engine, Request  # noqa: E402
+from llama.checkpoint.convert.hf import meta_from_hf_state_dict, params_from_hf_config  # noqa: E402
+from llama.runtime.engine import Engine, Request  # noqa: E402
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,

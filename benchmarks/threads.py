@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama import native  # noqa: E402
 from llama.native import build  # noqa: E402
-from llama.native.cpu import cpu_model  # noqa: E402
+from llama.utils.cpu import cpu_model  # noqa: E402
 
 
 def main() -> None:

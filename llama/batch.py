@@ -1,7 +1,7 @@
 """python -m llama.batch: run a JSONL file of prompts (or dialogs with --chat) through a model.
 
 Each input line is `{"id": ..., "prompt": "..."}` (or `"dialog": [...]`), optionally with its
-own `temperature`, `top_p` and `max_gen_len`. Lines are continuously batched (llama.engine): a
+own `temperature`, `top_p` and `max_gen_len`. Lines are continuously batched (llama.runtime.engine): a
 line's result is appended to the output (one JSON line, flushed and fsynced) as soon as it is
 finished, and its row takes the next line at once. A line samples with a key made from --seed
 and its id, so its result does not depend on batching, on the number of processes or on
@@ -23,28 +23,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Set, Tuple
-
-import torch
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 from .chat_format import check_messages
-from .cli import path_flags
-from .distributed import FromMainRank, is_main_rank
+from .cli import ModelFlags, path_flags, run, with_model_flags
+from .detokenize import token_texts
 from .errors import LlamaError
-from .engine import Request
 from .generation import Llama
-from .sampling import check_sampling, request_key
-from .locking import lock_path, try_hold
-from .progress import counter
-from .text import check_text
+from .runtime.distributed import FromMainRank
+from .runtime.engine import Request
+from .runtime.sampling import check_sampling, request_key
+from .utils.checks import check_text
+from .utils.locking import lock_path, try_hold
+from .utils.progress import counter
+from .utils.ranks import is_main_rank
 
 Params = Tuple[float, float, Optional[int]]  # temperature, top_p, max_gen_len
 
 
 @dataclass
-class Job:
-    """One input line."""
-    line: int
+class InputLine:
+    """One input line: the work of one result."""
+    number: int  # its line number in the input
     id: Any
     prompt: Any  # a str, or a dialog (list of messages) with --chat
     params: Params
@@ -55,13 +55,13 @@ def id_key(value: Any) -> str:
     return json.dumps(value)
 
 
-def read_jobs(path: str, chat: bool, defaults: Params) -> List[Job]:
+def read_jobs(path: str, chat: bool, defaults: Params) -> List[InputLine]:
     """Parse and check every input line; LlamaError names the first bad line."""
     if not os.path.isfile(path):
         raise LlamaError(f"--input {path!r} is not a file; give a JSONL file with one "
                          f'{{"id": ..., "prompt": "..."}} object per line')
     field = "dialog" if chat else "prompt"
-    jobs: List[Job] = []
+    jobs: List[InputLine] = []
     seen: Dict[str, int] = {}
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
@@ -99,7 +99,7 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[Job]:
             settings = [rec.get(name, default) for name, default in
                         zip(("temperature", "top_p", "max_gen_len"), defaults)]
             params = check_sampling(*settings, where=f"{where} (id {ident!r}): ")
-            jobs.append(Job(number, ident, prompt, params))
+            jobs.append(InputLine(number, ident, prompt, params))
     return jobs
 
 
@@ -152,14 +152,14 @@ def job_key(seed: int, ident: Any) -> int:
     return request_key(seed, id_key(ident))
 
 
-def share(jobs: List[Job], done: Set[str], replica: int, replicas: int) -> List[Job]:
+def share(jobs: List[InputLine], done: Set[str], replica: int, replicas: int) -> List[InputLine]:
     """This replica's part of the jobs not yet in the output: every `replicas`-th one, in input
     order. Each pending id goes to exactly one replica, whatever their number."""
     pending = [job for job in jobs if id_key(job.id) not in done]
     return pending[replica::replicas]
 
 
-def check_lengths(generator: Llama, jobs: List[Job], chat: bool, path: str) -> None:
+def check_lengths(generator: Llama, jobs: List[InputLine], chat: bool, path: str) -> None:
     """Refuse dialogs the model's chat format cannot take, and prompts that cannot fit
     max_seq_len, before any work starts. A prompt may fill the whole context; it then
     generates nothing, as in Meta's code."""
@@ -169,18 +169,18 @@ def check_lengths(generator: Llama, jobs: List[Job], chat: bool, path: str) -> N
             try:  # the order of the roles is the model's chat format's to judge
                 generator.formatter.check_dialog(job.prompt)
             except LlamaError as exc:
-                raise LlamaError(f"{path} line {job.line} (id {job.id!r}): {exc}") from None
+                raise LlamaError(f"{path} line {job.number} (id {job.id!r}): {exc}") from None
         tokens = _prompt_tokens(generator, job, chat)
         if tokens is None:
             continue
         if not tokens:
-            raise LlamaError(f"{path} line {job.line} (id {job.id!r}): the prompt is empty; give some text")
+            raise LlamaError(f"{path} line {job.number} (id {job.id!r}): the prompt is empty; give some text")
         if len(tokens) > limit:
-            raise LlamaError(f"{path} line {job.line} (id {job.id!r}): the prompt has {len(tokens)} tokens, "
+            raise LlamaError(f"{path} line {job.number} (id {job.id!r}): the prompt has {len(tokens)} tokens, "
                              f"too many for --max_seq_len={limit}; shorten it or raise --max_seq_len")
 
 
-def _prompt_tokens(generator: Llama, job: Job, chat: bool) -> Optional[List[int]]:
+def _prompt_tokens(generator: Llama, job: InputLine, chat: bool) -> Optional[List[int]]:
     """The job's prompt as token ids; None for a dialog that is answered with the chat format's
     error text instead (it holds the format's control tags), as chat_completion answers it."""
     if chat:
@@ -231,7 +231,7 @@ def _cut_fragment(fd: int) -> None:
     os.ftruncate(fd, 0)
 
 
-def run_jobs(generator: Llama, jobs: List[Job], chat: bool, logprobs: bool, seed: int,
+def run_jobs(generator: Llama, jobs: List[InputLine], chat: bool, logprobs: bool, seed: int,
              out: Optional[ResultWriter]) -> Tuple[int, float]:
     """Generate the jobs (every rank of a replica alike), continuously batched: a finished line is
     appended to `out` (the replica's writer passes one) at once. Returns (tokens, seconds)."""
@@ -242,7 +242,7 @@ def run_jobs(generator: Llama, jobs: List[Job], chat: bool, logprobs: bool, seed
         tokens = _prompt_tokens(generator, job, chat)
         if tokens is None:  # answered at once, as chat_completion answers it
             if out is not None:
-                out.append([_line(job, generator.formatter.UNSAFE_ERROR, [], [], chat, logprobs)])
+                out.append([_line(job, generator.formatter.UNSAFE_ERROR, [], [], logprobs)])
             bar.update(1)
             continue
         temperature, top_p, max_gen_len = job.params
@@ -255,21 +255,20 @@ def run_jobs(generator: Llama, jobs: List[Job], chat: bool, logprobs: bool, seed
         generated += len(handle.tokens)
         if out is not None:
             text = generator.tokenizer.decode(handle.tokens)
-            out.append([_line(runnable[index], text, handle.tokens, handle.logprobs, chat, logprobs, generator)])
+            texts = token_texts(generator.tokenizer, handle.tokens) if logprobs else []
+            out.append([_line(runnable[index], text, texts, handle.logprobs, logprobs)])
         bar.update(1)
         bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
     bar.close()
     return generated, time.perf_counter() - start
 
 
-def _line(job: Job, text: str, tokens: List[int], logprobs_: List[float], chat: bool, logprobs: bool,
-          generator: Optional[Llama] = None) -> str:
+def _line(job: InputLine, text: str, tokens: List[str], logprobs_: List[float], logprobs: bool) -> str:
     """One output line: id first (read_done relies on it), then the generated text (and with
     --logprobs each token's text and logprob, as text_completion/chat_completion give them)."""
     rec: Dict[str, Any] = {"id": job.id, "generation": text}
     if logprobs:
-        rec.update(tokens=[generator.tokenizer.decode([t]) for t in tokens] if generator else [],
-                   logprobs=logprobs_)
+        rec.update(tokens=tokens, logprobs=logprobs_)
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
@@ -314,7 +313,7 @@ def owning_output(path: str) -> Iterator[None]:
         lock.release()
 
 
-def load_work(input: str, output: str, chat: bool, defaults: Params) -> Tuple[List[Job], Set[str]]:
+def load_work(input: str, output: str, chat: bool, defaults: Params) -> Tuple[List[InputLine], Set[str]]:
     """Rank 0: every input line (checked) and the ids already in the output. Call it while
     owning the output (owning_output)."""
     jobs = read_jobs(input, chat, defaults)
@@ -325,7 +324,7 @@ def load_work(input: str, output: str, chat: bool, defaults: Params) -> Tuple[Li
 
 def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
               defaults: Params = (0.6, 0.9, None), logprobs: bool = False,
-              seed: int = 1, work: Optional[Tuple[List[Job], Set[str]]] = None) -> None:
+              seed: int = 1, work: Optional[Tuple[List[InputLine], Set[str]]] = None) -> None:
     """Generate what the output still lacks; every rank calls this. Rank 0 owns the output for
     the job (reads the work, checks it, shares it out); with several data-parallel replicas each
     replica takes its share and its first rank appends that replica's results.
@@ -336,8 +335,8 @@ def run_batch(generator: Llama, input: str, output: str, chat: bool = False,
 
 
 def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: Params, logprobs: bool,
-               seed: int, work: Optional[Tuple[List[Job], Set[str]]], main_rank: bool) -> None:
-    def plan_work() -> Tuple[List[Job], Set[str]]:
+               seed: int, work: Optional[Tuple[List[InputLine], Set[str]]], main_rank: bool) -> None:
+    def plan_work() -> Tuple[List[InputLine], Set[str]]:
         """Rank 0: every job of the input and the ids the output already holds (the pending
         prompts checked against max_seq_len)."""
         jobs, done = work if work is not None else load_work(input, output, chat, defaults)
@@ -392,34 +391,31 @@ def wait_for(output: str, ids: Set[str], poll_s: float = 0.5) -> None:
             time.sleep(poll_s)
 
 
-@path_flags("input", "output", "ckpt_dir", "tokenizer_path")
+@with_model_flags(max_seq_len=512, max_batch_size=4)
+@path_flags("input", "output")
 def main(
+    model: ModelFlags,
     input: str,  # noqa: A002 - the flag is --input
     output: str,
     chat: bool = False,
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_gen_len: Optional[int] = None,
-    max_seq_len: int = 512,
-    max_batch_size: int = 4,
-    model_parallel_size: Optional[int] = None,
-    dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
     logprobs: bool = False,
     seed: int = 1,
 ):
-    """Generate for every line of --input and append the results to --output (JSONL).
+    """Generate for every line of --input and append the results to --output (JSONL). Under
+    torchrun the world holds world_size / --model_parallel_size replicas of the model, which
+    share the input.
 
     Args:
         input: JSONL file, one {"id", "prompt"} (or {"id", "dialog"} with --chat) per line;
             optional per-line "temperature", "top_p", "max_gen_len" override the flags.
         output: JSONL results, one {"id", "generation"} per line; ids already there are skipped.
         chat: lines hold dialogs, answered as the assistant.
-        ckpt_dir: checkpoint directory; default: the bundled demo model.
-        model_parallel_size: ranks per model replica (default: all of them); under torchrun the
-            world holds world_size / model_parallel_size replicas, which share the input.
+        temperature: 0 is greedy; higher samples more freely.
+        top_p: sample among the most likely tokens whose probabilities reach this sum.
+        max_gen_len: the longest generation of a line, in tokens; default: the room left.
         logprobs: also write each result's "tokens" and "logprobs".
         seed: a line samples with a key made from the seed and its id, so reruns, resumed
             jobs and any number of processes draw alike.
@@ -430,16 +426,9 @@ def main(
     # error there ends the job, and torchrun then stops the other ranks.
     with owning_output(output) if main_rank else contextlib.nullcontext():
         work = load_work(input, output, chat, defaults) if main_rank else None
-        from .demo import ensure_demo
-
-        generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
-                                tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                                max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
-                                seed=seed, dtype=dtype, quantize=quantize)
+        generator = model.build(seed=seed)
         run_batch(generator, input, output, chat, defaults, logprobs, seed, work)
 
 
 if __name__ == "__main__":
-    from .cli import run
-
     run(main)

@@ -12,11 +12,13 @@ from typing import Callable, Iterator, List, Optional
 import torch.distributed as dist
 
 from .chat_format import Dialog, Message
-from .cli import path_flags
-from .distributed import FromMainRank, is_main_rank
+from .cli import ModelFlags, path_flags, run, with_model_flags
 from .errors import LlamaError
-from .generation import Llama, check_sampling
-from .text import check_text
+from .generation import Llama
+from .runtime.distributed import FromMainRank
+from .runtime.sampling import check_sampling
+from .utils.checks import check_text
+from .utils.ranks import is_main_rank
 
 HELP = "/reset clears the conversation (keeps the system prompt), /exit or Ctrl-D quits"
 PROMPT = "> "
@@ -77,7 +79,7 @@ class ChatSession:
 
 
 class SharedInput:
-    """The main rank's input lines, handed to every rank (distributed.FromMainRank): the
+    """The main rank's input lines, handed to every rank (runtime.distributed.FromMainRank): the
     others wait in bounded steps however long the user takes to type, and a rank that dies
     or hangs ends the chat on the others within LLAMA_DIST_TIMEOUT. In a world of one it is
     read_line itself."""
@@ -159,35 +161,26 @@ def read_stdin() -> Optional[str]:
         return None
 
 
-@path_flags("ckpt_dir", "tokenizer_path", "system")
+@with_model_flags(max_seq_len=2048, max_batch_size=1)
+@path_flags("system")
 def main(
-    ckpt_dir: Optional[str] = None,
-    tokenizer_path: Optional[str] = None,
+    model: ModelFlags,
     system: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
-    max_seq_len: int = 2048,
     max_gen_len: Optional[int] = None,
-    max_batch_size: int = 1,
-    model_parallel_size: Optional[int] = None,
-    dtype: Optional[str] = None,
-    quantize: Optional[str] = None,
 ):
-    """Chat with a model in the terminal.
+    """Chat with a model in the terminal. The conversation is kept up to --max_seq_len tokens;
+    older exchanges are dropped.
 
     Args:
-        ckpt_dir: checkpoint directory; default: the bundled demo model.
         system: a system prompt for the whole conversation.
-        max_seq_len: the longest conversation kept, in tokens; older exchanges are dropped.
+        temperature: 0 is greedy; higher samples more freely.
+        top_p: sample among the most likely tokens whose probabilities reach this sum.
         max_gen_len: the longest reply, in tokens; default: whatever room is left.
     """
     check_sampling(temperature, top_p, max_gen_len, where="--")
-    from .demo import ensure_demo
-
-    generator = Llama.build(ckpt_dir=ckpt_dir if ckpt_dir is not None else str(ensure_demo()),
-                            tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
-                            max_batch_size=max_batch_size, model_parallel_size=model_parallel_size,
-                            dtype=dtype, quantize=quantize)
+    generator = model.build()
     session = ChatSession(generator, None if system is None else str(system), temperature, top_p,
                           max_gen_len)
     if is_main_rank():
@@ -196,11 +189,9 @@ def main(
                 import readline  # noqa: F401 - line editing and history for input()
             except ImportError:
                 pass
-        print(f"Chatting with {ckpt_dir or 'the demo model'}; {HELP}.", flush=True)
+        print(f"Chatting with {model.ckpt_dir or 'the demo model'}; {HELP}.", flush=True)
     repl(generator, session, read_stdin)
 
 
 if __name__ == "__main__":
-    from .cli import run
-
     run(main)

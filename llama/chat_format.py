@@ -7,8 +7,8 @@ Formats: Llama2ChatFormat ([INST]), Llama3ChatFormat (header ids), ChatMLFormat 
 from typing import AbstractSet, List, Literal, Optional, Sequence, TypedDict
 
 from .errors import LlamaError
-from .text import check_text
 from .tokenizer import Tokenizer
+from .utils.checks import check_text
 
 Role = Literal["system", "user", "assistant", "tool", "ipython"]
 

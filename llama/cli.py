@@ -1,17 +1,29 @@
-"""Shared plumbing for the command-line scripts: user mistakes become one line on
-stderr and exit status 1, never a traceback."""
+"""Shared plumbing for the command-line scripts: the model flags every command that runs a
+model takes (one definition: with_model_flags), and run(), which turns user mistakes into one
+line on stderr and exit status 1, never a traceback.
 
+    @with_model_flags(max_seq_len=2048, max_batch_size=1)   # this command's defaults
+    def main(model: ModelFlags, system: Optional[str] = None, ...):
+        generator = model.build()                           # the demo model without --ckpt_dir
+"""
+
+import functools
+import inspect
 import sys
-from typing import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import fire
 import torch
 import torch.distributed as dist
 from fire.decorators import SetParseFn
 
-from .distributed import is_main_rank, leave_process_group
 from .errors import LlamaError
-from .generation import GenerationStats
+from .runtime.distributed import leave_process_group
+from .utils.ranks import is_main_rank
+
+if TYPE_CHECKING:  # the commands import the engine; this module's import stays light for them
+    from .generation import GenerationStats, Llama
 
 
 def run(main: Callable) -> None:
@@ -43,6 +55,81 @@ def path_flags(*names: str) -> Callable[[Callable], Callable]:
     return SetParseFn(str, *names)
 
 
+# ---- the model flags ---------------------------------------------------------------------------
+
+@dataclass
+class ModelFlags:
+    """Which model a command runs and how it is built: Llama.build's arguments as flags."""
+    ckpt_dir: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    max_seq_len: int = 512
+    max_batch_size: int = 4
+    model_parallel_size: Optional[int] = None
+    dtype: Optional[str] = None
+    quantize: Optional[str] = None
+
+    def build(self, **more: Any) -> "Llama":
+        """Llama.build with these flags (and `more` of its arguments, e.g. seed); the bundled
+        demo model, fetched and converted on first use, when ckpt_dir is not given."""
+        from .checkpoint.demo import ensure_demo
+        from .generation import Llama
+
+        ckpt_dir = self.ckpt_dir if self.ckpt_dir is not None else str(ensure_demo())
+        return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=self.tokenizer_path, max_seq_len=self.max_seq_len,
+                           max_batch_size=self.max_batch_size, model_parallel_size=self.model_parallel_size,
+                           dtype=self.dtype, quantize=self.quantize, **more)
+
+
+MODEL_FLAG_DOCS = {
+    "ckpt_dir": "checkpoint directory (consolidated.NN.pth shards and params.json); default: the bundled "
+                "demo model",
+    "tokenizer_path": "the model's tokenizer file; default: the one in ckpt_dir",
+    "max_seq_len": "the longest prompt + generation, in tokens",
+    "max_batch_size": "the most sequences decoded at once (rows of the KV cache)",
+    "model_parallel_size": "processes the model is split over; default: all of torchrun's processes",
+    "dtype": "fp32, bf16 or fp16; default: the device's (or LLAMA_DTYPE)",
+    "quantize": "weight-only quantization: int8, q8_0, q4_0 or q4_1; default: none",
+}
+MODEL_FLAGS = tuple(f.name for f in fields(ModelFlags))
+
+
+def with_model_flags(**defaults: Any) -> Callable[[Callable], Callable]:
+    """Decorator for a command `main(model: ModelFlags, ...its own flags)`: the function fire
+    runs takes the command's own flags and the model flags (with `defaults` for this command),
+    and its docstring documents both; `model` arrives as the ModelFlags given."""
+    unknown = set(defaults) - set(MODEL_FLAGS)
+    assert not unknown, f"not model flags: {unknown}"
+    flags = ModelFlags(**defaults)
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for name, p in inspect.signature(command).parameters.items() if name != "model"]
+        model_params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                          default=getattr(flags, f.name), annotation=f.type)
+                        for f in fields(ModelFlags)]
+        required = [p for p in own if p.default is inspect.Parameter.empty]
+        optional = [p for p in own if p.default is not inspect.Parameter.empty]
+
+        @functools.wraps(command)
+        def main(*args: Any, **kwargs: Any) -> Any:
+            bound = main.__signature__.bind(*args, **kwargs)
+            given = {**flags.__dict__, **{k: v for k, v in bound.arguments.items() if k in MODEL_FLAGS}}
+            rest = {k: v for k, v in bound.arguments.items() if k not in MODEL_FLAGS}
+            return command(ModelFlags(**given), **rest)
+
+        main.__signature__ = inspect.Signature(required + model_params + optional)
+        main.__doc__ = _with_flag_docs(inspect.getdoc(command) or "", MODEL_FLAG_DOCS)
+        return path_flags("ckpt_dir", "tokenizer_path")(main)
+
+    return decorate
+
+
+def _with_flag_docs(doc: str, flag_docs: dict) -> str:
+    """`doc` with `flag_docs` added to its Google-style "Args:" section (made if absent)."""
+    head, marker, args = doc.partition("Args:")
+    lines = [f"    {name}: {text}" for name, text in flag_docs.items()]
+    return f"{head.rstrip()}\n\nArgs:\n" + (args.strip("\n") + "\n" if marker else "") + "\n".join(lines)
+
+
 def _fail(message: str) -> None:
     print(f"error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
     leave_process_group()
@@ -62,7 +149,7 @@ def print_streamed(pieces: Iterable[str]) -> None:
     print("\n\n==================================\n")
 
 
-def print_timing(stats: GenerationStats) -> None:
+def print_timing(stats: "GenerationStats") -> None:
     """The timing line after a generation, on stderr, from rank 0 only."""
     if is_main_rank():
         print(stats.summary(), file=sys.stderr, flush=True)

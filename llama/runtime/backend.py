@@ -1,0 +1,204 @@
+"""The backend policy: how the model's computations run on this machine, chosen from outside
+the model and applied around its calls (by the engine), never by flags flipped inside it.
+
+- matmul_policy(): for a single row on the CPU (batch-1 decode), PyTorch's plain kernels
+  instead of oneDNN's, whose fixed cost pays off only from two rows up (docs/benchmarks.md).
+- choose_decode_step(): the decode step on PyTorch (eager, with that rule) or the native
+  step (llama.native.decode: one call per step) on one of its code paths, by timing real
+  steps of the model on this machine, once per machine, software and model shape.
+- prompt_attention_dtype(): a prompt's attention over its own keys in the KV cache's fp32 or
+  the model's bf16/fp16, by timing PyTorch's attention in both.
+
+Every choice is kept per machine (llama.utils.measurements), so every process here makes the
+same one.
+"""
+
+import contextlib
+import math
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from .. import native, settings
+from ..model import Transformer
+from ..model.quantize import quantized_layout
+from ..native.build import sources_digest
+from ..native.decode import NativeDecoder, decode_problem
+from ..native.kernel_choice import BF16_ONLY_PATHS
+from ..utils.measurements import best_time, kept, machine_fields, verdict_file
+
+
+@contextlib.contextmanager
+def matmul_policy(tokens: torch.Tensor) -> Iterator[None]:
+    """Within the block, the kernels best for a forward pass over `tokens` [B, S]."""
+    if not (tokens.numel() == 1 and tokens.device.type == "cpu"):
+        yield
+        return
+    saved = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # plain kernels for the single row
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = saved
+
+
+# ---- a prompt's attention: in the KV cache's fp32 or the model's dtype, by measurement ---------
+
+PROMPT_TOKENS_TIMED = 256
+PROMPT_ATTENTION_MARGIN = 0.8  # the model's dtype must be this much faster: no flip-flop near a tie
+
+
+def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
+    """The dtype for a prompt's attention over its own keys, where the KV cache is kept in
+    another dtype than the model's (fp32 on the CPU, see llama.model.cache.kv_cache_dtype): the
+    model's (bf16, fp16) where PyTorch's CPU flash attention ran a 256-token prompt faster in it
+    on this machine, else None (the cache's). Measured once per machine, software and head
+    shape and kept in $LLAMA_CACHE/tune/prompt-attention.json, so that every process here makes
+    the same choice (a server and a script, the ranks of a job, agree to the last bit). Decode
+    steps keep the cache's dtype: bf16 is slower for one query (docs/benchmarks.md)."""
+    attention = model.layers[0].attention
+    cache_dtype, model_dtype = attention.cache.k.dtype, model.norm.weight.dtype
+    if attention.cache.k.device.type != "cpu" or model_dtype == cache_dtype:
+        return None
+    shape = (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim)
+
+    def measure(_) -> dict:
+        ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape) for d in (model_dtype, cache_dtype)}
+        model_ms, cache_ms = ms.values()
+        return {"ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
+
+    entry = kept(verdict_file("prompt-attention"), {"": prompt_attention_key(model_dtype, cache_dtype, shape)},
+                 measure, "the prompt-attention measurement")[""]
+    return model_dtype if entry["model_dtype"] else None
+
+
+def prompt_attention_key(model_dtype: torch.dtype, cache_dtype: torch.dtype, shape: Sequence[int]) -> dict:
+    """What the prompt-attention verdict depends on: machine, software, heads, dtypes, threads."""
+    return {**machine_fields(), "heads": list(shape), "dtypes": [str(model_dtype), str(cache_dtype)]}
+
+
+def time_prompt_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> float:
+    """Seconds of one causal attention of a PROMPT_TOKENS_TIMED-token prompt: the best of 10."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, PROMPT_TOKENS_TIMED, head_dim, generator=g).to(dtype)
+    k = torch.randn(1, kv_heads, PROMPT_TOKENS_TIMED, head_dim, generator=g).to(dtype)
+    return best_time([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True,
+                                                                               enable_gqa=True)], 10)
+
+
+# ---- the decode step: PyTorch or the native step, chosen by measurement ----------------------
+
+DECODE_BACKENDS = ("torch", "native")
+_MEASURED_STEPS = 5  # timed decode steps per backend and batch size (after 2 unmeasured ones)
+
+
+def decode_key(model: Transformer, batch: int) -> Dict[str, object]:
+    """What a measured verdict depends on: machine, software, model shape, dtype, threads, batch."""
+    p = model.params
+    return {**machine_fields(), "kernels": sources_digest()[:16],
+            "shape": [p.dim, p.n_layers, p.n_heads, p.kv_heads, p.ffn_hidden_dim, model.vocab_size],
+            "dtype": str(model.norm.weight.dtype).replace("torch.", ""),
+            "weights": quantized_layout(model) or "float", "batch": batch}
+
+
+def native_step_paths(model: Transformer) -> List[str]:
+    """The native code paths whose decode steps are timed against PyTorch's, newest first: the
+    newest this CPU runs and, for bf16 weights on a CPU with both AMX and AVX512-BF16, the
+    AVX512-BF16 one too (the tile unit's fixed costs could lose on another CPU of its kind;
+    docs/native-kernels.md has the measurements). Other weights take the same AVX-512 code
+    on either path."""
+    newest = native.paths()[::-1]
+    bf16 = [p for p in newest if p in BF16_ONLY_PATHS]
+    if quantized_layout(model) is None and model.norm.weight.dtype == torch.bfloat16 and len(bf16) == 2:
+        return bf16
+    return newest[:1]
+
+
+def _time_decode(model: Transformer, native_steps: Dict[str, Callable], batch: int) -> Dict[str, float]:
+    """Milliseconds of one decode step of `batch` rows on PyTorch and on each native step (by
+    name): real steps on the model's own caches (rows 0..batch-1 at one position, restored
+    afterwards)."""
+    position = min(model.rope.shape[0] - 1, 64)
+    tokens = torch.zeros(batch, dtype=torch.long)
+    positions = torch.full((batch,), position, dtype=torch.long)
+    caches = [layer.attention.cache for layer in model.layers]
+    saved = [(c.k[:batch, position].clone(), c.v[:batch, position].clone()) for c in caches]
+
+    def torch_step() -> None:
+        with matmul_policy(tokens[:, None]):
+            model(tokens[:, None], positions, kv_len=position + 1)
+
+    steps = {"torch": torch_step, **{name: (lambda step=step: step(tokens, positions))
+                                     for name, step in native_steps.items()}}
+    try:
+        with torch.inference_mode():
+            return {name: 1e3 * best_time([step], _MEASURED_STEPS) for name, step in steps.items()}
+    finally:
+        for c, (k, v) in zip(caches, saved):
+            c.k[:batch, position] = k
+            c.v[:batch, position] = v
+
+
+def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], native_steps: Dict[str, Callable],
+                           measure: Optional[Callable[[int], Dict[str, float]]] = None) -> Dict[int, str]:
+    """The fastest decode backend at each batch size ("torch" or a native step's name, e.g.
+    "native:amx"), as measured on this machine for this model (cached in
+    $LLAMA_CACHE/tune/decode-backend.json under decode_key()); measure(batch) -> {backend: ms}
+    defaults to timing real steps."""
+    measure = measure or (lambda batch: _time_decode(model, native_steps, batch))
+
+    def measured(batch: int) -> dict:
+        times = measure(batch)
+        return {"ms": {b: round(t, 3) for b, t in times.items()}, "best": min(times, key=times.get)}
+
+    # Native steps run at model-parallel size 1 only: no collective inside the measurement.
+    entries = kept(verdict_file("decode-backend"), {b: decode_key(model, b) for b in sorted(set(batch_sizes))},
+                   measured, "the decode-backend measurement")
+    return {batch: entry["best"] for batch, entry in entries.items()}
+
+
+class NativeDecodeStep:
+    """The native decode step for the batch sizes where it measured faster than PyTorch.
+
+        step = choose_decode_step(model, max_batch_size)   # None: PyTorch decodes everything
+        if step is not None and step.wants(batch):
+            logits = step(tokens, positions, rows)   # [B] each -> fp32 logits [B, V]
+
+    decoders: native steps by name ("native:amx", ...), the default first; verdicts: batch
+    size -> "torch", a decoder's name, or "native" (the default decoder).
+    """
+
+    def __init__(self, decoders: Dict[str, Callable], verdicts: Dict[int, str]):
+        self.decoders, self.verdicts = decoders, verdicts
+
+    def _verdict(self, batch: int) -> str:
+        nearest = min(self.verdicts, key=lambda size: (abs(math.log2(size / batch)), size))
+        return self.verdicts[nearest]
+
+    def wants(self, batch: int) -> bool:
+        """Whether `batch` rows decode natively: the verdict of the nearest measured size
+        (never with LLAMA_NATIVE=0, looked at every step so that it can be set at any time)."""
+        setting = settings.get("LLAMA_NATIVE")
+        if batch > native.MAX_NATIVE_ROWS or setting == "0":
+            return False
+        return setting == "1" or self._verdict(batch) != "torch"
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        decoder = self.decoders.get(self._verdict(tokens.numel())) or next(iter(self.decoders.values()))
+        return decoder(tokens, positions, rows)
+
+
+def choose_decode_step(model: Transformer, max_batch_size: int) -> Optional[NativeDecodeStep]:
+    """The native decode step for `model` where it runs here and measures faster than
+    PyTorch at batch 1 or max_batch_size, on the code path that measured fastest (always,
+    on the newest path, for GGML-quantized weights, which only it reads at full speed, and
+    with LLAMA_NATIVE=1); None where PyTorch decodes (LLAMA_NATIVE=0, not the CPU,
+    model-parallel, no library, or slower)."""
+    if decode_problem(model) is not None:
+        return None
+    decoders = {f"native:{path}": NativeDecoder(model, path=path) for path in native_step_paths(model)}
+    # Steps of more rows than the native kernels take always run in PyTorch: not measured.
+    sizes = {1, min(max_batch_size, model.layers[0].attention.cache.k.shape[0], native.MAX_NATIVE_ROWS)}
+    if quantized_layout(model) is not None or settings.get("LLAMA_NATIVE") == "1":
+        return NativeDecodeStep(decoders, {size: "native" for size in sizes})
+    return NativeDecodeStep(decoders, choose_decode_backends(model, sizes, decoders))

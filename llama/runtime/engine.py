@@ -1,0 +1,403 @@
+"""The scheduler: token requests in, tokens out, over the rows of the static KV cache.
+
+An Engine keeps a queue of waiting requests and up to max_batch_size active ones, each in its
+own cache row. Every step():
+  1. admits waiting requests into free rows (continuous batching: a row that a finished request
+     left takes the next waiting request at once; policy "static" admits only when every row
+     is free, i.e. chunk by chunk, for comparison);
+  2. prefills the newcomers, all in one forward pass, a long prompt in chunks of prefill_chunk
+     tokens per step so that decoding rows are not stalled for long; a request whose prompt is
+     complete samples its first token;
+  3. decodes one token for every request that has one pending, all in one forward pass, each
+     row at its own position: the model's forward pass, or the native decode step where
+     llama.runtime.backend measured it faster for this model on this machine (same cache rows).
+It returns the step's events: new tokens and finished requests with their reason.
+
+A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
+see each other (per-row positions and masks), and each request samples with its own key
+(llama.sampling), so it gets what it would get alone (exactly in fp32 on one decode backend;
+the native step and PyTorch's forward agree within about 1e-4, and the measured choice may
+differ between batch sizes; in bf16 matmul kernels may round differently for different batch
+shapes).
+
+Under model parallelism every rank must make the same calls (submit, cancel, step) in the same
+order; the engine is deterministic, so the ranks then run the same forward passes. The engine
+is not thread-safe: one thread drives it (llama.generation.Llama holds a lock around it).
+"""
+
+import collections
+import time
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import LlamaError
+from ..model import Transformer
+from ..utils.checks import one_of_choices, token_ids, whole_number
+from . import backend
+from .sampling import check_sampling, sample, token_logprobs
+
+POLICIES = ("continuous", "static")
+# Which rows a decode pass computes: "prefix" rows 0..(highest busy row) of the cache in place,
+# free rows in between riding along; "active" only the busy rows, whose cache rows are then
+# gathered (copied) for attention; "all" every row (docs/batching.md has the measurement).
+# This is for the model's forward pass; the native decode step (llama.runtime.backend) computes
+# the busy rows only, in place.
+DECODE_ROWS = ("prefix", "active", "all")
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
+
+@dataclass
+class Request:
+    """One prompt to continue. key: the sampling key (llama.sampling.request_key), which with the
+    prompt and the sampling arguments fixes the result; unused at temperature 0."""
+    prompt_tokens: List[int]
+    max_gen_len: int
+    temperature: float = 0.6
+    top_p: float = 0.9
+    key: int = 0
+    stop_tokens: Sequence[int] = ()
+    logprobs: bool = False
+    prompt_logprobs: bool = False  # also score each prompt token given those before it (echo)
+    top_logprobs: int = 0  # also report this many most likely tokens per step, with their logprobs
+
+
+class Handle:
+    """A submitted request and its results so far. finish_reason: None while it runs, then
+    "stop" (a stop token, not included), "length" (its budget: max_gen_len, or the room left
+    in max_seq_len), "cancelled" or "error" (then `error` holds the exception)."""
+
+    def __init__(self, ident: int, request: Request, budget: int):
+        self.id = ident
+        self.request = request
+        self.budget = budget  # most tokens it may generate
+        self.tokens: List[int] = []
+        self.logprobs: List[float] = []
+        self.prompt_logprobs: Optional[List[float]] = [0.0] if request.prompt_logprobs else None
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: Optional[float] = None
+        self.row: Optional[int] = None  # its cache row while active
+        self.prefilled = 0  # prompt tokens already in the cache
+        self._stops = frozenset(request.stop_tokens)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def __repr__(self) -> str:
+        return f"Handle(id={self.id}, tokens={len(self.tokens)}, finish_reason={self.finish_reason!r})"
+
+
+@dataclass
+class Event:
+    """What one step did for one request: a new token (None when the step only finished it,
+    e.g. at a stop token) and, on its last event, why it finished."""
+    handle: Handle
+    token: Optional[int]
+    logprob: float = 0.0
+    finish_reason: Optional[str] = None
+    top: Optional[List[Tuple[int, float]]] = None  # the most likely tokens, if the request asked
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was made (or reset): forward passes and the rows they computed."""
+    prefill_passes: int = 0
+    prefill_tokens: int = 0  # prompt tokens prefilled
+    prefill_padded: int = 0  # tokens computed by prefill passes, padding included
+    decode_passes: int = 0
+    decode_rows: int = 0  # rows computed by decode passes
+    decode_useful: int = 0  # of which rows that decoded a request's token
+    generated: int = 0  # tokens sampled (stop tokens included)
+    busy_s: float = 0.0  # time spent in step()
+
+    @property
+    def useful_fraction(self) -> float:
+        return self.decode_useful / self.decode_rows if self.decode_rows else 0.0
+
+
+def check_prompt(tokens: Sequence[int], max_seq_len: int, vocab_size: int, where: str) -> List[int]:
+    """A prompt's token ids as a list, or a LlamaError naming `where`. A prompt may fill the
+    whole context (max_seq_len tokens): it then generates nothing, as in Meta's code."""
+    tokens = token_ids(tokens, vocab_size, where)
+    if len(tokens) > max_seq_len:
+        raise LlamaError(f"{where} has {len(tokens)} tokens, {len(tokens) - max_seq_len} too many for "
+                         f"max_seq_len={max_seq_len}; shorten it or build with a larger max_seq_len")
+    return tokens
+
+
+class Engine:
+    """Continuous batching over a model's KV cache rows (see the module docstring)."""
+
+    def __init__(self, model: Transformer, policy: str = "continuous", prefill_chunk: int = 512,
+                 decode_rows: str = "prefix"):
+        self.model = model
+        self.policy = one_of_choices(policy, POLICIES, "policy")
+        self.prefill_chunk = whole_number(prefill_chunk, "prefill_chunk", low=1)
+        self.decode_rows = one_of_choices(decode_rows, DECODE_ROWS, "decode_rows")
+        self.params = model.params
+        self.waiting: Deque[Handle] = collections.deque()
+        self.rows: List[Optional[Handle]] = [None] * model.params.max_batch_size  # each row's request
+        self.stats = EngineStats()
+        self._next_id = 0
+        self._events: List[Event] = []  # reported by the next step (cancellations)
+        # The decode backend, asked of llama.runtime.backend at the first decode (a measured
+        # choice) and again only if the model's caches are replaced: (the caches it is for, the step).
+        self._decode_backend: Optional[Tuple[object, Optional[backend.NativeDecodeStep]]] = None
+        self._prompt_attention_for: Optional[object] = None  # the caches it was chosen for
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, nothing running."""
+        return not self.waiting and all(h is None for h in self.rows)
+
+    # ---- requests in and out --------------------------------------------------------------
+
+    def submit(self, request: Request, where: Optional[str] = None) -> Handle:
+        """Queue a request (checked first: LlamaError naming `where`, default "request N")."""
+        where = where or f"request {self._next_id}"
+        params = self.params
+        prompt = check_prompt(request.prompt_tokens, params.max_seq_len, params.vocab_size, where)
+        temperature, top_p, max_gen_len = check_sampling(request.temperature, request.top_p,
+                                                         request.max_gen_len, f"{where}: ")
+        if max_gen_len is None:
+            raise LlamaError(f"{where}: max_gen_len must be a positive integer")
+        key = whole_number(request.key, f"{where}: key", low=0, high=2**63 - 1)
+        top = whole_number(request.top_logprobs, f"{where}: top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
+        request = Request(prompt, max_gen_len, temperature, top_p, key, tuple(request.stop_tokens),
+                          bool(request.logprobs or top), bool(request.prompt_logprobs), top)
+        handle = Handle(self._next_id, request, min(max_gen_len, params.max_seq_len - len(prompt)))
+        self._next_id += 1
+        self.waiting.append(handle)
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """Stop a request now: a waiting one leaves the queue, a running one frees its row at
+        once. Its "cancelled" event comes with the next step. No-op once it has finished."""
+        if handle.done:
+            return
+        if handle.row is None:
+            self.waiting.remove(handle)
+        self._finish(handle, "cancelled", self._events)
+
+    def _finish(self, handle: Handle, reason: str, events: List[Event], token: Optional[int] = None,
+                logprob: float = 0.0, top: Optional[List[Tuple[int, float]]] = None) -> None:
+        handle.finish_reason = reason
+        if handle.row is not None:
+            self.rows[handle.row] = None
+            handle.row = None
+        events.append(Event(handle, token, logprob, reason, top))
+
+    # ---- one step ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> List[Event]:
+        """Admit, prefill, decode (see the module docstring); the events of this step.
+
+        If the step fails (an interrupt, out of memory, a failed collective), every running
+        request ends with finish_reason "error" and the exception, which is raised again: the
+        engine stays usable."""
+        start = time.perf_counter()
+        events, self._events = self._events, []
+        try:
+            self._admit(events)
+            self._prefill(events)
+            self._decode(events)
+        except BaseException as exc:
+            for handle in self.rows:
+                if handle is not None:
+                    handle.error = exc
+                    self._finish(handle, "error", events)
+            raise
+        finally:
+            self.stats.busy_s += time.perf_counter() - start
+        return events
+
+    def _admit(self, events: List[Event]) -> None:
+        """Waiting requests into free rows, lowest row first (keeps the busy rows a prefix)."""
+        if self.policy == "static" and any(h is not None for h in self.rows):
+            return
+        for row in range(len(self.rows)):
+            while self.waiting and self.rows[row] is None:
+                handle = self.waiting.popleft()
+                if handle.budget == 0 and handle.prompt_logprobs is None:
+                    self._finish(handle, "length", events)  # a prompt that fills the context: nothing to do
+                    continue
+                handle.row = row
+                self.rows[row] = handle
+
+    def _forward(self, tokens: torch.Tensor, start_pos, **kwargs) -> torch.Tensor:
+        """The model on tokens [B, S], with the matmul kernels chosen for that shape."""
+        with backend.matmul_policy(tokens):
+            return self.model(tokens, start_pos, **kwargs)
+
+    def _tensor(self, values: List[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def _prefill(self, events: List[Event]) -> None:
+        """The next prompt chunk of every row still prefilling, in one forward pass."""
+        batch = [h for h in self.rows if h is not None and h.prefilled < len(h.request.prompt_tokens)]
+        if not batch:
+            return
+        chunks = [h.request.prompt_tokens[h.prefilled: h.prefilled + self.prefill_chunk] for h in batch]
+        width = max(len(c) for c in chunks)
+        tokens = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, chunk in enumerate(chunks):
+            tokens[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        self._choose_prompt_attention()
+        cache_rows = [h.row for h in batch]
+        starts = [h.prefilled for h in batch]
+        fresh = not any(starts)  # every row starts at 0: plain causal attention, no cache reads
+        scored = any(h.prompt_logprobs is not None for h in batch)  # echo logprobs need every position
+        last = [len(c) - 1 for c in chunks]
+        logits = self._forward(
+            tokens, 0 if fresh else self._tensor(starts),
+            kv_len=width if fresh else max(s + len(c) for s, c in zip(starts, chunks)),
+            last_index=None if scored else self._tensor(last),
+            rows=None if cache_rows == list(range(len(batch))) else self._tensor(cache_rows))
+        self.stats.prefill_passes += 1
+        self.stats.prefill_tokens += sum(len(c) for c in chunks)
+        self.stats.prefill_padded += tokens.numel()
+
+        complete, complete_logits = [], []
+        for i, (handle, chunk) in enumerate(zip(batch, chunks)):
+            row_logits = logits[i, last[i]] if scored else logits[i]
+            if handle.prompt_logprobs is not None:
+                prompt = handle.request.prompt_tokens
+                targets = prompt[handle.prefilled + 1: handle.prefilled + 1 + len(chunk)]
+                if targets:
+                    handle.prompt_logprobs += token_logprobs(logits[i, : len(targets)],
+                                                             self._tensor(targets)).tolist()
+            handle.prefilled += len(chunk)
+            if handle.prefilled == len(handle.request.prompt_tokens):
+                if handle.budget == 0:
+                    self._finish(handle, "length", events)
+                else:
+                    complete.append(handle)
+                    complete_logits.append(row_logits)
+        if complete:
+            self._sample(complete, torch.stack(complete_logits), events)
+
+    def _choose_prompt_attention(self) -> None:
+        """The dtype of prompts' attention, asked of llama.runtime.backend (a measured choice)
+        once per model and caches, before the first prefill."""
+        caches = self.model.layers[0].attention.cache
+        if self._prompt_attention_for is not caches:
+            dtype = backend.prompt_attention_dtype(self.model)
+            for layer in self.model.layers:
+                layer.attention.prompt_attention_dtype = dtype
+            self._prompt_attention_for = caches
+
+    def _native_step(self) -> Optional[backend.NativeDecodeStep]:
+        """The decode step llama.runtime.backend chose for this model on this machine, or None
+        for the model's own forward pass. Asked once (it may time both backends the first time)."""
+        caches = self.model.layers[0].attention.cache
+        if self._decode_backend is None or self._decode_backend[0] is not caches:
+            self._decode_backend = (caches, backend.choose_decode_step(self.model, len(self.rows)))
+        return self._decode_backend[1]
+
+    def _decode(self, events: List[Event]) -> None:
+        """One token for every row whose latest token is pending, in one forward pass."""
+        batch = [h for h in self.rows
+                 if h is not None and h.tokens and h.prefilled == len(h.request.prompt_tokens)]
+        if not batch:
+            return
+        positions = {h.row: len(h.request.prompt_tokens) + len(h.tokens) - 1 for h in batch}
+        step = self._native_step()
+        if step is not None and step.wants(len(batch)):
+            # One call over just the busy rows, reading and writing their rows of the same
+            # caches that prefill wrote.
+            cache_rows = [h.row for h in batch]
+            logits = step(self._tensor([h.tokens[-1] for h in batch]),
+                          self._tensor([positions[r] for r in cache_rows]), self._tensor(cache_rows))
+            computed = len(batch)
+        else:
+            logits, computed = self._decode_forward(batch, positions)
+        self.stats.decode_passes += 1
+        self.stats.decode_rows += computed
+        self.stats.decode_useful += len(batch)
+        self._sample(batch, logits, events)
+
+    def _decode_forward(self, batch: List[Handle], positions: Dict[int, int]) -> Tuple[torch.Tensor, int]:
+        """The model's forward pass over the decode_rows rows: (the busy rows' logits [N, V],
+        how many rows it computed)."""
+        kv_len = max(positions.values()) + 1
+        if self.decode_rows == "active":
+            computed = [h.row for h in batch]
+            cache_rows = self._tensor(computed)
+        else:
+            computed = list(range(len(self.rows) if self.decode_rows == "all" else max(positions) + 1))
+            cache_rows = None
+        # Rows that ride along (free, or still prefilling) feed token 0 at a position that is
+        # written again before it is ever read: a free row's 0, a prefilling row's next chunk.
+        last_token = {h.row: h.tokens[-1] for h in batch}
+        pending = [h.prefilled if h is not None else 0 for h in self.rows]
+        tokens = self._tensor([last_token.get(r, 0) for r in computed]).unsqueeze(1)
+        starts = self._tensor([positions.get(r, min(pending[r], self.params.max_seq_len - 1)) for r in computed])
+        logits = self._forward(tokens, starts, kv_len=kv_len, rows=cache_rows)[:, -1]
+        if cache_rows is None:
+            logits = logits[self._tensor([h.row for h in batch])] if len(batch) < len(computed) else logits
+        return logits, len(computed)
+
+    def _sample(self, batch: List[Handle], logits: torch.Tensor, events: List[Event]) -> None:
+        """Each row's next token from its logits [N, V]; record it or finish the row."""
+        finite = torch.isfinite(logits.sum(dim=-1)).tolist()  # one reduction per row
+        if not all(finite):
+            dtype = self.model.norm.weight.dtype
+            for handle, ok in zip(batch, finite):
+                if not ok:
+                    handle.error = LlamaError(
+                        f"the model produced NaN or inf logits (model dtype {dtype}); the usual cause is "
+                        f"fp16 overflow: build with dtype='bf16' or dtype='fp32'")
+                    self._finish(handle, "error", events)
+            keep = [i for i, ok in enumerate(finite) if ok]
+            batch, logits = [batch[i] for i in keep], logits[self._tensor(keep)]
+            if not batch:
+                return
+        requests = [h.request for h in batch]
+        device = self.device
+        next_tokens = sample(
+            logits,
+            torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device),
+            torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=device),
+            self._tensor([r.key for r in requests]),
+            self._tensor([len(h.tokens) for h in batch]))
+        chosen = next_tokens.tolist()
+        scores = token_logprobs(logits, next_tokens).tolist() if any(r.logprobs for r in requests) \
+            else [0.0] * len(batch)
+        tops = self._top_logprobs(logits, requests)
+        now = time.perf_counter()
+        self.stats.generated += len(batch)
+        for handle, token, logprob, top in zip(batch, chosen, scores, tops):
+            logprob = logprob if handle.request.logprobs else 0.0
+            if handle.first_token_at is None:
+                handle.first_token_at = now
+            if token in handle._stops:
+                self._finish(handle, "stop", events)
+                continue
+            handle.tokens.append(token)
+            handle.logprobs.append(logprob)
+            if len(handle.tokens) >= handle.budget:
+                self._finish(handle, "length", events, token, logprob, top)
+            else:
+                events.append(Event(handle, token, logprob, top=top))
+
+    @staticmethod
+    def _top_logprobs(logits: torch.Tensor, requests: List[Request]) -> List[Optional[List[Tuple[int, float]]]]:
+        """Per row, its request's top_logprobs most likely (token, logprob), most likely first,
+        or None where it asked for none; logits [N, V]."""
+        most = max(r.top_logprobs for r in requests)
+        if not most:
+            return [None] * len(requests)
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(most, dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+        return [list(zip(ids[i][: r.top_logprobs], values[i][: r.top_logprobs])) if r.top_logprobs else None
+                for i, r in enumerate(requests)]

@@ -1,0 +1,95 @@
+"""Choices made by measuring on this machine, kept on disk so that every process here makes
+the same one: the matmul kernel per weight shape (llama.native.kernel_choice), the decode
+backend and a prompt's attention dtype (llama.runtime.backend). One mechanism for all.
+
+A verdict is kept in a JSON file under $LLAMA_CACHE/tune/ under the hash of its key: a dict
+of what it depends on, the machine's fields (machine_fields()) among them, so a file shared
+between machines (a home folder on NFS) never hands one machine another's choice. Writers
+hold the file's lock (llama.utils.locking, beside the file) and replace it atomically;
+readers need no lock. One process measures at a time: the ranks of a job that start
+together read the first one's verdicts instead of timing beside it, and all choose alike.
+"""
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, Hashable, Optional, Sequence
+
+import torch
+
+from .. import settings
+from .cpu import cpu_flags, cpu_model
+from .locking import hold
+
+
+def verdict_file(name: str) -> Path:
+    """The file that keeps the verdicts of one kind (e.g. "kernels")."""
+    return settings.get("LLAMA_CACHE") / "tune" / f"{name}.json"
+
+
+def machine_fields() -> Dict[str, object]:
+    """The fields of every verdict's key that name the machine and software."""
+    return {"cpu": cpu_model(), "flags": " ".join(cpu_flags()), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _name(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _entries(path: Path) -> Dict[str, dict]:
+    try:
+        return json.loads(path.read_text()).get("entries", {})
+    except (OSError, ValueError, AttributeError):  # none yet, or damaged: measured again
+        return {}
+
+
+def _write(path: Path, new: Dict[str, dict]) -> None:
+    """Merge `new` into the file (the caller holds its lock), replacing it atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = {**_entries(path), **new}
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def lookup(path: Path, key: dict) -> Optional[dict]:
+    """The verdict kept for `key`, or None (nothing is measured)."""
+    return _entries(path).get(_name(key))
+
+
+def kept(path: Path, keys: Dict[Hashable, dict], measure: Callable[[Hashable], dict], what: str,
+         again: bool = False) -> Dict[Hashable, dict]:
+    """For each item of `keys` (item -> the key its verdict depends on), the verdict kept in
+    `path`: measure(item) -> the verdict's fields for those not kept yet (all of them with
+    `again`), then kept. Each verdict holds its key too. No collective may run inside
+    measure(): a rank waiting on the lock would stall the one holding it."""
+    names = {item: (_name(key), key) for item, key in keys.items()}
+    entries = _entries(path)
+    if again or any(name not in entries for name, _ in names.values()):
+        with hold(path, what, quiet=True):
+            entries = _entries(path)
+            new = {name: {"key": key, **measure(item)} for item, (name, key) in names.items()
+                   if again or name not in entries}
+            if new:
+                _write(path, new)
+                entries.update(new)
+    return {item: entries[name] for item, (name, _) in names.items()}
+
+
+def best_time(calls: Sequence[Callable[[], object]], reps: int) -> float:
+    """Seconds of one uninterrupted call: each rep runs every call once (one per weight
+    copy, so no copy is still cached when it comes round again); the fastest rep counts,
+    not the median: on a shared machine a rep that waits for a preempted thread measures
+    the neighbours, not the code."""
+    for call in calls[:2]:
+        call()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        best = min(best, (time.perf_counter() - start) / len(calls))
+    return best

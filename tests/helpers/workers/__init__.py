@@ -1,0 +1,1 @@
+"""Scripts the tests run as processes (under torchrun or plain python); some are imported too."""

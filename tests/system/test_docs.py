@@ -1,0 +1,144 @@
+"""The docs say what is true: the README's Quick start runs as written on a fresh environment,
+every `python -m llama.X` command they name answers --help, the settings table is the
+registry's, every LLAMA_* variable the package reads is registered, and every relative link
+points at a file that exists."""
+
+import os
+import re
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from llama import settings
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def bash_blocks(markdown: str) -> list:
+    """The ```bash blocks of a markdown text, in order."""
+    return re.findall(r"```bash\n(.*?)```", markdown, re.S)
+
+
+def quick_start() -> list:
+    """The commands of the README's Quick start section."""
+    section = _text(REPO / "README.md").split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip() for block in bash_blocks(section)]
+
+
+def test_readme_is_short_and_indexes_every_docs_page():
+    readme = _text(REPO / "README.md")
+    assert len(readme.splitlines()) <= 200
+    pages = {p.name for p in (REPO / "docs").glob("*.md")}
+    linked = set(re.findall(r"\(docs/([\w-]+\.md)", readme))
+    assert pages and pages <= linked, f"pages the README does not index: {pages - linked}"
+
+
+def test_every_relative_link_points_at_a_file():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", _text(doc)):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(REPO)} -> {target}")
+    assert broken == []
+
+
+def test_settings_table_is_the_registry():
+    text = _text(REPO / "docs" / "development.md")
+    table = text.split("<!-- settings: begin (python -m llama.settings) -->\n", 1)[1].split("<!-- settings: end -->")[0]
+    assert table == settings.markdown_table()
+    printed = subprocess.run([sys.executable, "-m", "llama.settings"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+    assert printed.returncode == 0 and printed.stdout == table
+
+
+def test_every_llama_variable_the_package_reads_is_registered():
+    """Every LLAMA_* name in the package's Python code is a registered setting, and only
+    llama/settings.py reads the environment for them."""
+    named, direct = set(), []
+    for path in (REPO / "llama").rglob("*.py"):
+        code = _text(path)
+        named |= set(re.findall(r"\bLLAMA_[A-Z_]+\b", code))
+        if path.name != "settings.py" and re.search(r"environ(\.get)?\(?\[?[\"']LLAMA_", code):
+            direct.append(str(path.relative_to(REPO)))
+    assert named <= set(settings.SETTINGS), named - set(settings.SETTINGS)
+    assert direct == []
+
+
+def test_every_setting_is_parsed_and_a_bad_value_names_the_variable(monkeypatch):
+    from llama import LlamaError
+
+    for name, setting in settings.SETTINGS.items():
+        monkeypatch.delenv(name, raising=False)
+        settings.get(name)  # the default parses
+    for name, bad in [("LLAMA_NATIVE", "yes"), ("LLAMA_TUNE", "2"), ("LLAMA_PROGRESS", "on"),
+                      ("LLAMA_DTYPE", "int8"), ("LLAMA_DIST_TIMEOUT", "inf")]:
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(LlamaError, match=rf"{name}='{bad}'"):
+            settings.get(name)
+
+
+def documented_modules() -> list:
+    """Every `llama.X` that the README and docs run with `python -m` (or `torchrun -m`)."""
+    found = set()
+    for doc in DOCS:
+        found |= set(re.findall(r"-m (llama(?:\.[a-z_]+)+)\b", _text(doc)))
+    return sorted(found)
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("module", documented_modules())
+def test_every_documented_command_answers_help(module):
+    done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PAGER": "cat"})
+    shown = done.stdout + done.stderr  # fire writes help to stderr when it is not a terminal
+    assert done.returncode == 0 and "Traceback" not in shown, shown[-2000:]
+    assert "FLAGS" in shown or "usage" in shown.lower(), shown[-2000:]
+
+
+def test_documented_commands_are_found():
+    modules = documented_modules()
+    assert {"llama.chat", "llama.batch", "llama.serve", "llama.convert", "llama.demo", "llama.tune"} <= set(modules)
+
+
+def test_quick_start_test_command_is_ci():
+    """The second Quick-start command is the one CI runs; it cannot run inside the suite it
+    starts, so what it runs is checked: .ci/run installs from the project's files and runs the
+    test command the development docs give."""
+    setup, tests = quick_start()
+    assert tests == "bash .ci/run"
+    ci = _text(REPO / ".ci" / "run")
+    assert "pip install -q -e '.[test]'" in ci
+    command = re.search(r"^(LLAMA_TEST_NO_SKIPS=1 python -m pytest .*)$", ci, re.M).group(1)
+    assert command in _text(REPO / "docs" / "development.md")
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_quick_start_runs_as_written(tmp_path):
+    """The first Quick-start command, as written, in a new virtual environment (it sees this
+    machine's packages, so pip fetches nothing): install, fetch the demo model, chat."""
+    command = quick_start()[0]
+    assert command.startswith("pip install torch==2.13.0 -e . && ./download.sh demo && python ")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    # The machine's pip and setuptools, installing into the new environment (a venv's own
+    # setuptools would be Python's bundled one, too old to build without `wheel`).
+    pip = env_dir / "bin" / "pip"
+    pip.write_text(f'#!/bin/sh\nexec "{env_dir / "bin" / "python"}" -m pip "$@"\n')
+    pip.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_DTYPE", "PYTHONPATH", "RANK", "WORLD_SIZE")}
+    # pip: nothing from an index, and the machine's setuptools to build the editable install.
+    env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}", VIRTUAL_ENV=str(env_dir), PIP_NO_INDEX="1",
+               PIP_NO_BUILD_ISOLATION="0", PIP_DISABLE_PIP_VERSION_CHECK="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    assert done.stdout.count("> Assistant:") == 3, done.stdout[-3000:]
+    assert "What is the capital of France?" in done.stdout
