@@ -3,8 +3,8 @@
 The library is compiled with the system C++ compiler into
 $LLAMA_CACHE/native/<key>/libllama_native.so, where the key hashes the sources, the
 compiler, the CPU (model and flags), the torch version and the flags. Several processes
-(torchrun ranks) may start at once: one builds under a file lock into a temporary file and
-renames it into place; the others wait and load it. Without a compiler, or when the build
+(torchrun ranks) may start at once: one builds under a lock (llama.utils.locking) into a
+temporary file and renames it into place; the others wait and load it. Without a compiler, or when the build
 fails, `load()` returns None after a one-line notice and callers use PyTorch's kernels.
 LLAMA_NATIVE=0 turns the library off.
 
@@ -27,7 +27,8 @@ import torch
 
 from .. import settings
 from ..utils.cpu import cpu_flags, cpu_model
-from ..utils.ranks import print0
+from ..utils.locking import hold
+from ..utils.ranks import is_main_rank, print0
 
 ABI_VERSION = 2  # csrc/api.cpp
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -146,12 +147,10 @@ def build(cxx: str, target_dir: Path) -> Tuple[Optional[Path], str]:
     """The library in target_dir, built now unless it is there. Safe across processes.
 
     Returns (path or None, build log or the reason it failed)."""
-    from filelock import FileLock
-
     lib = target_dir / LIB_NAME
     failed = target_dir / "build-failed.log"
     target_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target_dir / "build.lock"), timeout=900):
+    with hold(lib, "the native CPU kernels (a C++ build of about a minute)", quiet=not is_main_rank()):
         if lib.is_file():
             return lib, ""
         if failed.is_file():

@@ -1,5 +1,7 @@
-"""Locks between processes, for everything the engine writes where another process may
-write too: the download cache, converted checkpoints, batch outputs.
+"""Lock files between processes, for everything the engine writes where another process may
+write too: the download cache, converted checkpoints, the native build, measured verdicts, a
+batch job's output (held by its main rank for the job's lifetime; the job's own writers then
+take turns on each append with a lock on the output file itself, llama.batch.ResultWriter).
 
 Each lock is a hidden `.NAME.lock` file beside what it guards, held with the OS's file
 lock (flock, through the `filelock` package): a process that dies, even by kill -9, lets
