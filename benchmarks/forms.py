@@ -24,9 +24,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama.model import ModelArgs, rotation_table  # noqa: E402
-from llama.model.rotary import apply_rotary
-from llama.model.attention import attend
+from llama.model import ModelArgs  # noqa: E402
+from llama.model.attention import attend  # noqa: E402
+from llama.model.rotary import apply_rotary, rotation_table  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 

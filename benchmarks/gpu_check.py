@@ -31,11 +31,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import llama.model  # noqa: E402
+import llama.model.attention  # noqa: E402
+import llama.model.transformer  # noqa: E402
 from llama import Llama, LlamaError  # noqa: E402
 from llama.utils.assets import SENTENCEPIECE_32K, fetch_wheel_file  # noqa: E402
-from llama.runtime.devices import accelerator_has_native_bf16
-from llama.runtime.loading import default_dtype  # noqa: E402
+from llama.runtime.devices import accelerator_has_native_bf16, default_dtype  # noqa: E402
 from llama.checkpoint import save_checkpoint  # noqa: E402
 from llama.testing import random_meta_weights, write_tiny_checkpoint  # noqa: E402
 
@@ -50,12 +50,12 @@ def check(name: str, value) -> None:
 
 def folded(fn: Callable):
     """fn() with attention folding query groups (never a mask with grouped heads)."""
-    saved = llama.model.efficient_kernel_takes_grouped_mask
-    llama.model.efficient_kernel_takes_grouped_mask = lambda *args: False
+    saved = llama.model.attention.efficient_kernel_takes_grouped_mask
+    llama.model.attention.efficient_kernel_takes_grouped_mask = lambda *args: False
     try:
         return fn()
     finally:
-        llama.model.efficient_kernel_takes_grouped_mask = saved
+        llama.model.attention.efficient_kernel_takes_grouped_mask = saved
 
 
 def decode_tok_s(g: Llama, prompts: List[List[int]], n: int, runs: int = 3) -> float:
@@ -97,7 +97,7 @@ def main() -> None:
     check("bound device", str(getattr(dist.group.WORLD, "bound_device_id", None)))
     for dtype in (torch.bfloat16, torch.float32):
         check(f"an efficient kernel takes a mask with grouped heads, {dtype}",
-              llama.model.efficient_kernel_takes_grouped_mask(gpu, dtype, args.dim // 16))
+              llama.model.attention.efficient_kernel_takes_grouped_mask(gpu, dtype, args.dim // 16))
     prompt = g.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8, bos=True, eos=False)
     ragged = [prompt[: len(prompt) - 9 * i] for i in range(4)]
 
@@ -138,12 +138,12 @@ def main() -> None:
           g32.generate(ragged, 32, temperature=0)[0] == [g32.generate([p], 32, temperature=0)[0][0] for p in ragged])
 
     # The real-valued rotary form (MPS's) on the GPU against the complex one.
-    saved = llama.model.complex_rotation
-    llama.model.complex_rotation = lambda device: False
+    saved = llama.model.transformer.complex_rotation
+    llama.model.transformer.complex_rotation = lambda device: False
     try:
         real = build(dtype="fp32")
     finally:
-        llama.model.complex_rotation = saved
+        llama.model.transformer.complex_rotation = saved
     diff = (real.model(tokens.to(gpu)) - g32.model(tokens.to(gpu))).abs().max().item()
     check("real vs complex rotary, fp32 logits max diff", f"{diff:.2e}")
     del g32, cpu32, real

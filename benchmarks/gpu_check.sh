@@ -74,8 +74,8 @@ CUDA_VISIBLE_DEVICES= $PY -m torch.distributed.run --nproc_per_node 2 --master_a
     example_chat_completion.py --ckpt_dir "$CKPT" --max_gen_len 16 2>&1 | tee "$OUT/torchrun2_cpu.txt" | tail -5
 
 echo "== tests (CPU paths and faked devices, on this machine's torch)"
-LLAMA_TEST_WARM_CACHE=1 timeout "${TEST_SECONDS:-240}" $PY -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_accelerator_paths.py tests/test_quantize.py \
-    tests/test_generation.py tests/test_engine.py tests/test_loading.py tests/test_streaming.py tests/test_multiprocess.py tests/test_faults.py -k "not download" \
+LLAMA_TEST_WARM_CACHE=1 timeout "${TEST_SECONDS:-240}" $PY -m pytest -q -p no:cacheprovider tests/unit/test_devices.py tests/unit/test_accelerator_paths.py tests/unit/test_quantize.py \
+    tests/unit/test_generation.py tests/unit/test_engine.py tests/unit/test_loading.py tests/unit/test_streaming.py tests/system/test_multiprocess.py tests/system/test_faults.py -k "not download" \
     2>&1 | tee "$OUT/pytest.txt" | tail -30 || status=1
 
 echo "== done: status $status; files in $OUT"

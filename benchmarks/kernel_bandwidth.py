@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from llama import native  # noqa: E402
 from llama.native import build  # noqa: E402
 from llama.utils.cpu import cpu_flags, cpu_model, cpu_slug  # noqa: E402
-from llama.native.kernel_choice import MODEL_SHAPES, model_shapes  # noqa: E402
+from llama.tune import MODEL_SHAPES, model_shapes  # noqa: E402
 
 LAYERS = {"demo": 30, "1b": 16}
 PER_LAYER = {"wq/wo": 2, "wk/wv": 2, "w1/w3": 2, "w2": 1, "output": 0}  # the output runs once a step
