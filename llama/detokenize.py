@@ -40,9 +40,10 @@ def token_texts(tokenizer: Tokenizer, tokens: Sequence[int], context: Sequence[i
 
 
 class Detokenizer:
-    """The text of one sequence as its tokens arrive. add() each token (it returns the token's
-    own text), then take() the text that is final so far; finish() at the end returns the
-    rest. stops: strings that end the text before them (OpenAI's `stop`); `stopped` tells."""
+    """The text of one sequence as its tokens arrive. add() each token, then take() the text
+    that is final so far; finish() at the end returns the rest. text_of(token) before adding
+    it gives that token's own text (for logprob entries). stops: strings that end the text
+    before them (OpenAI's `stop`); `stopped` tells."""
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = (), stops: Sequence[str] = ()):
         self.tokenizer = tokenizer
@@ -53,14 +54,12 @@ class Detokenizer:
         self.sent = ""  # text released so far
         self.stopped = False  # a stop string was met: the text is complete
 
-    def add(self, token: int) -> str:
-        """Append `token`; its own text."""
-        text = self.text_of(token)
+    def add(self, token: int) -> None:
         self.tokens.append(token)
-        return text
 
     def text_of(self, token: int) -> str:
-        """The text `token` would add next (an alternative's text, for top logprobs)."""
+        """The text `token` would add next: its own text if it is added next, an alternative's
+        text for top logprobs."""
         return token_text(self.tokenizer, token, self.context + self.tokens)
 
     def take(self) -> str:

@@ -137,5 +137,3 @@ def _cheap(layout: str, n: int, k: int) -> bool:
 def forget() -> None:
     """Drop what this process remembers (not the cache file)."""
     _memo.clear()
-
-

@@ -124,5 +124,3 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: torch.device) ->
     if not isinstance(chosen, torch.dtype) or chosen not in DTYPES.values():
         raise LlamaError(f"dtype={dtype!r} (or LLAMA_DTYPE) is not supported; use one of fp32, bf16, fp16")
     return chosen
-
-

@@ -96,5 +96,3 @@ def check_memory(args: ModelArgs, mp: int, device: torch.device, dtype: torch.dt
                      f"share) take {weights / GIB:.2f} GiB and the KV cache for max_batch_size="
                      f"{max_batch_size} x max_seq_len={max_seq_len} {caches / GIB:.2f} GiB, together "
                      f"{(weights + caches) / GIB:.2f} GiB, but {available / GIB:.2f} GiB is available; {advice}")
-
-

@@ -60,9 +60,9 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key is not None and not self._authorized(headers.get(b"authorization", b"")):
-            return await error_response(APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
-                                       "<key>' with the key this server was started with (--api-key)",
-                                           code="invalid_api_key"))(scope, receive, send)
+            refused = APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                                    "with the key this server was started with (--api-key)", code="invalid_api_key")
+            return await error_response(refused)(scope, receive, send)
         too_large = error_response(APIError(413, f"the request body is larger than this server takes "
                                                  f"({self.max_bytes} bytes, --max_request_bytes); send a "
                                                  f"shorter prompt", code="request_too_large"))
@@ -235,8 +235,12 @@ class OpenAIServer:
                     message = str(error) if isinstance(error, LlamaError) else f"{type(error).__name__}: {error}"
                     raise APIError(500, f"generation failed: {message}", "server_error")
                 if update.token is not None:
-                    top = None if update.top is None else [(text.text_of(a), lp) for a, lp in update.top]
-                    tokens.append(TokenEntry(text.add(update.token), update.logprob, top))
+                    if job.logprobs:
+                        top = None if update.top is None else [(text.text_of(a), lp) for a, lp in update.top]
+                        tokens.append(TokenEntry(text.text_of(update.token), update.logprob, top))
+                    else:  # counted for usage; no text needed
+                        tokens.append(TokenEntry("", update.logprob))
+                    text.add(update.token)
                 piece = text.finish() if finished else text.take()
                 if text.stopped or finished:
                     yield Piece(piece, tokens, "stop" if text.stopped else update.finish_reason,

@@ -61,8 +61,8 @@ def real_number(value: Any, name: str, low: Optional[float] = None, high: Option
     if value is None and optional:
         return None
     number = None if isinstance(value, bool) or not isinstance(value, numbers.Real) else float(value)
-    bad = number is None or not math.isfinite(number) or (low is not None and (number <= low if above else number < low)) \
-        or (high is not None and number > high)
+    below = low is not None and number is not None and (number <= low if above else number < low)
+    bad = number is None or not math.isfinite(number) or below or (high is not None and number > high)
     if bad:
         if above and low is not None:
             limits = f" in ({low}, {high}]" if high is not None else f" > {low}"

@@ -252,4 +252,3 @@ def test_conversion_crash_midway_leaves_no_half_checkpoint(crash, dst_exists, tm
         assert not dst.exists()
     # Only the lock file is left beside it: no half-written or moved-away checkpoint.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".out.lock", "hf_model"] + (["out"] if dst_exists else []))
-

@@ -159,5 +159,3 @@ def _move_into_place(work: Path, target: Path) -> None:
     target.rename(old)
     work.rename(target)
     shutil.rmtree(old)
-
-
