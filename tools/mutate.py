@@ -50,6 +50,7 @@ class Mutation:
     tests: Sequence[str]
     why: str = ""  # what the mutant breaks
     equivalent: str = ""  # if it cannot be told apart from the original by its results: why
+    needs: str = ""  # a native code path the CPU must run for its tests to reach the mutant (e.g. "amx")
 
 
 M = Mutation
@@ -253,13 +254,13 @@ MUTATIONS: List[Mutation] = [
       ["tests/unit/test_prompt_attention.py"], "bf16 prompt attention chosen at a near tie (flip-flops)"),
     M("amx-pairs-swapped", "llama/native/csrc/linear_amx.cpp",
       [("xp + kp * c.mpad + mb * TILE_ROWS,", "xp + (kp ^ 1) * c.mpad + mb * TILE_ROWS,")],
-      ["tests/unit/test_native.py"], "x's column pairs packed out of order for the tile unit"),
+      ["tests/unit/test_native.py"], "x's column pairs packed out of order for the tile unit", needs="amx"),
     M("amx-second-rows-block-dropped", "llama/native/csrc/linear_amx.cpp",
       [("            _tile_dpbf16ps(3, 5, 7);\n", "")],
-      ["tests/unit/test_native.py"], "rows 17-32 of x miss half the weight rows on the tile unit"),
+      ["tests/unit/test_native.py"], "rows 17-32 of x miss half the weight rows on the tile unit", needs="amx"),
     M("amx-tail-rows-skipped", "llama/native/csrc/linear_amx.cpp",
       [("    if (end > full) tail_rows(c, full * UNIT_ROWS);", "")],
-      ["tests/unit/test_native.py"], "the last N % 32 weight rows never computed"),
+      ["tests/unit/test_native.py"], "the last N % 32 weight rows never computed", needs="amx"),
     M("attention-group-wrong-kv-head", "llama/native/csrc/decode.cpp",
       [("*kv = ks + (h0 + g) / group * hd;", "*kv = ks + (h0 + g) % m.n_kv_heads * hd;")],
       ["tests/unit/test_native.py"], "grouped query heads read another KV head's cache"),
@@ -267,6 +268,29 @@ MUTATIONS: List[Mutation] = [
       [("decoder = self.decoders.get(self._verdict(tokens.numel())) or next(iter(self.decoders.values()))",
         "decoder = next(iter(self.decoders.values()))")],
       ["tests/unit/test_decode_backend.py"], "the native path that measured fastest is not the one that runs"),
+    # ---- the architecture round (issue 23): the mechanisms it made one ------------------------
+    M("token-text-without-context", "llama/detokenize.py",
+      [("    before = list(before[-CONTEXT_TOKENS:])\n", "    before = []\n")],
+      ["tests/unit/test_batch.py", "tests/system/test_serve.py"],
+      "a token's text decoded alone: sentencepiece drops its leading space, the texts no longer join"),
+    M("quantized-product-skips-the-collective", "llama/model/parallel.py",
+      [("return self.combine(F.linear(x, self.weight) if self.kernel is None else self.kernel(x))",
+        "return self.combine(F.linear(x, self.weight)) if self.kernel is None else self.kernel(x)")],
+      ["tests/system/test_multiprocess.py", "tests/parity/test_precision.py"],
+      "a quantized layer's partial sums are never joined across ranks"),
+    M("blocks-width-unchecked", "llama/model/quantize/blocks.py",
+      [("if layer.weight.shape[1] % BLOCK]", "if False]")], ["tests/unit/test_decode_backend.py"],
+      "a rank's slice that is not 32 wide is not refused by name"),
+    M("import-check-module-level-only", "tests/unit/test_architecture.py",
+      [("for node in ast.walk(ast.parse(path.read_text())):", "for node in ast.parse(path.read_text()).body:")],
+      ["tests/unit/test_architecture.py"], "imports inside functions escape the dependency table"),
+    M("model-flag-defaults-ignored", "llama/cli.py",
+      [("given = {**flags.__dict__, **{k: v", "given = {**ModelFlags().__dict__, **{k: v")],
+      ["tests/unit/test_cli.py"], "a command's own defaults (chat's max_seq_len 2048) are not applied"),
+    M("setting-default-changed", "llama/settings.py",
+      [('Setting("LLAMA_DIST_TIMEOUT", "300"', 'Setting("LLAMA_DIST_TIMEOUT", "30"')],
+      ["tests/system/test_docs.py", "tests/unit/test_devices.py"],
+      "the registry's default and the documented one differ (waits bounded at 30 s, not 300)"),
 ]
 
 
@@ -288,6 +312,13 @@ def _apply(text: str, mutation: Mutation) -> str:
             raise SystemExit(f"mutation {mutation.name}: {old!r} occurs {count} times in {mutation.path}")
         text = text.replace(old, new)
     return text
+
+
+def machine_lacks(path: str) -> bool:
+    """Whether this CPU does not run the native code path `path` (its tests skip here)."""
+    probe = subprocess.run([sys.executable, "-c", "from llama import native; print(' '.join(native.paths()))"],
+                           cwd=REPO, capture_output=True, text=True)
+    return path not in probe.stdout.split()
 
 
 def run_one(copy: Path, mutation: Mutation) -> Tuple[str, str, float]:
@@ -336,8 +367,12 @@ def main() -> None:
         _copy_repo(copy)
         for m in chosen:
             _apply((copy / m.path).read_text(), m)  # every edit must apply before anything runs
+        lacking = {m.needs for m in chosen if m.needs and machine_lacks(m.needs)}
         for i, m in enumerate(chosen, 1):
-            result, detail, seconds = run_one(copy, m)
+            if m.needs in lacking:
+                result, detail, seconds = f"not run: this CPU has no {m.needs} path", "", 0.0
+            else:
+                result, detail, seconds = run_one(copy, m)
             rows.append((m, result, detail, seconds))
             print(f"[{i}/{len(chosen)}] {m.name}: {result} ({seconds:.0f}s) {detail}", flush=True)
     lines = ["| mutant | file | breaks | result | killed by |", "|---|---|---|---|---|"]
@@ -347,8 +382,9 @@ def main() -> None:
         lines.append(f"| {m.name} | {m.path} | {m.why} | {result} | {detail.replace('|', '/')} |")
     survived = sum(r == "SURVIVED" and not m.equivalent for m, r, _, _ in rows)
     equivalent = sum(r == "SURVIVED" and bool(m.equivalent) for m, r, _, _ in rows)
-    lines.append(f"\n{len(rows)} mutants: {len(rows) - survived - equivalent} killed, {equivalent} equivalent, "
-                 f"{survived} survived.")
+    not_run = sum(r.startswith("not run") for _, r, _, _ in rows)
+    lines.append(f"\n{len(rows)} mutants: {len(rows) - survived - equivalent - not_run} killed, {equivalent} "
+                 f"equivalent, {survived} survived, {not_run} not run on this CPU.")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

@@ -1,0 +1,59 @@
+"""The model flags every command shares (llama.cli.with_model_flags): one definition, each
+command's own defaults, the flags handed over as ModelFlags, documented once in --help."""
+
+import importlib.util
+import inspect
+
+import pytest
+
+from helpers import REPO
+from llama.cli import MODEL_FLAG_DOCS, MODEL_FLAGS, ModelFlags, with_model_flags
+
+
+def _example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def commands():
+    from llama import batch, chat
+    from llama.serve import __main__ as serve
+
+    return {"chat": (chat.main, 2048, 1), "batch": (batch.main, 512, 4), "serve": (serve.main, 2048, 8),
+            "example_chat_completion": (_example("example_chat_completion"), 512, 4),
+            "example_text_completion": (_example("example_text_completion"), 128, 4)}
+
+
+@pytest.mark.parametrize("name", ["chat", "batch", "serve", "example_chat_completion", "example_text_completion"])
+def test_every_command_takes_the_model_flags_with_its_own_defaults(name):
+    main, max_seq_len, max_batch_size = commands()[name]
+    parameters = inspect.signature(main).parameters
+    assert set(MODEL_FLAGS) <= set(parameters) and "model" not in parameters
+    assert (parameters["max_seq_len"].default, parameters["max_batch_size"].default) == (max_seq_len, max_batch_size)
+    assert all(parameters[f].default is None for f in ("ckpt_dir", "tokenizer_path", "dtype", "quantize"))
+    for flag, doc in MODEL_FLAG_DOCS.items():  # documented once, in every command's --help
+        assert f"{flag}: {doc}" in main.__doc__
+
+
+def test_the_command_gets_its_flags_as_model_flags_and_its_own_as_they_are():
+    seen = []
+
+    @with_model_flags(max_seq_len=64, max_batch_size=2)
+    def main(model: ModelFlags, prompt: str, temperature: float = 0.6):
+        """A command.
+
+        Args:
+            prompt: what to say.
+        """
+        seen.append((model, prompt, temperature))
+
+    main("hi", quantize="q8_0", temperature=0.0)
+    main(prompt="yo", ckpt_dir="2024", max_seq_len=32)
+    assert seen[0] == (ModelFlags(max_seq_len=64, max_batch_size=2, quantize="q8_0"), "hi", 0.0)
+    assert seen[1] == (ModelFlags(ckpt_dir="2024", max_seq_len=32, max_batch_size=2), "yo", 0.6)
+    assert list(inspect.signature(main).parameters)[:2] == ["prompt", "ckpt_dir"]  # required first
+    assert "prompt: what to say." in main.__doc__ and "quantize: weight-only" in main.__doc__
+    with pytest.raises(TypeError):
+        main("hi", max_seq_len_typo=3)
