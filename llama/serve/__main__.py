@@ -22,9 +22,11 @@ try:  # the `serve` extra: pip install -e .[serve]
     import uvicorn
 
     from .app import OpenAIServer
-except (ImportError, LlamaError) as _missing:  # the message says what to do, in one line
-    sys.exit(f"error: python -m llama.serve needs the HTTP stack ({getattr(_missing, 'name', None) or _missing}); "
-             f"install it with: pip install -e '.[serve]'")
+except ImportError as _missing:  # one line that says what to do, as every CLI's errors
+    sys.exit(f"error: python -m llama.serve needs the HTTP stack ({_missing.name} is not installed); install it "
+             f"with: pip install -e '.[serve]'")
+except LlamaError as _missing:  # llama.serve.app names what is missing
+    sys.exit(f"error: {_missing}")
 
 
 def bind(host: str, port: int) -> socket.socket:
