@@ -2,7 +2,6 @@
 and name the benchmark results (kernel choices tuned on one CPU are wrong on the next)."""
 
 import functools
-import hashlib
 import platform
 import re
 from pathlib import Path
@@ -33,14 +32,6 @@ def cpu_flags() -> List[str]:
     """The CPU's feature flags (x86: avx2, avx512f, avx512_bf16, amx_tile, ...), sorted."""
     info = _cpuinfo()
     return sorted((info.get("flags") or info.get("Features") or "").split())
-
-
-def machine_key() -> str:
-    """A short hash of CPU model, flags and core count: equal on machines of the same kind."""
-    import os
-
-    text = "|".join([cpu_model(), " ".join(cpu_flags()), platform.machine(), str(os.cpu_count())])
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def cpu_slug() -> str:
