@@ -25,9 +25,11 @@ setup(
     extras_require={
         # References for parity tests, never runtime deps: transformers/accelerate, and
         # pillow/pydantic so Meta's own llama_models chat format can be imported.
-        # The OpenAI-compatible server (python -m llama.serve).
-        "serve": ["fastapi", "uvicorn"],
+        # The OpenAI-compatible server (python -m llama.serve), its /metrics, and the client
+        # the docs' snippets use.
+        "serve": ["fastapi", "uvicorn", "prometheus-client", "openai"],
         "test": ["pytest", "hypothesis", "pexpect", "transformers", "accelerate", "pillow", "pydantic",
-                 "fastapi", "uvicorn", "openai", "httpx"],  # the server, and real clients to test it
+                 # the server, and real clients to test it
+                 "fastapi", "uvicorn", "prometheus-client", "openai", "httpx"],
     },
 )

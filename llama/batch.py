@@ -1,7 +1,11 @@
 """python -m llama.batch: run a JSONL file of prompts (or dialogs with --chat) through a model.
 
 Each input line is `{"id": ..., "prompt": "..."}` (or `"dialog": [...]`), optionally with its
-own `temperature`, `top_p` and `max_gen_len`. Lines are continuously batched (llama.runtime.engine): a
+own `temperature`, `top_p` and `max_gen_len`, stop strings (`stop`: a string or a list of
+strings; the text ends before the first, and the line's row is freed as soon as one appears)
+and sampling controls (`top_k`, `min_p`, `presence_penalty`, `frequency_penalty`,
+`repetition_penalty`, `logit_bias`: llama.runtime.sampling); any other field is refused, as
+is a bad value, naming the line. Lines are continuously batched (llama.runtime.engine): a
 line's result is appended to the output (one JSON line, flushed and fsynced) as soon as it is
 finished, and its row takes the next line at once. A line samples with a key made from --seed
 and its id, so its result does not depend on batching, on the number of processes or on
@@ -29,16 +33,18 @@ from .chat_format import check_messages
 from .cli import ModelFlags, path_flags, run, with_model_flags
 from .detokenize import token_texts
 from .errors import LlamaError
-from .generation import Llama
+from .generation import Llama, check_stops, generated_text
 from .runtime.distributed import FromMainRank
 from .runtime.engine import Request
-from .runtime.sampling import check_sampling, request_key
+from .runtime.sampling import SamplingControls, check_sampling, request_key
 from .utils.checks import check_text
 from .utils.locking import lock_path, try_hold
 from .utils.progress import counter
 from .utils.ranks import is_main_rank
 
 Params = Tuple[float, float, Optional[int]]  # temperature, top_p, max_gen_len
+CONTROLS = ("top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+SETTINGS = ("temperature", "top_p", "max_gen_len", "stop") + CONTROLS  # what a line may set for itself
 
 
 @dataclass
@@ -48,6 +54,8 @@ class InputLine:
     id: Any
     prompt: Any  # a str, or a dialog (list of messages) with --chat
     params: Params
+    stops: Tuple[str, ...] = ()
+    controls: SamplingControls = SamplingControls()
 
 
 def id_key(value: Any) -> str:
@@ -88,6 +96,12 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[InputLine]:
                 hint = " (dialogs need --chat)" if "dialog" in rec else " (plain prompts run without --chat)" \
                     if "prompt" in rec else ""
                 raise LlamaError(f'{where} (id {ident!r}) has no "{field}"{hint}')
+            unknown = [name for name in rec if name not in ("id", field) + SETTINGS]
+            if unknown:
+                hint = " (dialogs need --chat)" if "dialog" in unknown else \
+                    " (plain prompts run without --chat)" if "prompt" in unknown else ""
+                raise LlamaError(f"{where} (id {ident!r}) has the unknown field {unknown[0]!r}{hint}; a line "
+                                 f"may hold only id, {field}, {', '.join(SETTINGS)}")
             prompt = rec[field]
             if chat:
                 try:
@@ -99,7 +113,10 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[InputLine]:
             settings = [rec.get(name, default) for name, default in
                         zip(("temperature", "top_p", "max_gen_len"), defaults)]
             params = check_sampling(*settings, where=f"{where} (id {ident!r}): ")
-            jobs.append(InputLine(number, ident, prompt, params))
+            stops = check_stops(rec.get("stop"), f"{where} (id {ident!r}): ")
+            controls = SamplingControls.checked(**{name: rec[name] for name in CONTROLS if name in rec},
+                                                where=f"{where} (id {ident!r}): ")
+            jobs.append(InputLine(number, ident, prompt, params, stops, controls))
     return jobs
 
 
@@ -160,11 +177,12 @@ def share(jobs: List[InputLine], done: Set[str], replica: int, replicas: int) ->
 
 
 def check_lengths(generator: Llama, jobs: List[InputLine], chat: bool, path: str) -> None:
-    """Refuse dialogs the model's chat format cannot take, and prompts that cannot fit
-    max_seq_len, before any work starts. A prompt may fill the whole context; it then
-    generates nothing, as in Meta's code."""
+    """Refuse dialogs the model's chat format cannot take, prompts that cannot fit
+    max_seq_len and logit_bias ids outside the vocabulary, before any work starts. A prompt
+    may fill the whole context; it then generates nothing, as in Meta's code."""
     limit = generator.model.params.max_seq_len
     for job in jobs:
+        job.controls.within(generator.model.params.vocab_size, f"{path} line {job.number} (id {job.id!r}): ")
         if chat:
             try:  # the order of the roles is the model's chat format's to judge
                 generator.formatter.check_dialog(job.prompt)
@@ -237,7 +255,7 @@ def run_jobs(generator: Llama, jobs: List[InputLine], chat: bool, logprobs: bool
     appended to `out` (the replica's writer passes one) at once. Returns (tokens, seconds)."""
     start = time.perf_counter()
     bar = counter("batch", len(jobs), "line")
-    runnable, requests = [], []
+    runnable, requests, stops = [], [], []
     for job in jobs:
         tokens = _prompt_tokens(generator, job, chat)
         if tokens is None:  # answered at once, as chat_completion answers it
@@ -246,15 +264,16 @@ def run_jobs(generator: Llama, jobs: List[InputLine], chat: bool, logprobs: bool
             bar.update(1)
             continue
         temperature, top_p, max_gen_len = job.params
-        stops = generator.formatter.stop_tokens if chat else generator.tokenizer.stop_tokens
+        stop_tokens = generator.formatter.stop_tokens if chat else generator.tokenizer.stop_tokens
         runnable.append(job)
         requests.append(Request(tokens, max_gen_len or generator.model.params.max_seq_len - 1, temperature, top_p,
-                                job_key(seed, job.id), stops, logprobs))
+                                job_key(seed, job.id), stop_tokens, logprobs, controls=job.controls))
+        stops.append(job.stops)
     generated = 0
-    for index, handle in generator.complete(requests):
+    for index, handle in generator.complete(requests, stops):
         generated += len(handle.tokens)
         if out is not None:
-            text = generator.tokenizer.decode(handle.tokens)
+            text = generated_text(generator.tokenizer, handle.tokens, runnable[index].stops)
             texts = token_texts(generator.tokenizer, handle.tokens) if logprobs else []
             out.append([_line(runnable[index], text, texts, handle.logprobs, logprobs)])
         bar.update(1)
@@ -410,7 +429,9 @@ def main(
 
     Args:
         input: JSONL file, one {"id", "prompt"} (or {"id", "dialog"} with --chat) per line;
-            optional per-line "temperature", "top_p", "max_gen_len" override the flags.
+            optional per-line "temperature", "top_p", "max_gen_len" override the flags, and
+            "stop", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+            "repetition_penalty", "logit_bias" apply to that line.
         output: JSONL results, one {"id", "generation"} per line; ids already there are skipped.
         chat: lines hold dialogs, answered as the assistant.
         temperature: 0 is greedy; higher samples more freely.

@@ -1,11 +1,14 @@
 """Dialog types and chat prompt formats: a dialog becomes the token ids of one prompt.
 
-Formats: Llama2ChatFormat ([INST]), Llama3ChatFormat (header ids), ChatMLFormat (<|im_start|>).
-`ChatFormat(tokenizer)` and `make_chat_format(tokenizer, name)` pick one.
+Formats: Llama2ChatFormat ([INST]), Llama3ChatFormat (header ids, and Llama 3.1's tool
+calling: llama.tool_calls), ChatMLFormat (<|im_start|>). `ChatFormat(tokenizer)` and
+`make_chat_format(tokenizer, name)` pick one.
 """
 
-from typing import AbstractSet, List, Literal, Optional, Sequence, TypedDict
+import datetime
+from typing import Any, AbstractSet, Dict, List, Literal, Optional, Sequence, TypedDict
 
+from . import tool_calls
 from .errors import LlamaError
 from .tokenizer import Tokenizer
 from .utils.checks import check_text
@@ -16,6 +19,8 @@ Role = Literal["system", "user", "assistant", "tool", "ipython"]
 class Message(TypedDict):
     role: Role
     content: str
+    # An assistant message may also hold "tool_calls": [{"call_id", "tool_name", "arguments"}]
+    # (the calls it made, llama-models' ToolCall; its content may then be None or "").
 
 
 Dialog = List[Message]
@@ -39,7 +44,21 @@ def check_messages(dialog: Sequence[Message], index: int = 0, roles: Sequence[st
         if msg["role"] not in roles:
             raise LlamaError(f"{where}, message {i} has unknown role {msg['role']!r}: this chat format "
                              f"takes {', '.join(map(repr, roles))}")
-        check_text(msg["content"], f"{where}, message {i}: content")
+        calls = msg.get("tool_calls")
+        if calls is not None:
+            _check_calls(calls, msg["role"], f"{where}, message {i}")
+        if msg["content"] is not None or not calls:  # a message of calls alone may have no content
+            check_text(msg["content"], f"{where}, message {i}: content")
+
+
+def _check_calls(calls: Any, role: str, where: str) -> None:
+    if role != "assistant":
+        raise LlamaError(f"{where} has tool_calls, which only an 'assistant' message can have")
+    if not isinstance(calls, (list, tuple)) or not all(
+            isinstance(c, dict) and isinstance(c.get("tool_name"), str) and isinstance(c.get("arguments"), dict)
+            for c in calls):
+        raise LlamaError(f"{where}: tool_calls must be a list of {{'call_id', 'tool_name', 'arguments': {{...}}}} "
+                         f"(llama-models' ToolCall), got {calls!r:.80}")
 
 
 class ChatFormat:
@@ -74,9 +93,19 @@ class ChatFormat:
         """True if the dialog must be refused (answered with UNSAFE_ERROR) instead of run."""
         return False
 
-    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
-        """Token ids of the prompt asking the assistant to answer `dialog`."""
+    def encode_dialog_prompt(self, dialog: Sequence[Message], tools: Optional[Sequence[Dict[str, Any]]] = None,
+                             tool_choice: tool_calls.ToolChoice = "auto",
+                             today: Optional[datetime.date] = None) -> List[int]:
+        """Token ids of the prompt asking the assistant to answer `dialog`, offering `tools`
+        (llama.tool_calls; the Llama 3 format only) as tool_choice says; `today` is the date
+        a tool prompt states (default: today)."""
         raise NotImplementedError
+
+    def _no_tools(self, dialog: Sequence[Message], tools: Optional[Sequence[Dict[str, Any]]]) -> None:
+        """LlamaError if `dialog` holds tool calls or tools are offered: this format has no tool calling."""
+        if tools or any(msg.get("tool_calls") for msg in dialog):
+            raise LlamaError(f"tool calling needs a Llama 3.1 model (the llama3 chat format); this model's chat "
+                             f"format is {type(self).__name__}")
 
     def _special(self, text: str) -> int:
         """The id of control token `text`; LlamaError if the vocabulary lacks it."""
@@ -125,10 +154,11 @@ class Llama2ChatFormat(ChatFormat):
 
     def is_unsafe(self, dialog: Sequence[Message]) -> bool:
         """True if any message contains the format's control tags (Meta refuses these)."""
-        return any(tag in msg["content"] for msg in dialog for tag in self.SPECIAL_TAGS)
+        return any(tag in (msg["content"] or "") for msg in dialog for tag in self.SPECIAL_TAGS)
 
-    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+    def encode_dialog_prompt(self, dialog: Sequence[Message], tools=None, tool_choice="auto", today=None) -> List[int]:
         self.check_dialog(dialog)
+        self._no_tools(dialog, tools)
         if dialog[0]["role"] == "system":
             merged = self.B_SYS + dialog[0]["content"] + self.E_SYS + dialog[1]["content"]
             dialog = [{"role": "user", "content": merged}, *dialog[2:]]
@@ -146,20 +176,40 @@ class Llama3ChatFormat(ChatFormat):
     `<|start_header_id|>role<|end_header_id|>\\n\\n` + stripped content + `<|eot_id|>`, then an
     open assistant header. Messages come in any order and role "tool" is written "ipython",
     as in Meta's llama_models. Content is encoded as plain text, so text such as "<|eot_id|>"
-    cannot inject control tokens; is_unsafe is therefore always False."""
+    cannot inject control tokens; is_unsafe is therefore always False.
+
+    Llama 3.1's tool calling (llama.tool_calls): an assistant message's tool calls follow its
+    content as JSON and end with <|eom_id|>, as llama-models writes them; with tools offered,
+    the system message becomes the tool environment's (the dialog's own system message kept
+    in it) and a user message listing the tools comes before the rest of the dialog; with
+    tool_choice "required" or a named function, the prompt ends with the start of the call."""
 
     def _header(self, role: str) -> List[int]:
         role = "ipython" if role == "tool" else role
         return ([self._special("<|start_header_id|>")] + self._text(role)
                 + [self._special("<|end_header_id|>")] + self._text("\n\n"))
 
-    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+    def encode_dialog_prompt(self, dialog: Sequence[Message], tools=None, tool_choice="auto", today=None) -> List[int]:
         self.check_dialog(dialog)
         tokens = [self._special("<|begin_of_text|>")]
+        if tools and tool_choice != "none":
+            # The tool environment's messages, written as Meta's templates make them (not stripped).
+            system = dialog[0]["content"] if dialog[0]["role"] == "system" else None
+            for role, text in (("system", tool_calls.system_message(system, today)),
+                               ("user", tool_calls.tools_message(tools))):
+                tokens += self._header(role) + self._text(text) + [self._special("<|eot_id|>")]
+            dialog = dialog[1:] if system is not None else dialog
         for msg in dialog:
-            tokens += self._header(msg["role"]) + self._text(msg["content"].strip())
-            tokens.append(self._special("<|eot_id|>"))
-        return tokens + self._header("assistant")
+            tokens += self._header(msg["role"]) + self._text((msg["content"] or "").strip())
+            calls = msg.get("tool_calls") or []
+            for call in calls:
+                tokens += self._text(tool_calls.call_text(call))
+            tokens.append(self._special("<|eom_id|>" if calls else "<|eot_id|>"))
+        tokens += self._header("assistant")
+        prefix = tool_calls.call_prefix(tool_choice) if tools else ""
+        if prefix.startswith(tool_calls.PYTHON_TAG):
+            tokens += [self._special(tool_calls.PYTHON_TAG)] + self._text(prefix[len(tool_calls.PYTHON_TAG):])
+        return tokens
 
 
 class ChatMLFormat(ChatFormat):
@@ -176,8 +226,9 @@ class ChatMLFormat(ChatFormat):
         self.default_system_prompt = default_system_prompt
         self.im_start, self.im_end = self._special("<|im_start|>"), self._special("<|im_end|>")
 
-    def encode_dialog_prompt(self, dialog: Sequence[Message]) -> List[int]:
+    def encode_dialog_prompt(self, dialog: Sequence[Message], tools=None, tool_choice="auto", today=None) -> List[int]:
         self.check_dialog(dialog)
+        self._no_tools(dialog, tools)
         if self.default_system_prompt is not None and dialog[0]["role"] != "system":
             dialog = [{"role": "system", "content": self.default_system_prompt}, *dialog]
         tokens: List[int] = []

@@ -3,10 +3,13 @@ server, the batch job and the logprob entries of every result use it, so a token
 same text everywhere.
 
 Detokenizers are context-sensitive (a sentencepiece word's leading space, a character split
-over byte tokens), so the whole sequence is decoded again after each token, and text is
-released only once it can no longer change: never a trailing incomplete character (U+FFFD),
-never a tail that might be the start of a stop string. When a stop string appears, the text
-ends before it.
+over byte tokens), so text is decoded in a window: the tokens since the last point where the
+text was complete, with the chunk before that point as context; what the window adds to its
+context's text is the new text. Each token is decoded a bounded number of times, so a long
+answer costs time linear in its length. Text is released only once it can no longer change:
+never a trailing incomplete character (U+FFFD), never a tail that might be the start of a
+stop string. When a stop string appears, the text ends before it. At the end, the whole
+sequence is decoded once, so the released text joins to exactly what decode() gives.
 
 A token's own text (what its logprob entry shows) is what it adds to the text of the tokens
 before it in the same sequence; where it changes that text instead (it completes a character
@@ -47,54 +50,74 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = (), stops: Sequence[str] = ()):
         self.tokenizer = tokenizer
-        self.context = list(context[-CONTEXT_TOKENS:])
-        self.context_text = tokenizer.decode(self.context)
+        self.ids = list(context[-CONTEXT_TOKENS:])  # the context's tail, then the sequence's tokens
+        self.start = len(self.ids)
         self.stops = [s for s in stops if s]
-        self.tokens: List[int] = []
         self.sent = ""  # text released so far
         self.stopped = False  # a stop string was met: the text is complete
+        self._text = ""  # the sequence's text up to the window (complete characters)
+        self._window = (0, self.start)  # ids[a:] is decoded; ids[a:b]'s text is already in _text
+        self._searched = 0  # _text before this holds no stop string
+
+    @property
+    def tokens(self) -> List[int]:
+        return self.ids[self.start:]
 
     def add(self, token: int) -> None:
-        self.tokens.append(token)
+        self.ids.append(token)
 
     def text_of(self, token: int) -> str:
         """The text `token` would add next: its own text if it is added next, an alternative's
         text for top logprobs."""
-        return token_text(self.tokenizer, token, self.context + self.tokens)
+        return token_text(self.tokenizer, token, self.ids)
 
     def take(self) -> str:
         """The newly final text (maybe ""); sets `stopped` when a stop string ends the text."""
-        return self._release(final=False)
+        if self.stopped:
+            return ""
+        self._advance()
+        return self._release(self._text, final=False)
 
     def finish(self) -> str:
         """The rest of the text, the sequence being complete."""
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        text = self.tokenizer.decode(self.context + self.tokens)
-        if text.startswith(self.context_text):
-            text = text[len(self.context_text):]
+        context_text = self.tokenizer.decode(self.ids[: self.start])
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(context_text):
+            text = text[len(context_text):]
         else:  # the context decodes differently with the sequence after it: the sequence alone
             text = self.tokenizer.decode(self.tokens)
+        self._searched = 0
+        return self._release(text, final=True)
+
+    def _advance(self) -> None:
+        """Add the window's new text to _text if it ends on a complete character, and move the
+        window on: its last tokens become the next window's context."""
+        begin, read = self._window
+        before = self.tokenizer.decode(self.ids[begin:read])
+        now = self.tokenizer.decode(self.ids[begin:])
+        if len(now) > len(before) and now.startswith(before) and not now.endswith("\ufffd"):
+            self._text += now[len(before):]
+            self._window = (read, len(self.ids))
+
+    def _release(self, text: str, final: bool) -> str:
         cut = self._first_stop(text)
         if cut is not None:
             text, final, self.stopped = text[:cut], True, True
+        else:
+            self._searched = max(0, len(text) - max((len(s) for s in self.stops), default=1) + 1)
         if not final:
-            text = text.rstrip("\ufffd")
             text = text[: len(text) - self._stop_prefix(text)]
-        if not final and not text.startswith(self.sent):
-            # Decoding more tokens changed text already released (rare): wait for the end,
-            # which then sends what follows the released part.
-            return ""
+            if not text.startswith(self.sent):
+                return ""  # cannot happen with text that only grows; kept as a guard
         piece = text[len(self.sent):]
         self.sent += piece
         return piece
 
     def _first_stop(self, text: str) -> Optional[int]:
-        """Where the first stop string in `text` begins, or None."""
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        """Where the first stop string in `text` begins (searched from where it could), or None."""
+        found = [i for i in (text.find(s, self._searched) for s in self.stops) if i >= 0]
         return min(found) if found else None
 
     def _stop_prefix(self, text: str) -> int:

@@ -1,17 +1,26 @@
 """Llama: prompt -> tokens -> prefill -> decode -> sample -> text, batched or streamed.
 Signatures and return shapes follow Meta's reference code; building a Llama from a
 checkpoint is llama.runtime.loading's (Llama.build is a thin wrapper over it), running
-requests the engine's (llama.runtime.engine), tokens -> text the detokenizer's."""
+requests the engine's (llama.runtime.engine), tokens -> text the detokenizer's.
+
+Beyond Meta's arguments, the generating calls take keyword-only sampling controls (top_k,
+min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias: see
+llama.runtime.sampling) and stop strings (`stop`): a request ends as soon as its generated
+text holds one (its row is freed at once, by the engine's stop check), and its text ends
+before the first one (OpenAI's rule). Its tokens and logprobs then run up to and including
+the token that completed the stop string (as HF's stop_strings and this package's server
+give them), so they may hold more text than `generation`."""
 
 import collections
 import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import torch
 
+from . import tool_calls
 from .chat_format import ChatFormat, Dialog, Message, make_chat_format
 from .detokenize import Detokenizer, token_texts
 from .errors import LlamaError
@@ -20,7 +29,8 @@ from .model import Transformer
 from .runtime.distributed import DistContext
 from .runtime.engine import Engine, Handle, Request, check_prompt
 from .runtime.loading import load
-from .runtime.sampling import check_sampling, random_key, request_key, sample_top_p  # noqa: F401 - public names
+from .runtime.sampling import (SamplingControls, check_sampling, random_key, request_key,  # noqa: F401 - public
+                               sample_top_p)
 from .tokenizer import Tokenizer
 from .utils.checks import check_text, whole_number
 
@@ -138,11 +148,16 @@ class Llama:
 
     def _requests(self, prompt_tokens: Sequence[Sequence[int]], keys: List[int], max_gen_len: int,
                   temperature: float, top_p: float, logprobs: bool, stop_tokens: Optional[Sequence[int]],
-                  echo: bool = False) -> List[Request]:
+                  echo: bool = False, controls: SamplingControls = SamplingControls()) -> List[Request]:
         stops = tuple(stop_tokens if stop_tokens is not None else self.tokenizer.stop_tokens)
         temperature, top_p, max_gen_len = check_sampling(temperature, top_p, max_gen_len)
-        return [Request(list(t), max_gen_len, temperature, top_p, key, stops, logprobs, echo and logprobs)
-                for t, key in zip(prompt_tokens, keys)]
+        return [Request(list(t), max_gen_len, temperature, top_p, key, stops, logprobs, echo and logprobs,
+                        controls=controls) for t, key in zip(prompt_tokens, keys)]
+
+    def _controls(self, top_k: Any, min_p: Any, presence_penalty: Any, frequency_penalty: Any,
+                  repetition_penalty: Any, logit_bias: Any) -> SamplingControls:
+        return SamplingControls.checked(top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty,
+                                        logit_bias, vocab_size=self.model.params.vocab_size)
 
     @contextlib.contextmanager
     def _driving(self) -> Iterator[None]:
@@ -165,9 +180,11 @@ class Llama:
                 if not self._drivers[me]:
                     del self._drivers[me]
 
-    def _submit(self, requests: List[Request]) -> List[Handle]:
+    def _submit(self, requests: List[Request], stops: Optional[Sequence[Sequence[str]]] = None) -> List[Handle]:
+        stops = stops if stops is not None else [()] * len(requests)
         with self._lock:
-            return [self.engine.submit(r, f"prompt {i}") for i, r in enumerate(requests)]
+            return [self.engine.submit(r, f"prompt {i}", stop_check(self.tokenizer, s))
+                    for i, (r, s) in enumerate(zip(requests, stops))]
 
     def _advance(self, handles: List[Handle]) -> None:
         """One engine step unless every handle is done (another thread may have stepped)."""
@@ -182,28 +199,35 @@ class Llama:
 
     def stream_tokens(self, prompt_tokens: Sequence[Sequence[int]], max_gen_len: int, temperature: float = 0.6,
                       top_p: float = 0.9, logprobs: bool = False, stop_tokens: Optional[Sequence[int]] = None,
-                      seed: Optional[int] = None) -> Iterator[List[Optional[Tuple[int, float]]]]:
+                      seed: Optional[int] = None, *, stop: Optional[Sequence[str]] = None, top_k: int = 0,
+                      min_p: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                      repetition_penalty: float = 1.0, logit_bias: Optional[Dict[int, float]] = None,
+                      ) -> Iterator[List[Optional[Tuple[int, float]]]]:
         """Decode at most max_batch_size prompts, yielding as tokens arrive.
 
         Each yield holds, per prompt, (token, logprob) for its next token or None where that
         prompt has no new token (finished, or still waiting for a row). Stop tokens are not
-        yielded; logprob is 0.0 unless logprobs=True. Tokens are those generate() gives for the
-        same arguments and random state. The arguments are checked now, as generate() checks
-        them, not at the first step. Closing the iterator early cancels what is left.
+        yielded; the token that completes a stop string is, and is that prompt's last; logprob
+        is 0.0 unless logprobs=True. Tokens are those generate() gives for the same arguments
+        and random state. The arguments are checked now, as generate() checks them, not at the
+        first step. Closing the iterator early cancels what is left.
         """
         self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
         if len(prompt_tokens) > self.model.params.max_batch_size:
             raise LlamaError(f"stream_tokens decodes at most max_batch_size={self.model.params.max_batch_size} "
                              f"prompts at once, got {len(prompt_tokens)}; generate() takes any number")
+        controls = self._controls(top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias)
+        stops = check_stops(stop)
         keys = self._keys(len(prompt_tokens), temperature, seed)
         return self._stream(self._requests(prompt_tokens, keys, max_gen_len, temperature, top_p, logprobs,
-                                           stop_tokens))
+                                           stop_tokens, controls=controls), [stops] * len(prompt_tokens))
 
-    def _stream(self, requests: List[Request]) -> Iterator[List[Optional[Tuple[int, float]]]]:
+    def _stream(self, requests: List[Request],
+                stops: Sequence[Sequence[str]]) -> Iterator[List[Optional[Tuple[int, float]]]]:
         with self._driving():
             start = time.perf_counter()
             stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(r.prompt_tokens) for r in requests))
-            handles = self._submit(requests)
+            handles = self._submit(requests, stops)
             sent = [0] * len(handles)
             try:
                 while True:
@@ -237,6 +261,14 @@ class Llama:
         echo: bool = False,
         stop_tokens: Optional[Sequence[int]] = None,
         seed: Optional[int] = None,
+        *,
+        stop: Optional[Sequence[str]] = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Optional[Dict[int, float]] = None,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Generate continuations of token prompts.
 
@@ -246,24 +278,32 @@ class Llama:
         prompt token given the ones before it; the first is 0.0). stop_tokens default to the
         tokenizer's. Prompt i samples with a key made from i and the call's key (`seed`, else
         drawn from the global torch RNG), so its result does not depend on the other prompts.
+        stop: strings (or one string) that end a prompt's generation as soon as its text holds
+        one, the token that completed it included. top_k, min_p, presence_penalty,
+        frequency_penalty, repetition_penalty, logit_bias: the sampling controls
+        (llama.runtime.sampling; off by default); logprobs stay the raw model's.
         """
         self._check_prompts(prompt_tokens, max_gen_len, temperature, top_p)
+        controls = self._controls(top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias)
+        stops = check_stops(stop)
         keys = self._keys(len(prompt_tokens), temperature, seed)
         requests = self._requests(prompt_tokens, keys, max_gen_len, temperature, top_p, logprobs,
-                                  stop_tokens, echo)
-        handles = self._run(requests)
+                                  stop_tokens, echo, controls)
+        handles = self._run(requests, [stops] * len(requests))
         tokens = [list(r.prompt_tokens) + h.tokens if echo else h.tokens for r, h in zip(requests, handles)]
         if not logprobs:
             return tokens, None
         return tokens, [(h.prompt_logprobs or []) + h.logprobs if echo else h.logprobs for h in handles]
 
-    def complete(self, requests: Sequence[Request]) -> Iterator[Tuple[int, Handle]]:
+    def complete(self, requests: Sequence[Request],
+                 stops: Optional[Sequence[Sequence[str]]] = None) -> Iterator[Tuple[int, Handle]]:
         """Submit requests to the engine and step it, yielding (index in `requests`, handle) as
         each request finishes, in the order they finish. Closing the iterator early cancels
-        the rest. last_stats covers these requests once all are done."""
+        the rest. last_stats covers these requests once all are done. stops: per request, its
+        stop strings (generated_text gives the text they end)."""
         with self._driving():
             start = time.perf_counter()
-            handles = self._submit(list(requests))
+            handles = self._submit(list(requests), stops)
             waiting = list(enumerate(handles))
             try:
                 while waiting:
@@ -283,44 +323,62 @@ class Llama:
                 time_to_first_token_s=min(firsts) - start if firsts else 0.0,
                 total_s=time.perf_counter() - start)
 
-    def _run(self, requests: List[Request]) -> List[Handle]:
+    def _run(self, requests: List[Request], stops: Optional[Sequence[Sequence[str]]] = None) -> List[Handle]:
         """complete(), the handles in the order of the requests."""
         handles: List[Optional[Handle]] = [None] * len(requests)
-        for i, handle in self.complete(requests):
+        for i, handle in self.complete(requests, stops):
             handles[i] = handle
         return handles  # type: ignore[return-value]
 
     # ---- text in, text out -------------------------------------------------------------
 
     def stream_completion(self, prompt: str, temperature: float = 0.6, top_p: float = 0.9,
-                          max_gen_len: Optional[int] = None) -> Iterator[str]:
+                          max_gen_len: Optional[int] = None, *, stop: Optional[Sequence[str]] = None,
+                          top_k: int = 0, min_p: float = 0.0, presence_penalty: float = 0.0,
+                          frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                          logit_bias: Optional[Dict[int, float]] = None) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces while it is decoded.
 
         The pieces join to text_completion's `generation` for the same arguments and random
-        state. Under model parallelism every rank must iterate; all ranks yield the same text.
+        state (stop strings and sampling controls: see generate). Under model parallelism
+        every rank must iterate; all ranks yield the same text.
         """
         if not isinstance(prompt, str):
             raise LlamaError(f"prompt must be a str, got {type(prompt).__name__}: {prompt!r:.80}")
         tokens = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos, eos=False)
-        return self._stream_text(tokens, temperature, top_p, max_gen_len, self.tokenizer.stop_tokens)
+        controls = dict(top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                        logit_bias=logit_bias)
+        return self._stream_text(tokens, temperature, top_p, max_gen_len, self.tokenizer.stop_tokens, stop, controls)
 
     def stream_chat(self, dialog: Dialog, temperature: float = 0.6, top_p: float = 0.9,
-                    max_gen_len: Optional[int] = None) -> Iterator[str]:
+                    max_gen_len: Optional[int] = None, *, stop: Optional[Sequence[str]] = None,
+                    top_k: int = 0, min_p: float = 0.0, presence_penalty: float = 0.0,
+                    frequency_penalty: float = 0.0, repetition_penalty: float = 1.0,
+                    logit_bias: Optional[Dict[int, float]] = None) -> Iterator[str]:
         """Yield the assistant's answer to one dialog as text pieces (see stream_completion)."""
         self.formatter.check_dialog(dialog)
+        controls = dict(top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                        frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                        logit_bias=logit_bias)
         if self.formatter.is_unsafe(dialog):
+            self._controls(**controls)  # bad arguments are refused all the same
+            check_stops(stop)
             return iter([self.formatter.UNSAFE_ERROR])
         tokens = self.formatter.encode_dialog_prompt(dialog)
-        return self._stream_text(tokens, temperature, top_p, max_gen_len, self.formatter.stop_tokens)
+        return self._stream_text(tokens, temperature, top_p, max_gen_len, self.formatter.stop_tokens, stop, controls)
 
     def _stream_text(self, prompt_tokens: List[int], temperature: float, top_p: float,
-                     max_gen_len: Optional[int], stop_tokens: Sequence[int]) -> Iterator[str]:
+                     max_gen_len: Optional[int], stop_tokens: Sequence[int], stop: Optional[Sequence[str]],
+                     controls: Dict[str, Any]) -> Iterator[str]:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
-        steps = self.stream_tokens([prompt_tokens], max_gen_len, temperature, top_p, stop_tokens=stop_tokens)
+        stops = check_stops(stop)
+        steps = self.stream_tokens([prompt_tokens], max_gen_len, temperature, top_p, stop_tokens=stop_tokens,
+                                   stop=stops, **controls)
 
         def pieces() -> Iterator[str]:
-            text = Detokenizer(self.tokenizer)
+            text = Detokenizer(self.tokenizer, stops=stops)
             for step in steps:
                 text.add(step[0][0])
                 piece = text.take()
@@ -341,8 +399,17 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
         seed: Optional[int] = None,
+        *,
+        stop: Optional[Sequence[str]] = None,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logit_bias: Optional[Dict[int, float]] = None,
     ) -> List[CompletionPrediction]:
-        """Complete each text prompt. max_gen_len defaults to max_seq_len - 1; seed: see generate."""
+        """Complete each text prompt. max_gen_len defaults to max_seq_len - 1; seed, stop and
+        the sampling controls: see generate. `generation` ends before the first stop string."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise LlamaError("prompts must be a non-empty list of strings")
         for i, p in enumerate(prompts):
@@ -351,9 +418,17 @@ class Llama:
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=self.tokenizer.add_bos, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed)
-        return [self._prediction(self.tokenizer.decode(t), t, lps[i] if lps else None)
-                for i, t in enumerate(tokens)]
+        stops = check_stops(stop)
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed=seed,
+                                    stop=stops, top_k=top_k, min_p=min_p, presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
+                                    logit_bias=logit_bias)
+        results = []
+        for i, (prompt, t) in enumerate(zip(prompt_tokens, tokens)):
+            before = prompt if echo else []
+            text = generated_text(self.tokenizer, t[len(before):], stops, before)
+            results.append(self._prediction(text, t, lps[i] if lps else None))
+        return results
 
     def text_infilling(
         self,
@@ -390,26 +465,44 @@ class Llama:
 
     def chat_completion(self, dialogs: List[Dialog], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False,
-                        seed: Optional[int] = None) -> List[ChatPrediction]:
+                        seed: Optional[int] = None, *, stop: Optional[Sequence[str]] = None, top_k: int = 0,
+                        min_p: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                        repetition_penalty: float = 1.0, logit_bias: Optional[Dict[int, float]] = None,
+                        tools: Optional[List[Dict[str, Any]]] = None,
+                        tool_choice: Optional[tool_calls.ToolChoice] = None) -> List[ChatPrediction]:
         """Answer each dialog as the assistant. Dialogs holding the chat format's control
         tags are not run; their answer is the format's error message, as in Meta's code.
-        Dialog i samples with the key of input position i (seed: see generate)."""
+        Dialog i samples with the key of input position i (seed, stop and the sampling
+        controls: see generate; the answer's text ends before the first stop string).
+
+        tools (Llama 3.1 models): functions in OpenAI's shape, offered in Meta's JSON tool
+        format; an answer that calls one has content "" and "tool_calls": [{"call_id",
+        "tool_name", "arguments"}] (llama-models' ToolCall). tool_choice: "auto" (default with
+        tools), "none", "required" or {"type": "function", "function": {"name": NAME}}; see
+        llama.tool_calls. Dialogs may hold such calls (assistant messages) and their results
+        (role "tool")."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise LlamaError("dialogs must be a non-empty list of dialogs")
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
+        tools = tool_calls.check_tools(tools) if tools is not None else None
+        choice = tool_calls.check_tool_choice(("auto" if tools else "none") if tool_choice is None else tool_choice,
+                                              tools)
         for i, dialog in enumerate(dialogs):
             self.formatter.check_dialog(dialog, i)
         unsafe = [self.formatter.is_unsafe(d) for d in dialogs]
         safe = [i for i, bad in enumerate(unsafe) if not bad]
-        prompts = [self.formatter.encode_dialog_prompt(dialogs[i]) for i in safe]
+        prompts = [self.formatter.encode_dialog_prompt(dialogs[i], tools, choice) for i in safe]
         check_sampling(temperature, top_p, max_gen_len)
+        controls = self._controls(top_k, min_p, presence_penalty, frequency_penalty, repetition_penalty, logit_bias)
+        stops = check_stops(stop)
         params = self.model.params
         for i, tokens in zip(safe, prompts):
             check_prompt(tokens, params.max_seq_len, params.vocab_size, f"dialog {i}")
         keys = self._keys(len(dialogs), temperature, seed)
-        handles = self._run(self._requests(prompts, [keys[i] for i in safe], max_gen_len, temperature, top_p,
-                                          logprobs, self.formatter.stop_tokens)) if prompts else []
+        requests = self._requests(prompts, [keys[i] for i in safe], max_gen_len, temperature, top_p, logprobs,
+                                  self.formatter.stop_tokens, controls=controls)
+        handles = self._run(requests, [stops] * len(requests)) if prompts else []
         answers = dict(zip(safe, handles))
 
         results: List[ChatPrediction] = []
@@ -418,15 +511,74 @@ class Llama:
                 content, t, lp = self.formatter.UNSAFE_ERROR, [], [] if logprobs else None
             else:
                 h = answers[i]
-                content, t, lp = self.tokenizer.decode(h.tokens), h.tokens, h.logprobs if logprobs else None
+                content = generated_text(self.tokenizer, h.tokens, stops)
+                t, lp = h.tokens, h.logprobs if logprobs else None
             pred = self._prediction(content, t, lp)
-            results.append({**pred, "generation": {"role": "assistant", "content": content}})
+            message: Message = {"role": "assistant", "content": content}
+            if tools and choice != "none" and i in answers:
+                message = _tool_answer(content, tools, choice)
+            results.append({**pred, "generation": message})
         return results
 
     def _prediction(self, text: str, tokens: List[int], logprobs: Optional[List[float]]) -> dict:
         if logprobs is None:
             return {"generation": text}
         return {"generation": text, "tokens": token_texts(self.tokenizer, tokens), "logprobs": logprobs}
+
+
+def _tool_answer(content: str, tools: List[Dict[str, Any]], choice: tool_calls.ToolChoice) -> Message:
+    """The assistant's message when tools were offered: a call of one of them, or the text
+    (with the start of a call the prompt gave it, when a forced call did not come out whole)."""
+    prefix = tool_calls.call_prefix(choice)
+    call = tool_calls.parse_tool_call(prefix + content)
+    if call is not None and call["tool_name"] in {t["function"]["name"] for t in tools}:
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    return {"role": "assistant", "content": prefix + content}
+
+
+def check_stops(stop: Any, where: str = "") -> Tuple[str, ...]:
+    """Stop strings: None, a string or a list of strings -> a tuple (empty strings, which
+    never match, dropped); a LlamaError naming `stop` otherwise."""
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, (list, tuple)):
+        raise LlamaError(f"{where}stop={stop!r:.80} must be a string or a list of strings")
+    for i, text in enumerate(items):
+        check_text(text, f"{where}stop[{i}]")
+    return tuple(text for text in items if text)
+
+
+def stop_check(tokenizer: Tokenizer, stops: Sequence[str]) -> Optional[Callable[[int], bool]]:
+    """The engine's stop check for stop strings (None without any): fed each generated token,
+    True once the text of the tokens so far holds a stop string (the detokenizer's rule)."""
+    if not stops:
+        return None
+    text = Detokenizer(tokenizer, stops=stops)
+
+    def stopped(token: int) -> bool:
+        text.add(token)
+        text.take()
+        return text.stopped
+
+    return stopped
+
+
+def generated_text(tokenizer: Tokenizer, tokens: Sequence[int], stops: Sequence[str] = (),
+                   before: Sequence[int] = ()) -> str:
+    """The text of generated `tokens`, ended before the first stop string in it (the text the
+    stop check saw); with `before` (echo: the prompt), the text of before + tokens, its end
+    cut as much."""
+    text = tokenizer.decode(list(before) + list(tokens))
+    if not stops:
+        return text
+    alone = Detokenizer(tokenizer, stops=stops)
+    for token in tokens:
+        alone.add(token)
+    kept = alone.finish()
+    if not alone.stopped:
+        return text
+    return text[: len(text) - (len(tokenizer.decode(list(tokens))) - len(kept))]
 
 
 def _check_texts(texts: Any, name: str) -> None:

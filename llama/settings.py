@@ -22,11 +22,13 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 @dataclass(frozen=True)
 class Setting:
     """One variable: `parse(text)` turns its text (or `default` when it is unset or empty)
-    into the value code uses; `default` None means the value is None when unset."""
+    into the value code uses; `default` None means the value is None when unset. With
+    `empty_is_text`, a variable set to "" is parsed as it is, not taken for unset."""
     name: str
     default: Optional[str]
     parse: Callable[[str], Any]
     doc: str
+    empty_is_text: bool = False
 
 
 def _choices(name: str, choices: Sequence[str], meanings: str) -> Callable[[str], str]:
@@ -47,6 +49,19 @@ def _dist_timeout(text: str) -> float:
         raise LlamaError(f"LLAMA_DIST_TIMEOUT={text!r} must be a positive number of seconds, at most "
                          f"{MAX_DIST_TIMEOUT_S} (a week)")
     return value
+
+
+def check_api_key(key: str, name: str) -> str:
+    """The server's API key as given by --api-key or LLAMA_API_KEY (`name`): one rule for both.
+    An empty key, or one with spaces around it, is refused: clients send it trimmed, so no
+    client could use it. The key itself is never printed."""
+    problem = ("is not text" if not isinstance(key, str) else "is empty" if not key
+               else "has spaces around it" if key != key.strip()
+               else "holds characters a header cannot carry" if not key.isprintable() else None)
+    if problem:
+        raise LlamaError(f"{name} {problem}: an API key must be non-empty printable text without spaces around "
+                         f"it; give another, or leave it out to serve without a key")
+    return key
 
 
 def _dtype(text: str) -> str:
@@ -76,16 +91,19 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in [
             "defaults until `python -m llama.tune` runs"),
     Setting("LLAMA_PROGRESS", None, _choices("LLAMA_PROGRESS", ("0", "1"), "1: always; 0: never"),
             "progress bars on stderr: `1` always, `0` never; unset: when stderr is a terminal (rank 0 only)"),
-    Setting("LLAMA_API_KEY", None, str,
-            "the key `python -m llama.serve` requires (`Authorization: Bearer KEY`) when `--api-key` is not given"),
+    Setting("LLAMA_API_KEY", None, lambda text: check_api_key(text, "LLAMA_API_KEY"),
+            "the key `python -m llama.serve` requires (`Authorization: Bearer KEY`) when `--api-key` is not "
+            "given; set but empty is refused, as `--api-key ''` is", empty_is_text=True),
 ]}
 
 
 def get(name: str) -> Any:
     """The parsed value of the setting `name` now (LlamaError if its text cannot be parsed)."""
     setting = SETTINGS[name]
-    text = os.environ.get(name, "")
-    if not text.strip():
+    text = os.environ.get(name)
+    if text is not None and setting.empty_is_text:
+        return setting.parse(text)
+    if text is None or not text.strip():
         if setting.default is None:
             return None
         text = setting.default

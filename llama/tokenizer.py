@@ -51,6 +51,34 @@ class Tokenizer:
     def decode(self, t: Sequence[int]) -> str:
         raise NotImplementedError
 
+    def token_bytes(self, t: int) -> bytes:
+        """The bytes token `t` stands for (part of a character, for a byte token), as
+        OpenAI's logprobs report them."""
+        raise NotImplementedError
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte-fallback pieces
+
+
+def _gpt2_byte_chars() -> Dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte is written as one printable character,
+    itself where it is printable Latin-1, else 256 + its rank among the others."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _piece_bytes(piece: str) -> bytes:
+    """A sentencepiece-style piece's bytes: a byte piece's byte, else its text with ▁ as a space."""
+    byte = _BYTE_PIECE.fullmatch(piece)
+    return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+
 
 def _resolve_path(model_path: Union[str, os.PathLike]) -> str:
     """The tokenizer file itself: `model_path`, or tokenizer.model / tokenizer.json inside it."""
@@ -138,6 +166,9 @@ class SentencePieceTokenizer(Tokenizer):
         """The vocabulary's piece for id `t` (e.g. "▁def"), as Meta's codellama reports tokens."""
         return self.sp_model.id_to_piece(t)
 
+    def token_bytes(self, t: int) -> bytes:
+        return _piece_bytes(self.sp_model.id_to_piece(t))
+
     def encode_infilling(self, s: str) -> List[int]:
         """`s` encoded without the implicit leading space (Code Llama's infilling suffix)."""
         check_text(s, "the text to encode")
@@ -217,6 +248,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def decode(self, t: Sequence[int]) -> str:
         return self.model.decode(list(t))
+
+    def token_bytes(self, t: int) -> bytes:
+        return self.model.decode_single_token_bytes(t)
 
 
 # ---- HF tokenizer.json ----------------------------------------------------------------
@@ -308,6 +342,16 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, t: Sequence[int]) -> str:
         return self.model.decode(list(t), skip_special_tokens=False)
+
+    def token_bytes(self, t: int) -> bytes:
+        import tokenizers
+
+        piece = self.model.id_to_token(t) or ""
+        if isinstance(self.model.decoder, tokenizers.decoders.ByteLevel):  # GPT-2's byte alphabet
+            alphabet = _gpt2_byte_chars()
+            if all(c in alphabet for c in piece):
+                return bytes(alphabet[c] for c in piece)
+        return _piece_bytes(piece)
 
 
 _KINDS = {"sentencepiece": SentencePieceTokenizer, "tiktoken": TiktokenTokenizer, "hf": HFTokenizer}

@@ -14,8 +14,9 @@ own cache row. Every step():
 It returns the step's events: new tokens and finished requests with their reason.
 
 A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
-see each other (per-row positions and masks), and each request samples with its own key
-(llama.sampling), so it gets what it would get alone (exactly in fp32 on one decode backend;
+see each other (per-row positions and masks), and each request samples with its own key,
+sampling arguments and controls (llama.runtime.sampling: its logit_bias, penalties over its
+own tokens, top_k and min_p), so it gets what it would get alone (exactly in fp32 on one decode backend;
 the native step and PyTorch's forward agree within about 1e-4, and the measured choice may
 differ between batch sizes; in bf16 matmul kernels may round differently for different batch
 shapes).
@@ -28,7 +29,7 @@ is not thread-safe: one thread drives it (llama.generation.Llama holds a lock ar
 import collections
 import time
 from dataclasses import dataclass
-from typing import Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,7 +37,7 @@ from ..errors import LlamaError
 from ..model import Transformer
 from ..utils.checks import one_of_choices, token_ids, whole_number
 from . import backend
-from .sampling import check_sampling, sample, token_logprobs
+from .sampling import ControlState, SamplingControls, check_sampling, sample, token_logprobs
 
 POLICIES = ("continuous", "static")
 # Which rows a decode pass computes: "prefix" rows 0..(highest busy row) of the cache in place,
@@ -50,8 +51,9 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 @dataclass
 class Request:
-    """One prompt to continue. key: the sampling key (llama.sampling.request_key), which with the
-    prompt and the sampling arguments fixes the result; unused at temperature 0."""
+    """One prompt to continue. key: the sampling key (llama.runtime.sampling.request_key), which
+    with the prompt and the sampling arguments fixes the result; unused at temperature 0.
+    controls: top_k, min_p, penalties, logit_bias (llama.runtime.sampling; off by default)."""
     prompt_tokens: List[int]
     max_gen_len: int
     temperature: float = 0.6
@@ -61,20 +63,27 @@ class Request:
     logprobs: bool = False
     prompt_logprobs: bool = False  # also score each prompt token given those before it (echo)
     top_logprobs: int = 0  # also report this many most likely tokens per step, with their logprobs
+    controls: SamplingControls = SamplingControls()
 
 
 class Handle:
     """A submitted request and its results so far. finish_reason: None while it runs, then
-    "stop" (a stop token, not included), "length" (its budget: max_gen_len, or the room left
-    in max_seq_len), "cancelled" or "error" (then `error` holds the exception)."""
+    "stop" (a stop token, not included; or its stop check said so, and the token it was
+    given is included), "length" (its budget: max_gen_len, or the room left in max_seq_len),
+    "cancelled" or "error" (then `error` holds the exception)."""
 
-    def __init__(self, ident: int, request: Request, budget: int):
+    def __init__(self, ident: int, request: Request, budget: int,
+                 stop_check: Optional[Callable[[int], bool]] = None):
         self.id = ident
         self.request = request
         self.budget = budget  # most tokens it may generate
         self.tokens: List[int] = []
         self.logprobs: List[float] = []
         self.prompt_logprobs: Optional[List[float]] = [0.0] if request.prompt_logprobs else None
+        # With prompt_logprobs and top_logprobs: the most likely tokens at each prompt position
+        # (none at the first: nothing comes before it).
+        self.prompt_top_logprobs: Optional[List[List[Tuple[int, float]]]] = \
+            [[]] if request.prompt_logprobs and request.top_logprobs else None
         self.finish_reason: Optional[str] = None
         self.error: Optional[BaseException] = None
         self.submitted_at = time.perf_counter()
@@ -82,6 +91,8 @@ class Handle:
         self.row: Optional[int] = None  # its cache row while active
         self.prefilled = 0  # prompt tokens already in the cache
         self._stops = frozenset(request.stop_tokens)
+        self._stop_check = stop_check
+        self._controls: Optional[ControlState] = None  # made at its first sample, if it has controls
 
     @property
     def done(self) -> bool:
@@ -100,6 +111,8 @@ class Event:
     logprob: float = 0.0
     finish_reason: Optional[str] = None
     top: Optional[List[Tuple[int, float]]] = None  # the most likely tokens, if the request asked
+    # A stop token that ended the request (never in its tokens); logprob and top are its own.
+    stop_token: Optional[int] = None
 
 
 @dataclass
@@ -160,20 +173,32 @@ class Engine:
 
     # ---- requests in and out --------------------------------------------------------------
 
-    def submit(self, request: Request, where: Optional[str] = None) -> Handle:
-        """Queue a request (checked first: LlamaError naming `where`, default "request N")."""
+    def submit(self, request: Request, where: Optional[str] = None,
+               stop_check: Optional[Callable[[int], bool]] = None) -> Handle:
+        """Queue a request (checked first: LlamaError naming `where`, default "request N").
+        stop_check, if given, is called with each token the request generates (stop tokens
+        excepted), in order, once the token is recorded; True ends the request there, that
+        token included, with finish_reason "stop" (the library's stop strings). It runs inside
+        step(), on every rank alike."""
         where = where or f"request {self._next_id}"
         params = self.params
         prompt = check_prompt(request.prompt_tokens, params.max_seq_len, params.vocab_size, where)
+        scoring_only = request.prompt_logprobs and request.max_gen_len == 0  # the prompt's logprobs only
         temperature, top_p, max_gen_len = check_sampling(request.temperature, request.top_p,
-                                                         request.max_gen_len, f"{where}: ")
-        if max_gen_len is None:
+                                                         None if scoring_only else request.max_gen_len,
+                                                         f"{where}: ")
+        if scoring_only:
+            max_gen_len = 0
+        elif max_gen_len is None:
             raise LlamaError(f"{where}: max_gen_len must be a positive integer")
         key = whole_number(request.key, f"{where}: key", low=0, high=2**63 - 1)
         top = whole_number(request.top_logprobs, f"{where}: top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
+        if not isinstance(request.controls, SamplingControls):
+            raise LlamaError(f"{where}: controls={request.controls!r:.80} must be a SamplingControls")
+        controls = request.controls.within(params.vocab_size, f"{where}: ")
         request = Request(prompt, max_gen_len, temperature, top_p, key, tuple(request.stop_tokens),
-                          bool(request.logprobs or top), bool(request.prompt_logprobs), top)
-        handle = Handle(self._next_id, request, min(max_gen_len, params.max_seq_len - len(prompt)))
+                          bool(request.logprobs or top), bool(request.prompt_logprobs), top, controls)
+        handle = Handle(self._next_id, request, min(max_gen_len, params.max_seq_len - len(prompt)), stop_check)
         self._next_id += 1
         self.waiting.append(handle)
         return handle
@@ -190,6 +215,7 @@ class Engine:
     def _finish(self, handle: Handle, reason: str, events: List[Event], token: Optional[int] = None,
                 logprob: float = 0.0, top: Optional[List[Tuple[int, float]]] = None) -> None:
         handle.finish_reason = reason
+        handle._controls = None  # its tensors are not needed any more
         if handle.row is not None:
             self.rows[handle.row] = None
             handle.row = None
@@ -274,8 +300,11 @@ class Engine:
                 prompt = handle.request.prompt_tokens
                 targets = prompt[handle.prefilled + 1: handle.prefilled + 1 + len(chunk)]
                 if targets:
-                    handle.prompt_logprobs += token_logprobs(logits[i, : len(targets)],
-                                                             self._tensor(targets)).tolist()
+                    scores = torch.log_softmax(logits[i, : len(targets)].float(), dim=-1)
+                    handle.prompt_logprobs += scores.gather(1, self._tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+                    if handle.prompt_top_logprobs is not None:
+                        values, ids = scores.topk(handle.request.top_logprobs, dim=-1)
+                        handle.prompt_top_logprobs += [list(zip(a, b)) for a, b in zip(ids.tolist(), values.tolist())]
             handle.prefilled += len(chunk)
             if handle.prefilled == len(handle.request.prompt_tokens):
                 if handle.budget == 0:
@@ -364,12 +393,13 @@ class Engine:
                 return
         requests = [h.request for h in batch]
         device = self.device
+        sampled, min_p, top_k = self._controlled(batch, logits)
         next_tokens = sample(
-            logits,
+            sampled,
             torch.tensor([r.temperature for r in requests], dtype=torch.float32, device=device),
             torch.tensor([r.top_p for r in requests], dtype=torch.float32, device=device),
             self._tensor([r.key for r in requests]),
-            self._tensor([len(h.tokens) for h in batch]))
+            self._tensor([len(h.tokens) for h in batch]), min_p, top_k)
         chosen = next_tokens.tolist()
         scores = token_logprobs(logits, next_tokens).tolist() if any(r.logprobs for r in requests) \
             else [0.0] * len(batch)
@@ -381,14 +411,43 @@ class Engine:
             if handle.first_token_at is None:
                 handle.first_token_at = now
             if token in handle._stops:
-                self._finish(handle, "stop", events)
+                self._finish(handle, "stop", events, logprob=logprob, top=top)
+                events[-1].stop_token = token  # reported, never recorded (echo scoring reads it)
                 continue
             handle.tokens.append(token)
             handle.logprobs.append(logprob)
-            if len(handle.tokens) >= handle.budget:
+            if handle._controls is not None:
+                handle._controls.add(token)
+            if handle._stop_check is not None and handle._stop_check(token):
+                self._finish(handle, "stop", events, token, logprob, top)
+            elif len(handle.tokens) >= handle.budget:
                 self._finish(handle, "length", events, token, logprob, top)
             else:
                 events.append(Event(handle, token, logprob, top=top))
+
+    def _controlled(self, batch: List[Handle], logits: torch.Tensor) -> Tuple[
+            torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """What sample() needs for the rows' controls: (the logits to sample from, min_p and top_k
+        per row or None). Rows without controls cost nothing more: with none in the batch this is
+        (logits, None, None); otherwise only the rows with logit_bias or penalties are adjusted,
+        each alone (its own bias and token counts), in a float32 copy (logprobs stay the raw
+        logits')."""
+        controls = [h.request.controls for h in batch]
+        if not any(c.active for c in controls):
+            return logits, None, None
+        sampled = logits
+        for i, (handle, c) in enumerate(zip(batch, controls)):
+            if not c.adjusts_logits:
+                continue
+            if handle._controls is None:
+                handle._controls = ControlState(c, handle.request.prompt_tokens, logits.shape[-1], self.device)
+            if sampled is logits:
+                sampled = logits.to(torch.float32, copy=True)
+            handle._controls.adjust(sampled[i])
+        if not any(c.cuts for c in controls):
+            return sampled, None, None
+        return (sampled, torch.tensor([c.min_p for c in controls], dtype=torch.float32, device=self.device),
+                self._tensor([c.top_k for c in controls]))
 
     @staticmethod
     def _top_logprobs(logits: torch.Tensor, requests: List[Request]) -> List[Optional[List[Tuple[int, float]]]]:

@@ -8,14 +8,31 @@ exponential; token i wins with probability p_i / sum(nucleus p). The uniforms U_
 a counter-based hash computed with integer tensor ops (exact, so identical on every device),
 keyed by the request's 63-bit key, the step (how many tokens the request has generated) and
 the token id. Rows with temperature 0 take the argmax.
+
+Sampling controls (SamplingControls, all off by default), per request, in this order:
+  1. the logits are adjusted: logit_bias added to the raw logits; then the repetition penalty
+     (HF's RepetitionPenaltyLogitsProcessor, vLLM): for every token in the prompt or generated
+     so far, a positive logit is divided by it, a negative one multiplied; then OpenAI's
+     presence and frequency penalties over the tokens generated so far (not the prompt):
+     logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0).
+     Greedy rows take the argmax of these adjusted logits, sampled rows go on:
+  2. probs = softmax(adjusted logits / T); min_p keeps the tokens with prob >= min_p * the
+     largest prob; top_k keeps the k most likely (ties with the k-th kept, as HF's
+     TopKLogitsWarper); top_p then takes the nucleus of what is left, renormalised (as HF's
+     TopK then TopP warpers, and vLLM); the race picks among it with the same noise.
+With every control off a row samples exactly as without them, and a row without controls
+samples exactly the same whatever controls its batch mates have. Reported logprobs are not
+affected: they are the raw model's (llama.runtime.engine).
 """
 
 import hashlib
 import math
-from typing import Any, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..errors import LlamaError
 from ..utils.checks import real_number, whole_number
 
 _MASK32 = 0xFFFFFFFF
@@ -40,6 +57,141 @@ def request_key(*parts: Union[int, str]) -> int:
 def random_key() -> int:
     """A fresh 63-bit key from the global torch RNG (torch.manual_seed makes it reproducible)."""
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+# ---- sampling controls -----------------------------------------------------------------------
+
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI's API
+
+
+@dataclass(frozen=True)
+class SamplingControls:
+    """A request's sampling controls (the module docstring says what each does); the defaults
+    are off. Make them with checked() to have the values validated."""
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1: off
+    logit_bias: Tuple[Tuple[int, float], ...] = ()  # (token id, bias), sorted by id
+
+    @classmethod
+    def checked(cls, top_k: Any = 0, min_p: Any = 0.0, presence_penalty: Any = 0.0, frequency_penalty: Any = 0.0,
+                repetition_penalty: Any = 1.0, logit_bias: Any = None, vocab_size: Optional[int] = None,
+                where: str = "") -> "SamplingControls":
+        """Validated controls (numpy scalars accepted), or a LlamaError that starts with the
+        argument's name, prefixed by `where` (e.g. "--" or "prompt 3: "). logit_bias: a dict
+        (or a sequence of pairs) of token id -> bias; ids may be strings of digits, as JSON
+        keys are; with vocab_size, ids must lie below it."""
+        return cls(
+            whole_number(top_k, f"{where}top_k", low=0),
+            real_number(min_p, f"{where}min_p", low=0, high=1),
+            real_number(presence_penalty, f"{where}presence_penalty", low=-2, high=2),
+            real_number(frequency_penalty, f"{where}frequency_penalty", low=-2, high=2),
+            real_number(repetition_penalty, f"{where}repetition_penalty", low=0, above=True, hint=" (1 is off)"),
+            _checked_bias(logit_bias, vocab_size, where))
+
+    def within(self, vocab_size: int, where: str = "") -> "SamplingControls":
+        """These controls checked again, logit_bias ids against the model's vocabulary."""
+        return SamplingControls.checked(self.top_k, self.min_p, self.presence_penalty, self.frequency_penalty,
+                                        self.repetition_penalty, self.logit_bias, vocab_size, where)
+
+    @property
+    def active(self) -> bool:
+        """Any control not at its default."""
+        return self != SamplingControls()
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """logit_bias or a penalty: step 1 of the module docstring."""
+        return bool(self.logit_bias) or self.penalizes
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1
+
+    @property
+    def cuts(self) -> bool:
+        """min_p or top_k: step 2's cuts."""
+        return bool(self.top_k or self.min_p)
+
+
+def _checked_bias(value: Any, vocab_size: Optional[int], where: str) -> Tuple[Tuple[int, float], ...]:
+    name = f"{where}logit_bias"
+    if value is None:
+        return ()
+    if isinstance(value, dict):
+        pairs = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        pairs = [tuple(p) for p in value]
+    else:
+        raise LlamaError(f"{name}={value!r:.80} must be a dict of token id -> bias (or a list of such pairs)")
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise LlamaError(f"{name} has {len(pairs)} entries; at most {MAX_LOGIT_BIAS} are allowed")
+    high = vocab_size - 1 if vocab_size is not None else None
+    biases = {}
+    for key, bias in pairs:
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            key = int(key)  # JSON object keys are strings
+        token = whole_number(key, f"{name} key", low=0, high=high)
+        if token in biases:
+            raise LlamaError(f"{name} key={token} is given twice")
+        biases[token] = real_number(bias, f"{name} value", low=-100, high=100, hint=f" (for token {token})")
+    return tuple(sorted(biases.items()))
+
+
+class ControlState:
+    """One request's controls as the sampler applies them to its row, on the device: its
+    logit_bias as tensors, and its tokens as the penalties need them (how often each was
+    generated; which were seen, prompt included), kept up to date by add()."""
+
+    def __init__(self, controls: SamplingControls, prompt: Sequence[int], vocab_size: int, device: torch.device):
+        self.controls = controls
+        self.bias_ids = self.bias = None
+        if controls.logit_bias:
+            ids, bias = zip(*controls.logit_bias)
+            self.bias_ids = torch.tensor(ids, dtype=torch.long, device=device)
+            self.bias = torch.tensor(bias, dtype=torch.float32, device=device)
+        self.counts = self.seen = None
+        if controls.presence_penalty or controls.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        if controls.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(prompt), dtype=torch.long, device=device)] = True
+
+    def add(self, token: int) -> None:
+        """The request generated `token`."""
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        """Step 1 of the module docstring on one row's float32 logits [V], in place."""
+        c = self.controls
+        if self.bias is not None:
+            logits.index_add_(0, self.bias_ids, self.bias)
+        if self.seen is not None:
+            rep = c.repetition_penalty
+            logits.copy_(torch.where(self.seen, torch.where(logits > 0, logits / rep, logits * rep), logits))
+        if self.counts is not None:
+            logits -= c.frequency_penalty * self.counts + c.presence_penalty * (self.counts > 0)
+        # An extreme repetition_penalty may overflow; keep the logits finite (no inf - inf later).
+        big = torch.finfo(torch.float32).max
+        logits.clamp_(-big, big)
+
+
+def _cut(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Step 2's cuts: float32 logits [R, V] with -inf where min_p or top_k leaves a token out
+    (min_p, top_k [R]; 0 is off). top_k compares logits, as HF's TopKLogitsWarper does."""
+    logits = logits.float()
+    probs = tempered_probs(logits, temperature)
+    keep = probs >= min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+    k = top_k.clamp(max=logits.shape[-1])
+    if bool((k > 0).any()):
+        kth = logits.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+        keep &= (logits >= kth) | (k == 0).unsqueeze(1)
+    return logits.masked_fill(~keep, -math.inf)
 
 
 # ---- counter-based noise ---------------------------------------------------------------------
@@ -81,12 +233,15 @@ def uniforms(keys: torch.Tensor, steps: torch.Tensor, token_ids: torch.Tensor) -
 
 # ---- the sampler -----------------------------------------------------------------------------
 
-def _members(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def _members(sorted_probs: torch.Tensor, top_p: torch.Tensor, cut: bool = False) -> torch.Tensor:
     """Nucleus membership over probs sorted in descending order [B, N]: a token is in when the
     more likely tokens have not yet reached top_p; the most likely always is (so a top_p that
-    rounds to 0 means the likeliest token)."""
+    rounds to 0 means the likeliest token). With `cut`, tokens of prob 0 (left out by min_p
+    or top_k) are not: they could never win the race, and the nucleus stays short."""
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
     member = mass_before < top_p.unsqueeze(1)
+    if cut:
+        member &= sorted_probs > 0
     member[:, 0] = True
     return member
 
@@ -97,8 +252,8 @@ def _trim(ids: torch.Tensor, probs: torch.Tensor,
     return ids[:, :width], probs[:, :width], member[:, :width]
 
 
-def nucleus(probs: torch.Tensor, top_p: torch.Tensor,
-            candidates: int = 256) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor, candidates: int = 256,
+            cut: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The nucleus of each row: probs [B, V], top_p [B] -> (token ids [B, N], their probs [B, N],
     membership mask [B, N]), most likely first (equal probs: lower id first, as a stable sort
     gives), N the largest nucleus in the batch.
@@ -106,18 +261,18 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor,
     Language models are usually sure enough that the nucleus lies among the few most likely
     tokens: the top `candidates` are taken with topk and used when every row's nucleus ends on
     a prob above the last candidate's (so no token tied with a member was left out); otherwise
-    the whole vocabulary is sorted. Either way the result is the same."""
+    the whole vocabulary is sorted. Either way the result is the same. `cut`: see _members."""
     if candidates < probs.shape[-1]:
         values, ids = torch.topk(probs, candidates, dim=-1)
         ids, by_id = torch.sort(ids, dim=-1)  # ties in id order, as the stable full sort has them
         values, order = torch.sort(values.gather(1, by_id), dim=-1, descending=True, stable=True)
         ids = ids.gather(1, order)
-        member = _members(values, top_p)
+        member = _members(values, top_p, cut)
         smallest = values.masked_fill(~member, math.inf).min(dim=-1).values
         if bool((smallest > values[:, -1]).all()):
             return _trim(ids, values, member)
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    return _trim(order, sorted_probs, _members(sorted_probs, top_p))
+    return _trim(order, sorted_probs, _members(sorted_probs, top_p, cut))
 
 
 def tempered_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -139,15 +294,27 @@ def race(token_ids: torch.Tensor, probs: torch.Tensor, member: torch.Tensor, key
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, keys: torch.Tensor,
-           steps: torch.Tensor) -> torch.Tensor:
-    """Next token per row: logits [B, V]; temperature, top_p (float) and keys, steps (int64),
-    all [B] on the logits' device. Temperature 0 is greedy (argmax of the raw logits)."""
+           steps: torch.Tensor, min_p: Optional[torch.Tensor] = None,
+           top_k: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next token per row: logits [B, V] (adjusted already where a request has logit_bias or
+    penalties); temperature, top_p, min_p (float) and keys, steps, top_k (int64), all [B] on
+    the logits' device. Temperature 0 is greedy (argmax of the logits). min_p and top_k
+    (0 is off) come together or not at all: None leaves every row uncut."""
     tokens = logits.max(dim=-1).indices  # argmax (the first of equal maxima), faster on the CPU
     hot = temperature > 0
     if bool(hot.any()):
         rows = hot.nonzero().squeeze(1)
-        probs = tempered_probs(logits[rows], temperature[rows])
-        ids, kept, member = nucleus(probs, top_p[rows])
+        hot_logits = logits[rows]
+        cut = min_p is not None and top_k is not None
+        if cut:
+            # Only the rows with cuts are touched: the others keep their logits bit for bit.
+            cutting = ((min_p[rows] > 0) | (top_k[rows] > 0)).nonzero().squeeze(1)
+            if len(cutting):
+                hot_logits = hot_logits.float()
+                picked = rows[cutting]
+                hot_logits[cutting] = _cut(hot_logits[cutting], temperature[picked], min_p[picked], top_k[picked])
+        probs = tempered_probs(hot_logits, temperature[rows])  # renormalised over what the cuts left
+        ids, kept, member = nucleus(probs, top_p[rows], cut=cut)
         tokens[rows] = race(ids, kept, member, keys[rows], steps[rows])
     return tokens
 

@@ -32,13 +32,16 @@ from ..utils.ranks import is_main_rank
 class Update:
     """What a request got from one engine step: a token (None when the step only finished it)
     with its logprob and most likely alternatives, and, on its last update, finish_reason
-    ("stop", "length", "cancelled" or "error", with `error`) and the prompt's logprobs (echo)."""
+    ("stop", "length", "cancelled" or "error", with `error`), the stop token that ended it
+    (then logprob and top are that token's) and the prompt's logprobs and alternatives (echo)."""
     token: Optional[int]
     logprob: float = 0.0
     top: Optional[List[Tuple[int, float]]] = None
     finish_reason: Optional[str] = None
     error: Optional[BaseException] = None
     prompt_logprobs: Optional[List[float]] = None
+    prompt_top: Optional[List[List[Tuple[int, float]]]] = None
+    stop_token: Optional[int] = None
 
 
 @dataclass
@@ -51,6 +54,11 @@ class _Message:
 
 class QueueFull(LlamaError):
     """More requests outstanding than the server takes (max_batch_size running + max_queue waiting)."""
+
+
+class ShuttingDown(LlamaError):
+    """The server is stopping: no new requests, and what still runs at the end of the grace
+    period ends with this error."""
 
 
 class EngineService:
@@ -70,6 +78,7 @@ class EngineService:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._outstanding = 0  # submitted, not finished (main rank)
+        self.draining = False  # new requests refused (shutting down); running ones go on
         self.stopping = threading.Event()
         self.failed: Optional[BaseException] = None  # the error that ended the loop, if any
 
@@ -77,18 +86,37 @@ class EngineService:
 
     def submit(self, request: Request, on_update: Callable[[Update], None]) -> int:
         """Queue a checked request; its id. QueueFull when the server is at capacity,
-        LlamaError once the loop has stopped."""
+        ShuttingDown once it is draining or stopped."""
+        return self.submit_all([(request, on_update)])[0]
+
+    def submit_all(self, requests: List[Tuple[Request, Callable[[Update], None]]]) -> List[int]:
+        """Queue several requests (the choices of one answer) together or none of them; their ids."""
         with self._lock:
-            if self.stopping.is_set() or self.failed is not None:
-                raise LlamaError("the server is shutting down")
-            if self._outstanding >= self.capacity:
+            if self.draining or self.stopping.is_set() or self.failed is not None:
+                raise ShuttingDown("the server is shutting down")
+            if self._outstanding + len(requests) > self.capacity:
                 raise QueueFull(f"the server is at capacity ({self.capacity} requests: --max_batch_size "
-                                f"running plus --max_queue waiting); retry later")
-            self._outstanding += 1
-            ident = next(self._ids)
-            self._callbacks[ident] = on_update
-        self._inbox.put(("submit", (ident, request)))
-        return ident
+                                f"running plus --max_queue waiting; this answer needs {len(requests)}); "
+                                f"retry later")
+            self._outstanding += len(requests)
+            idents = []
+            for request, on_update in requests:
+                ident = next(self._ids)
+                self._callbacks[ident] = on_update
+                idents.append(ident)
+        for ident, (request, _) in zip(idents, requests):
+            self._inbox.put(("submit", (ident, request)))
+        return idents
+
+    @property
+    def outstanding(self) -> int:
+        """Requests submitted and not finished."""
+        return self._outstanding
+
+    def drain(self) -> None:
+        """Refuse new requests from now on; those submitted go on (stop() ends them)."""
+        with self._lock:
+            self.draining = True
 
     def cancel(self, ident: int) -> None:
         """Stop a request (its client went away, or a stop string ended it); its row is freed
@@ -131,7 +159,7 @@ class EngineService:
         finally:
             self.stopping.set()
             if main:
-                self._fail_all(self.failed or LlamaError("the server is shutting down"))
+                self._fail_all(self.failed or ShuttingDown("the server is shutting down"))
 
     def _collect(self) -> _Message:
         """The main rank's next message: everything queued, waiting up to tick_s when idle."""
@@ -186,9 +214,11 @@ class EngineService:
             if event.finish_reason is not None:
                 del self._handles[ident], self._idents[handle.id]
             if main:
+                last = event.finish_reason is not None
                 self._deliver(ident, Update(
                     event.token, event.logprob, event.top, event.finish_reason, handle.error,
-                    handle.prompt_logprobs if event.finish_reason is not None else None))
+                    handle.prompt_logprobs if last else None, handle.prompt_top_logprobs if last else None,
+                    event.stop_token))
 
     def _deliver(self, ident: int, update: Update) -> None:
         if update.finish_reason is not None:

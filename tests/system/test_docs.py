@@ -59,6 +59,15 @@ def test_settings_table_is_the_registry():
     assert printed.returncode == 0 and printed.stdout == table
 
 
+def test_serving_field_table_is_the_servers():
+    """docs/serving.md's table of request fields is llama.serve.protocol.FIELDS."""
+    from llama.serve.protocol import fields_table
+
+    text = _text(REPO / "docs" / "serving.md")
+    table = text.split("<!-- fields: begin (llama.serve.protocol.fields_table) -->\n", 1)[1]
+    assert table.split("<!-- fields: end -->")[0] == fields_table()
+
+
 def test_every_llama_variable_the_package_reads_is_registered():
     """Every LLAMA_* name in the package's Python code is a registered setting, and only
     llama/settings.py reads the environment for them."""

@@ -3,73 +3,17 @@ checkpoint, fp32), driven by the real `openai` client, its answers compared with
 chat_completion / text_completion on the same weights (greedy, and sampled with a seed)."""
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from helpers import REPO
-from helpers.processes import free_port  # noqa: E402
+from helpers.serving import KEY, MAX_SEQ_LEN, MODEL, auth, start_server, stop_server  # noqa: E402
 from llama import Llama  # noqa: E402
 from llama.errors import LlamaError  # noqa: E402
 from llama.runtime.sampling import check_sampling  # noqa: E402
-
-KEY = "test-key-123"
-MODEL = "tiny"
-MAX_SEQ_LEN = 2048  # long answers take seconds: room to disconnect mid-stream
-
-
-def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1,
-                 dtype: str = "fp32") -> "tuple[subprocess.Popen, str]":
-    """The server in its own process group (torchrun with nproc > 1); (process, base URL) once /health answers."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT", "LLAMA_API_KEY")}
-    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    cmd = [*launcher, "-m", "llama.serve", "--ckpt_dir", str(ckpt), "--tokenizer_path", tokenizer,
-           "--port", str(port), "--dtype", dtype, "--api-key", KEY, "--model_name", MODEL, *flags]
-    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.communicate()[1][-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", headers=auth(), timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"server did not answer within 90 s: {proc.communicate()[1][-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen, timeout_s: float = 40) -> "tuple[int, str]":
-    """SIGTERM (what torchrun and service managers send); (exit status, stderr). Killed if it hangs."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        raise AssertionError(f"server did not stop within {timeout_s} s of SIGTERM: {stderr[-3000:]}")
-    return proc.returncode, stderr
-
-
-def auth(key: str = KEY) -> dict:
-    return {"Authorization": f"Bearer {key}"}
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +160,9 @@ def test_completions_echo_logprobs_equal_text_completion(client, reference):
     prompt_tokens = len(reference.tokenizer.encode(prompt, bos=True, eos=False))
     assert choice.logprobs.token_logprobs[0] is None
     assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected["logprobs"][1:], abs=1e-4)
-    assert choice.logprobs.top_logprobs[prompt_tokens - 1] is None and len(choice.logprobs.top_logprobs[-1]) == 2
+    # Prompt tokens have their alternatives too (lm-eval reads them), all but the first.
+    tops = choice.logprobs.top_logprobs
+    assert tops[0] is None and all(len(t) == 2 for t in tops[1:]) and len(tops) == prompt_tokens + 8
     assert answer.usage.prompt_tokens == prompt_tokens and answer.usage.completion_tokens == 8
     # Without echo the text continues the prompt: prompt + text is what text_completion decodes.
     plain = client.completions.create(model=MODEL, prompt=[prompt], temperature=0, max_tokens=8)
@@ -234,9 +180,10 @@ def test_models_and_health(client, server):
 def test_errors_in_openai_shape_with_status_codes(client, server):
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
-    assert httpx.get(f"{server}/health").status_code == 401  # every request, not only /v1
+    assert httpx.get(f"{server}/v1/models").status_code == 401  # every /v1 route
+    assert httpx.get(f"{server}/health").status_code == 200  # liveness probes send no key
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=MODEL, messages=dialog(0), n=2)
+        client.chat.completions.create(model=MODEL, messages=dialog(0), n=17)
     assert exc.value.body["param"] == "n"
     with pytest.raises(LlamaError) as llama_error:
         check_sampling(-1, 0.9, None)

@@ -17,7 +17,8 @@ from llama.utils.assets import LLAMA3_TOKENIZER, fetch_wheel_file
 PACKAGE = Path(__file__).resolve().parents[2] / "llama"
 
 # The top level holds the public API and the commands, nothing else.
-PUBLIC_API = {"__init__", "errors", "settings", "generation", "tokenizer", "chat_format", "infilling", "detokenize"}
+PUBLIC_API = {"__init__", "errors", "settings", "generation", "tokenizer", "tool_calls", "chat_format", "infilling",
+              "detokenize"}
 COMMANDS = {"cli", "chat", "batch", "convert", "demo", "tune", "testing", "serve"}
 SUBPACKAGES = {"utils", "native", "model", "checkpoint", "runtime", "serve"}
 
@@ -29,13 +30,15 @@ BELOW = {
     "utils": {"errors", "settings"},
     "native": {"errors", "settings", "utils"},
     "tokenizer": {"errors", "utils"},
-    "chat_format": {"errors", "utils", "tokenizer"},
+    "tool_calls": {"errors"},
+    "chat_format": {"errors", "utils", "tokenizer", "tool_calls"},
     "infilling": {"errors", "tokenizer"},
     "detokenize": {"tokenizer"},
     "model": {"errors", "settings", "utils", "native"},
     "checkpoint": {"errors", "settings", "utils", "model", "tokenizer"},
     "runtime": {"errors", "settings", "utils", "native", "model", "checkpoint", "tokenizer", "chat_format"},
-    "generation": {"errors", "utils", "model", "runtime", "tokenizer", "chat_format", "infilling", "detokenize"},
+    "generation": {"errors", "utils", "model", "runtime", "tokenizer", "tool_calls", "chat_format", "infilling",
+                   "detokenize"},
     "cli": {"errors", "utils", "checkpoint", "runtime", "generation"},
     "demo": {"checkpoint", "cli"},
     "testing": {"utils", "model", "checkpoint", "cli"},
@@ -43,8 +46,8 @@ BELOW = {
     "tune": {"errors", "utils", "native", "model", "checkpoint", "cli"},
     "chat": {"errors", "utils", "runtime", "generation", "chat_format", "cli"},
     "batch": {"errors", "utils", "runtime", "generation", "chat_format", "detokenize", "cli"},
-    "serve": {"errors", "settings", "utils", "checkpoint", "runtime", "generation", "tokenizer", "chat_format",
-              "detokenize", "cli"},
+    "serve": {"errors", "settings", "utils", "checkpoint", "runtime", "generation", "tokenizer", "tool_calls",
+              "chat_format", "detokenize", "cli"},
     "__init__": {"errors", "generation", "tokenizer", "chat_format", "model"},
 }
 # Imports against the flow, each with its reason. Meta's Llama 3 code writes

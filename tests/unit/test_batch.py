@@ -128,6 +128,22 @@ def test_chat_lines_and_logprobs(tmp_path, generator):
     (['{"id": 1, "prompt": "a", "max_gen_len": 2.5}'], False, "line 1 (id 1): max_gen_len=2.5"),
     (['["not", "an", "object"]'], False, 'line 1 must be a JSON object with an "id"'),
     (['{"id": [1], "prompt": "a"}'], False, "id [1] must be a string or an integer"),
+    (['{"id": 1, "prompt": "a"}', '{"id": 2, "prompt": "b", "top_k": -1}'], False,
+     "line 2 (id 2): top_k=-1 must be an integer >= 0"),
+    (['{"id": 1, "prompt": "a", "min_p": 2}'], False, "line 1 (id 1): min_p=2 must be a finite number from 0 to 1"),
+    (['{"id": 1, "prompt": "a", "presence_penalty": 2.5}'], False, "line 1 (id 1): presence_penalty=2.5"),
+    (['{"id": 1, "prompt": "a", "frequency_penalty": "1"}'], False, "line 1 (id 1): frequency_penalty='1'"),
+    (['{"id": 1, "prompt": "a", "repetition_penalty": 0}'], False, "line 1 (id 1): repetition_penalty=0"),
+    (['{"id": 1, "prompt": "a", "logit_bias": [1]}'], False, "line 1 (id 1): logit_bias=[1] must be a dict"),
+    (['{"id": 1, "prompt": "a", "logit_bias": {"x1": 1}}'], False, "line 1 (id 1): logit_bias key='x1'"),
+    (['{"id": 1, "prompt": "a", "logit_bias": {"1": 200}}'], False, "line 1 (id 1): logit_bias value=200"),
+    (['{"id": 1, "prompt": "a", "stop": 5}'], False, "line 1 (id 1): stop=5 must be a string or a list"),
+    (['{"id": 1, "prompt": "a", "stop": ["x", null]}'], False, "line 1 (id 1): stop[1] must be text"),
+    (['{"id": 1, "prompt": "a", "temprature": 0}'], False,
+     "line 1 (id 1) has the unknown field 'temprature'; a line may hold only id, prompt, temperature, top_p"),
+    (['{"id": 1, "prompt": "a", "dialog": []}'], False, "unknown field 'dialog' (dialogs need --chat)"),
+    (['{"id": 1, "dialog": [{"role": "user", "content": "hi"}], "prompt": "a"}'], True,
+     "unknown field 'prompt' (plain prompts run without --chat)"),
 ])
 def test_bad_input_lines_are_named(tmp_path, lines, chat, message):
     inp = tmp_path / "in.jsonl"
@@ -176,3 +192,44 @@ def test_prompt_too_long_is_named_before_any_work(tmp_path, generator):
     with pytest.raises(LlamaError, match=r"in.jsonl line 2 \(id 'long'\): the prompt has \d+ tokens"):
         run_batch(generator, str(inp), str(out), defaults=(0.0, 0.9, 4))
     assert not out.exists()
+
+
+def test_lines_with_stop_strings_and_controls_get_what_the_library_gives(tmp_path, generator):
+    text, n = "Once upon a time", 20
+    free = generator.text_completion([text], temperature=0, max_gen_len=n)[0]["generation"]
+    words = [w for w in free.split() if w.isascii() and w.isalpha() and len(w) >= 3]
+    stop = words[len(words) // 2][:3]
+    paris = generator.tokenizer.encode("Paris", bos=False, eos=False)[0]
+    penalties = dict(logit_bias={str(paris): 15}, repetition_penalty=3.0, frequency_penalty=1.0)
+    lines = [
+        {"id": "stop", "prompt": text, "temperature": 0, "stop": stop},
+        {"id": "stops", "prompt": text, "temperature": 0, "stop": ["\u0000", stop]},
+        {"id": "bias", "prompt": text, "temperature": 0, "max_gen_len": 3, "logit_bias": {str(paris): 100}},
+        {"id": "penalties", "prompt": text, "temperature": 0, **penalties},
+        {"id": "top_k_1", "prompt": text, "temperature": 1.0, "top_k": 1, "min_p": 0.5, "presence_penalty": 0},
+        {"id": "plain", "prompt": text, "temperature": 0},
+    ]
+    inp, out = _write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    run_batch(generator, str(inp), str(out), defaults=(1.0, 0.9, n), logprobs=True)
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    cut = generator.text_completion([text], temperature=0, max_gen_len=n, logprobs=True, stop=[stop])[0]
+    assert records["stop"]["generation"] == records["stops"]["generation"] == free[: free.find(stop)]
+    for key in ("generation", "tokens"):
+        assert records["stop"][key] == cut[key]  # tokens up to the one that completed the stop string
+    assert records["stop"]["logprobs"] == pytest.approx(cut["logprobs"], abs=1e-5)
+    assert len(records["stop"]["tokens"]) < n  # its row was freed early
+    assert records["bias"]["generation"] == "Paris Paris Paris"
+    assert records["penalties"]["generation"] == generator.text_completion(
+        [text], temperature=0, max_gen_len=n, logit_bias={paris: 15}, repetition_penalty=3.0,
+        frequency_penalty=1.0)[0]["generation"] != free
+    assert records["top_k_1"]["generation"] == records["plain"]["generation"] == free
+
+
+def test_logit_bias_outside_the_vocabulary_is_named_before_any_work(tmp_path, generator):
+    inp = _write_jsonl(tmp_path / "in.jsonl", [{"id": "ok", "prompt": "Hi"},
+                                               {"id": "big", "prompt": "Hi", "logit_bias": {"32000": 1}}])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(LlamaError, match=r"in.jsonl line 2 \(id 'big'\): logit_bias key=32000 must be an integer "
+                                         r"from 0 to 31999"):
+        run_batch(generator, str(inp), str(out), defaults=(0.0, 0.9, 4))
+    assert not out.exists() or out.read_text() == ""

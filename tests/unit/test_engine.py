@@ -6,6 +6,7 @@ chunked prefill, any max_batch_size, input order or batch mates must give exactl
 greedy and sampled. Also: the max_seq_len boundary (issue 9 item 4), cancel, events, threads,
 and what holds in bf16."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from llama import Llama, LlamaError
 from llama.runtime.engine import Engine, Request
-from llama.runtime.sampling import request_key
+from llama.runtime.sampling import SamplingControls, request_key
 
 SEQ = 64
 TEXTS = ["Once upon a time", "The capital of France is", "A long time ago in a galaxy far, far away", "Hello",
@@ -203,3 +204,72 @@ def test_bf16_results_agree_across_batch_sizes(tiny_ckpt, sp_tokenizer):
     assert all(0 <= t < 32000 for row in batched for t in row)
     same = sum(a == b for a, b in zip(alone, batched))
     assert same >= len(requests) - 2, (same, alone, batched)
+
+
+# ---- sampling controls and stop checks ---------------------------------------------------------
+
+CONTROLS = [SamplingControls(), SamplingControls(top_k=5), SamplingControls(min_p=0.2, presence_penalty=1.5),
+            SamplingControls(repetition_penalty=1.4, frequency_penalty=0.7, logit_bias=((450, 15.0), (1000, -50.0))),
+            SamplingControls(), SamplingControls(top_k=40, min_p=0.05, repetition_penalty=0.8),
+            SamplingControls(logit_bias=((13, 16.0),))]
+
+
+def _controlled(tok, temperature):
+    return [dataclasses.replace(r, controls=c) for r, c in zip(_requests(tok, temperature), CONTROLS)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_requests_with_controls_get_their_result_alone_whatever_their_batch_mates(builds, temperature):
+    """Each request's controls and token counts are its own (fp32): alone, in batches of 3 and 8,
+    in another order, and a request without controls as it is beside none."""
+    tok = builds[1].tokenizer
+    requests = _controlled(tok, temperature)
+    alone = _alone(builds[1], requests)
+    assert _run(builds[8], requests) == alone
+    assert _run(builds[3], requests, prefill_chunk=4) == alone
+    order = [6, 3, 0, 5, 1, 4, 2]
+    assert _run(builds[3], [requests[i] for i in order]) == [alone[i] for i in order]
+    plain = _requests(tok, temperature)
+    assert [alone[0], alone[4]] == _alone(builds[1], [plain[0], plain[4]])  # no controls: as before
+    assert _run(builds[8], plain)[4] == alone[4]
+    changed = [a != b for a, b in zip(alone, _alone(builds[1], plain))]
+    assert changed[3] and changed[6]  # the controls did something: the biases greedily too,
+    assert not temperature or sum(changed) >= 4  # and cuts and penalties when sampling
+
+
+def test_a_stop_check_frees_the_row_with_the_token_it_saw(builds):
+    llama = builds[3]
+    engine = llama.engine = Engine(llama.model)
+    reqs = _requests(llama.tokenizer, 0.0)
+    full = _alone(builds[1], reqs[:2])
+    seen = []
+
+    def check(token):
+        seen.append(token)
+        return len(seen) == 3
+
+    stopped, other = engine.submit(reqs[0], stop_check=check), engine.submit(reqs[1])
+    events = []
+    while not engine.idle:
+        events += engine.step()
+    assert stopped.tokens == full[0][:3] == seen and stopped.finish_reason == "stop"
+    last = [e for e in events if e.handle is stopped][-1]
+    assert (last.token, last.finish_reason) == (full[0][2], "stop")
+    assert other.tokens == full[1] and other.finish_reason == "length"
+    assert engine.stats.generated == 3 + len(full[1])  # the stopped row sampled nothing more
+    # a stop string completed by the budget's last token is a stop, as the server reports it
+    last_one = engine.submit(dataclasses.replace(reqs[0], max_gen_len=3), stop_check=lambda t: t == full[0][2])
+    while not engine.idle:
+        engine.step()
+    assert last_one.tokens == full[0][:3] and last_one.finish_reason == "stop"
+
+
+def test_engine_refuses_bad_controls_naming_them(builds):
+    engine = Engine(builds[3].model)
+    with pytest.raises(LlamaError, match="request 0: controls={'top_k': 3} must be a SamplingControls"):
+        engine.submit(Request([1], 4, controls={"top_k": 3}))
+    with pytest.raises(LlamaError, match="job 7: logit_bias key=32000 must be an integer from 0 to 31999"):
+        engine.submit(Request([1], 4, controls=SamplingControls(logit_bias=((32000, 1.0),))), where="job 7")
+    with pytest.raises(LlamaError, match="request 0: top_k=-2 must be an integer >= 0"):
+        engine.submit(Request([1], 4, controls=SamplingControls(top_k=-2)))
+    assert engine.idle

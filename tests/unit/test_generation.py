@@ -219,3 +219,162 @@ def test_batch1_decode_uses_plain_cpu_kernels_and_the_model_flips_no_flag(genera
     monkeypatch.setattr(torch.nn.functional, "linear", spy_linear)
     generator.model(torch.tensor([[1]]), 0)  # called directly, the model uses what it is given
     assert inside and all(inside)
+
+
+# ---- sampling controls and stop strings in the library -----------------------------------------
+
+@pytest.fixture(scope="module")
+def generators(generator, tiny_ckpt, sp_tokenizer):
+    """The suite's fp32 generator and one in the default dtype (bf16 on CPUs with native bf16)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("LLAMA_DTYPE")
+        state = torch.get_rng_state()
+        default = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=64, max_batch_size=4, device="cpu")
+        torch.set_rng_state(state)
+    return {"fp32": generator, "default": default}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "default"])
+def test_logit_bias_steers_greedy_text_and_logprobs_stay_the_models(generators, dtype):
+    g = generators[dtype]
+    paris, london = (g.tokenizer.encode(w, bos=False, eos=False)[0] for w in ("Paris", "London"))
+    free = g.text_completion(PROMPTS[:2], temperature=0, max_gen_len=4, logprobs=True)
+    to_paris = g.text_completion(PROMPTS[:2], temperature=0, max_gen_len=4, logprobs=True, logit_bias={paris: 100})
+    to_london = g.text_completion(PROMPTS[:2], temperature=0, max_gen_len=4, logit_bias={str(london): 100})
+    assert [r["generation"] for r in to_paris] == ["Paris Paris Paris Paris"] * 2
+    assert [r["generation"] for r in to_london] == ["London London London London"] * 2
+    # the reported logprob is the raw model's: "Paris" is no likely token of a random model
+    prompt = _ids(g, PROMPTS[:1])[0]
+    raw = torch.log_softmax(g.model(torch.tensor([prompt]), 0)[0, -1].float(), -1)[paris]
+    assert to_paris[0]["logprobs"][0] == pytest.approx(float(raw), abs=1e-4 if dtype == "fp32" else 0.05)
+    assert to_paris[0]["logprobs"][0] < -3
+    first = g.generate([prompt], 1, temperature=0, stop_tokens=[])[0][0][0]
+    assert g.generate([prompt], 1, temperature=0, stop_tokens=[], logit_bias={first: -100})[0][0][0] != first
+    assert free != to_paris
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "default"])
+def test_controls_sample_reproducibly_and_top_k_1_is_greedy(generators, dtype):
+    g = generators[dtype]
+    greedy = g.text_completion(PROMPTS, temperature=0, max_gen_len=8)
+    assert g.text_completion(PROMPTS, temperature=1.0, top_p=1.0, max_gen_len=8, top_k=1, seed=3) == greedy
+    assert g.text_completion(PROMPTS, temperature=1.0, top_p=1.0, max_gen_len=8, min_p=1.0, seed=3) == greedy
+    controls = dict(top_k=20, min_p=0.01, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3,
+                    logit_bias={13: 3.0})
+    sampled = g.text_completion(PROMPTS, temperature=1.0, max_gen_len=8, seed=3, **controls)
+    assert g.text_completion(PROMPTS, temperature=1.0, max_gen_len=8, seed=3, **controls) == sampled
+    assert sampled != g.text_completion(PROMPTS, temperature=1.0, max_gen_len=8, seed=3)
+    torch.manual_seed(0)
+    streamed = "".join(g.stream_completion(PROMPTS[1], temperature=1.0, max_gen_len=8, **controls))
+    torch.manual_seed(0)
+    assert streamed == g.text_completion(PROMPTS[1:2], temperature=1.0, max_gen_len=8, **controls)[0]["generation"]
+
+
+def _stop_in(text: str) -> str:
+    """A stop string from the middle of a generated text: its middle word's first 3 letters."""
+    words = [w for w in text.split() if w.isascii() and w.isalpha() and len(w) >= 3]
+    stop = words[len(words) // 2][:3]
+    assert 0 < text.find(stop)
+    return stop
+
+
+def test_stop_strings_cut_the_text_and_free_the_row(generator):
+    free = generator.text_completion(PROMPTS, temperature=0, max_gen_len=20, logprobs=True)
+    assert [len(r["tokens"]) for r in free] == [20] * 4  # no stop token: the budget ends them
+    stop = _stop_in(free[0]["generation"])
+    other = _stop_in(free[1]["generation"])
+    cut = generator.text_completion(PROMPTS, temperature=0, max_gen_len=20, logprobs=True, stop=["\x00", other, stop])
+    for f, c in zip(free, cut):
+        text = f["generation"]
+        found = [i for i in (text.find(stop), text.find(other)) if i >= 0]
+        if not found:
+            assert c == f
+            continue
+        assert c["generation"] == text[: min(found)]  # before the first stop string, whichever it is
+        n = len(c["tokens"])
+        assert n < 20 and c["tokens"] == f["tokens"][:n] and c["logprobs"] == f["logprobs"][:n]
+        # the last token is the one that completed a stop string
+        assert any(s in "".join(c["tokens"]) for s in (stop, other))
+        assert not any(s in "".join(c["tokens"][:-1]) for s in (stop, other))
+    assert generator.last_stats.generated_tokens == sum(len(c["tokens"]) for c in cut) < 80  # rows freed early
+
+    ids = _ids(generator, PROMPTS)
+    tokens, lps = generator.generate(ids, 20, temperature=0, logprobs=True, stop=[stop, other])
+    assert [len(t) for t in tokens] == [len(c["tokens"]) for c in cut] and lps[0] == cut[0]["logprobs"]
+    steps = list(generator.stream_tokens(ids[:1], 20, temperature=0, stop=stop))  # one string works too
+    assert [s[0][0] for s in steps] == tokens[0]
+    assert "".join(generator.stream_completion(PROMPTS[0], temperature=0, max_gen_len=20, stop=[stop])) == \
+        cut[0]["generation"]
+    assert generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=20, stop=[]) == \
+        generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=20)
+
+
+def test_stop_strings_with_echo_look_at_the_generated_text_only(generator):
+    prompt = PROMPTS[2]
+    free = generator.text_completion([prompt], temperature=0, max_gen_len=20)[0]["generation"]
+    echoed = generator.text_completion([prompt], temperature=0, max_gen_len=20, echo=True)[0]["generation"]
+    stop = _stop_in(free)
+    cut = generator.text_completion([prompt], temperature=0, max_gen_len=20, echo=True, stop=stop)[0]["generation"]
+    assert cut.startswith(prompt) and cut == echoed[: len(echoed) - len(free) + free.find(stop)]
+    in_prompt = "upon"  # in the prompt, not in what it generates
+    assert in_prompt not in free
+    assert generator.text_completion([prompt], temperature=0, max_gen_len=20, echo=True,
+                                     stop=in_prompt)[0]["generation"] == echoed
+
+
+def test_stop_strings_in_chat_completion_and_stream_chat(generator):
+    dialogs = [[{"role": "user", "content": "Hello!"}], [{"role": "user", "content": "Name a colour."}]]
+    free = generator.chat_completion(dialogs, temperature=0, max_gen_len=20, logprobs=True)
+    answer = free[0]["generation"]["content"]
+    stop = _stop_in(answer)
+    cut = generator.chat_completion(dialogs, temperature=0, max_gen_len=20, logprobs=True, stop=[stop])
+    assert cut[0]["generation"] == {"role": "assistant", "content": answer[: answer.find(stop)]}
+    n = len(cut[0]["tokens"])
+    assert n < len(free[0]["tokens"]) and cut[0]["logprobs"] == free[0]["logprobs"][:n]
+    assert stop in "".join(cut[0]["tokens"]) and stop not in "".join(cut[0]["tokens"][:-1])
+    if stop not in free[1]["generation"]["content"]:
+        assert cut[1] == free[1]
+    assert "".join(generator.stream_chat(dialogs[0], temperature=0, max_gen_len=20, stop=[stop])) == \
+        cut[0]["generation"]["content"]
+
+
+BAD_CONTROLS = [
+    (dict(top_k=-1), "^top_k=-1 must be an integer >= 0"),
+    (dict(min_p=1.01), "^min_p=1.01 must be a finite number from 0 to 1"),
+    (dict(presence_penalty=3), "^presence_penalty=3 must be a finite number from -2 to 2"),
+    (dict(frequency_penalty=float("nan")), "^frequency_penalty=nan"),
+    (dict(repetition_penalty=-1), "^repetition_penalty=-1 must be a finite number > 0"),
+    (dict(logit_bias={32000: 1}), "^logit_bias key=32000 must be an integer from 0 to 31999"),
+    (dict(logit_bias={1: -101}), "^logit_bias value=-101"),
+    (dict(logit_bias="1:2"), "^logit_bias='1:2' must be a dict"),
+    (dict(stop=5), "^stop=5 must be a string or a list of strings"),
+    (dict(stop=["ok", 5]), r"^stop\[1\] must be text"),
+    (dict(stop=["a\ud800"]), r"^stop\[0\] is not valid Unicode"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_CONTROLS)
+def test_bad_controls_and_stops_are_named_by_every_call(generator, kwargs, match):
+    dialog = [{"role": "user", "content": "hi"}]
+    calls = [lambda: generator.text_completion(["hi"], max_gen_len=4, **kwargs),
+             lambda: generator.chat_completion([dialog], max_gen_len=4, **kwargs),
+             lambda: generator.generate([[1, 450]], 4, **kwargs),
+             lambda: generator.stream_tokens([[1, 450]], 4, **kwargs),
+             lambda: generator.stream_completion("hi", max_gen_len=4, **kwargs),
+             lambda: generator.stream_chat(dialog, max_gen_len=4, **kwargs)]
+    for call in calls:
+        with pytest.raises(LlamaError, match=match):
+            call()
+    assert generator.engine.idle
+
+
+def test_meta_positional_call_shapes_still_work_and_new_arguments_are_keywords(generator):
+    assert generator.text_completion(PROMPTS[:1], 0.0, 0.9, 4, False, False) == \
+        generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=4)
+    dialog = [{"role": "user", "content": "hi"}]
+    assert generator.chat_completion([dialog], 0.0, 0.9, 4, True) == \
+        generator.chat_completion([dialog], temperature=0, max_gen_len=4, logprobs=True)
+    assert generator.generate([[1, 450]], 4, 0.0, 0.9, False, False, [], None)[0] == \
+        generator.generate([[1, 450]], 4, temperature=0, stop_tokens=[])[0]
+    with pytest.raises(TypeError):
+        generator.text_completion(PROMPTS[:1], 0.0, 0.9, 4, False, False, None, ["x"])  # stop is keyword-only

@@ -195,3 +195,159 @@ def test_request_key_is_stable_across_processes():
     assert seen == {f"{request_key(1, 'a')} {request_key(7, 3)}\n"}
     assert request_key(1, '"a"') != request_key(1, "1") != request_key("1", "1") != request_key("1", 1)
     assert all(0 <= request_key(i) < 2**63 for i in range(100))
+
+
+# ---- sampling controls (top_k, min_p, penalties, logit_bias) -------------------------------------
+
+def _sample_with(logits, temperature, top_p, keys, steps, min_p, top_k):
+    n = logits.shape[0]
+    return sample(logits, torch.full((n,), temperature) if isinstance(temperature, float) else temperature,
+                  torch.full((n,), top_p) if isinstance(top_p, float) else top_p, keys, steps,
+                  torch.as_tensor(min_p, dtype=torch.float32).expand(n).clone(),
+                  torch.as_tensor(top_k, dtype=torch.long).expand(n).clone())
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "tiny_temperature"])
+def test_rows_without_controls_sample_as_before_whatever_their_batch_mates(kind):
+    """The controls' path (min_p/top_k given) leaves a row without controls exactly as the
+    plain path samples it, beside rows that cut and rows that do not: same tokens, bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(24, 3000, generator=g) * (8.0 if kind != "flat" else 0.3)
+    if kind == "ties":
+        logits = logits.to(torch.bfloat16).float().round()
+    temperature = torch.full((24,), 1e-30 if kind == "tiny_temperature" else 0.9)
+    temperature[::5] = 0.0
+    top_p = torch.linspace(0.05, 1.0, 24)
+    keys = torch.tensor([request_key("off", i) for i in range(24)])
+    plain = torch.stack([sample(logits, temperature, top_p, keys, torch.full((24,), s)) for s in range(20)])
+    min_p, top_k = torch.zeros(24), torch.zeros(24, dtype=torch.long)
+    min_p[1::3], top_k[2::3] = 0.2, 5  # rows 0, 3, 6, ... have no cut
+    with_mates = torch.stack([sample(logits, temperature, top_p, keys, torch.full((24,), s), min_p, top_k)
+                              for s in range(20)])
+    off = torch.stack([sample(logits, temperature, top_p, keys, torch.full((24,), s), torch.zeros(24),
+                              torch.zeros(24, dtype=torch.long)) for s in range(20)])
+    assert torch.equal(off, plain)
+    assert torch.equal(with_mates[:, 0::3], plain[:, 0::3])
+    if kind == "flat":  # wide nuclei: the cuts change draws
+        assert not torch.equal(with_mates[:, 1::3], plain[:, 1::3])
+
+
+def test_rows_with_controls_are_sampled_alone():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(10, 700, generator=g) * 3
+    temperature = torch.tensor([0.7, 1.3, 0.0, 1.0, 2.0, 0.5, 1.0, 1.1, 0.9, 1.0])
+    top_p = torch.tensor([0.9, 1.0, 0.9, 0.5, 0.95, 1.0, 0.8, 1.0, 0.99, 1.0])
+    min_p = torch.tensor([0.0, 0.05, 0.3, 0.0, 0.01, 0.5, 0.0, 1.0, 0.1, 0.0])
+    top_k = torch.tensor([0, 10, 3, 0, 50, 0, 1, 0, 2000, 0])
+    keys = torch.tensor([request_key("ctl", i) for i in range(10)])
+    steps = torch.arange(10) * 3
+    together = sample(logits, temperature, top_p, keys, steps, min_p, top_k)
+    alone = torch.cat([sample(logits[i:i + 1], temperature[i:i + 1], top_p[i:i + 1], keys[i:i + 1],
+                              steps[i:i + 1], min_p[i:i + 1], top_k[i:i + 1]) for i in range(10)])
+    perm = torch.randperm(10, generator=g)
+    shuffled = sample(logits[perm], temperature[perm], top_p[perm], keys[perm], steps[perm], min_p[perm], top_k[perm])
+    assert torch.equal(together, alone) and torch.equal(shuffled, together[perm])
+    # top_k=1 and min_p=1 leave the likeliest token alone, at any temperature
+    assert together[6] == logits[6].argmax() and together[7] == logits[7].argmax()
+
+
+@pytest.mark.parametrize("min_p, top_k, top_p, expected", [
+    # probs 0.05, 0.5, 0.15, 0.3 (logits their logs, T = 1)
+    (0.0, 2, 1.0, [0, 0.5 / 0.8, 0, 0.3 / 0.8]),
+    (0.0, 3, 0.7, [0, 0.5 / 0.8, 0, 0.3 / 0.8]),  # top_p over the renormalised three: 0.52 + 0.32 > 0.7
+    (0.0, 2, 0.6, [0, 1, 0, 0]),  # renormalised, 0.5 / 0.8 = 0.625 already reaches 0.6
+    (0.25, 0, 1.0, [0, 0.5 / 0.95, 0.15 / 0.95, 0.3 / 0.95]),  # keeps prob >= 0.125
+    (0.4, 0, 1.0, [0, 0.5 / 0.8, 0, 0.3 / 0.8]),  # keeps prob >= 0.2
+    (0.25, 2, 1.0, [0, 0.5 / 0.8, 0, 0.3 / 0.8]),
+    (0.0, 10, 1.0, [0.05, 0.5, 0.15, 0.3]),  # k beyond the vocabulary: all
+])
+def test_min_p_and_top_k_shape_the_distribution_as_specified(min_p, top_k, top_p, expected):
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3])).expand(N, 4)
+    keys = torch.tensor([request_key("cut", i) for i in range(N)])
+    draws = _sample_with(logits, 1.0, top_p, keys, torch.zeros(N, dtype=torch.long), min_p, top_k)
+    assert torch.allclose(_shares(draws, 4), torch.tensor(expected, dtype=torch.float64), atol=0.012)
+
+
+def test_control_state_adjusts_its_row_as_specified():
+    """logit_bias added, then the repetition penalty over prompt and generated tokens, then
+    presence and frequency over generated tokens only (the formulas written out here)."""
+    from llama.runtime.sampling import ControlState, SamplingControls
+
+    controls = SamplingControls.checked(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0,
+                                        logit_bias={3: 5.0, "7": -1.5})
+    state = ControlState(controls, [1, 2, 2], 10, torch.device("cpu"))
+    for token in (4, 4, 7, 4):
+        state.add(token)
+    logits = torch.tensor([1.0, -2.0, 3.0, -1.0, 0.5, 2.0, -0.5, 1.0, 4.0, 0.0])
+    row = logits.clone()
+    state.adjust(row)
+    expected = logits.tolist()
+    expected[3] += 5.0
+    expected[7] -= 1.5
+    for t in (1, 2, 4, 7):  # seen: divided when positive, multiplied when negative
+        expected[t] = expected[t] / 2 if expected[t] > 0 else expected[t] * 2
+    expected[4] -= 0.25 * 3 + 0.5
+    expected[7] -= 0.25 * 1 + 0.5
+    assert row.tolist() == pytest.approx(expected, abs=1e-6)
+    extreme = ControlState(SamplingControls(repetition_penalty=1e-38), [0, 1], 10, torch.device("cpu"))
+    row = logits.clone() * 1e3
+    extreme.adjust(row)
+    assert bool(torch.isfinite(row).all())  # 1000 / 1e-38 overflows: kept finite
+
+
+def test_sampling_controls_checked_and_their_defaults():
+    from llama.runtime.sampling import SamplingControls
+
+    assert SamplingControls.checked() == SamplingControls() and not SamplingControls().active
+    c = SamplingControls.checked(np.int64(40), np.float32(0.05), -2, 2.0, np.float64(1.3),
+                                 {"50": 1, 7: np.float32(-100)}, vocab_size=51)
+    assert c == SamplingControls(40, pytest.approx(0.05), -2.0, 2.0, pytest.approx(1.3), ((7, -100.0), (50, 1.0)))
+    assert type(c.top_k) is int and type(c.min_p) is float and c.active
+    assert SamplingControls.checked(logit_bias=[(9, 2), [3, 1.5]]).logit_bias == ((3, 1.5), (9, 2.0))
+    for one in (dict(top_k=1), dict(min_p=0.1), dict(presence_penalty=-0.1), dict(frequency_penalty=0.1),
+                dict(repetition_penalty=0.9), dict(logit_bias={1: 0.0})):
+        assert SamplingControls.checked(**one).active, one
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=-1), "top_k=-1 must be an integer >= 0"),
+    (dict(top_k=2.5), "top_k=2.5 must be an integer"),
+    (dict(top_k=True), "top_k=True must be an integer"),
+    (dict(min_p=1.5), "min_p=1.5 must be a finite number from 0 to 1"),
+    (dict(min_p=float("nan")), "min_p=nan"),
+    (dict(presence_penalty=2.5), "presence_penalty=2.5 must be a finite number from -2 to 2"),
+    (dict(presence_penalty=False), "presence_penalty=False"),
+    (dict(frequency_penalty=-3), "frequency_penalty=-3 must be a finite number from -2 to 2"),
+    (dict(repetition_penalty=0), r"repetition_penalty=0 must be a finite number > 0"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty=inf"),
+    (dict(logit_bias=[1, 2]), r"logit_bias=\[1, 2\] must be a dict of token id -> bias"),
+    (dict(logit_bias={"a1": 1}), "logit_bias key='a1' must be an integer"),
+    (dict(logit_bias={-1: 1}), "logit_bias key=-1 must be an integer"),
+    (dict(logit_bias={32000: 1}, vocab_size=32000), "logit_bias key=32000 must be an integer from 0 to 31999"),
+    (dict(logit_bias={5: 101}), r"logit_bias value=101 must be a finite number from -100 to 100 \(for token 5\)"),
+    (dict(logit_bias={5: "1"}), "logit_bias value='1'"),
+    (dict(logit_bias={5: 1, "5": 2}), "logit_bias key=5 is given twice"),
+    (dict(logit_bias={i: 1 for i in range(301)}), "logit_bias has 301 entries; at most 300"),
+    (dict(top_k=-1, where="prompt 3: "), "^prompt 3: top_k=-1"),
+    (dict(min_p=2, where="--"), "^--min_p=2"),
+])
+def test_bad_sampling_controls_are_named(kwargs, match):
+    from llama.runtime.sampling import SamplingControls
+
+    with pytest.raises(LlamaError, match=match):
+        SamplingControls.checked(**kwargs)
+
+
+def test_cut_tokens_leave_the_nucleus_short(monkeypatch):
+    """Tokens that min_p / top_k left out are not nucleus members, even at top_p=1: the race
+    then hashes noise for the few kept tokens, not for the whole vocabulary."""
+    import llama.runtime.sampling as sampling
+
+    widths = []
+    race = sampling.race
+    monkeypatch.setattr(sampling, "race", lambda ids, *rest: widths.append(ids.shape[1]) or race(ids, *rest))
+    logits = torch.randn(4, 5000, generator=torch.Generator().manual_seed(6))
+    keys = torch.tensor([request_key("short", i) for i in range(4)])
+    _sample_with(logits, 1.0, 1.0, keys, torch.zeros(4, dtype=torch.long), 0.0, 3)
+    _sample_with(logits, 1.0, 1.0, keys, torch.zeros(4, dtype=torch.long), 0.5, 0)
+    assert widths[0] == 3 and widths[1] < 20

@@ -245,3 +245,15 @@ def test_gguf_builder_pre_tokenizers(gguf_meta):
     plain = HF.from_str(hf_tokenizer_json_from_gguf_vocab(*args, "gpt2"))
     assert digits.encode("x\n 4").tokens == ["x", "ĊĠ", "4"]
     assert plain.encode("x\n 4").tokens == ["x", "Ċ", "Ġ", "4"]
+
+
+# ---- every kind: a token's bytes ------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["café 😀 日本", "plain words", "naïve—“quoted”"])
+def test_token_bytes_join_to_the_texts_utf8_for_every_kind(llama3, smollm2, sp_tokenizer, text):
+    """token_bytes of each token of a text join to its UTF-8 (sentencepiece's first piece adds
+    the space it marks), so the pieces of a character split over byte tokens are its bytes."""
+    sp = Tokenizer(sp_tokenizer)
+    for tokenizer, lead in ((llama3, b""), (smollm2, b""), (sp, b" ")):
+        ids = tokenizer.encode(text, bos=False, eos=False)
+        assert b"".join(tokenizer.token_bytes(i) for i in ids) == lead + text.encode("utf-8"), type(tokenizer)

@@ -146,3 +146,28 @@ def test_repl_reading_a_pipe_with_strict_decoding_goes_on_after_a_bad_line(tiny_
     assert done.returncode == 0, err[-2000:]
     assert "error: this message is not valid Unicode text: byte 0xE9 at character 3" in err
     assert "Traceback" not in err and err.count("prompt tokens") == 1  # "Hello" was answered
+
+
+def test_the_detokenizer_decodes_each_token_a_bounded_number_of_times(sp_tokenizer):
+    """A long answer costs time linear in its length: the tokens decoded over the whole stream
+    (every take(), and the one whole decode of finish()) stay within a small multiple of its
+    length, where decoding everything again after each token would cost n^2 / 2. The text is
+    still exactly the whole sequence's decode."""
+    from llama.detokenize import Detokenizer
+    from llama.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(sp_tokenizer)
+    decoded = []
+    real_decode = tokenizer.decode
+    tokenizer.decode = lambda ids: decoded.append(len(ids)) or real_decode(ids)
+    context = tokenizer.encode("Once upon a time", bos=True, eos=False)
+    answer = tokenizer.encode("Café au lait, naïve façade; 日本語 and more. " * 60, bos=False, eos=False)
+    stream = Detokenizer(tokenizer, context=context, stops=["never appears"])
+    pieces = []
+    for token in answer:
+        stream.add(token)
+        pieces.append(stream.take())
+    pieces.append(stream.finish())
+    assert "".join(pieces) == real_decode(context + answer)[len(real_decode(context)):]
+    n = len(answer)
+    assert n > 1000 and sum(decoded) < 8 * n, (sum(decoded), n)
