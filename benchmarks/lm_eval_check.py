@@ -14,8 +14,9 @@ multiple-choice one, scored by log-likelihood, and a generate-until one), and ru
 then recomputes every item with the library in this process: each answer choice's
 log-likelihood from `Llama.generate(..., echo=True, logprobs=True)` on the token ids lm-eval
 made, and each generation from `text_completion` / `chat_completion` with the same stop
-strings. Exits 1 when any item differs (log-likelihoods by more than 1e-4 in fp32); writes
-benchmarks/results/lm_eval_check.json.
+strings. Exits 1 when any item differs (log-likelihoods by more than 1e-4 in fp32, 0.05 in
+bf16, where a batch's shape may round differently); writes
+benchmarks/results/lm_eval_check-DTYPE.json.
 """
 
 import argparse
@@ -180,7 +181,7 @@ def main() -> int:
             print(f"| {key} | {value} |")
     for failure in failures:
         print("MISMATCH", failure)
-    out = ROOT / "benchmarks" / "results" / "lm_eval_check.json"
+    out = ROOT / "benchmarks" / "results" / f"lm_eval_check-{args.dtype}.json"
     out.write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {out}")
     return 1 if failures or not rows else 0

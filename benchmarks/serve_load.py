@@ -2,12 +2,15 @@
 
     python benchmarks/serve_load.py [--requests 200 --concurrency 16 --max_tokens 64]
     python benchmarks/serve_load.py --url http://127.0.0.1:8080 --model NAME   # any OpenAI-compatible server
+    python benchmarks/serve_load.py --server_root /tmp/old   # the server of another checkout (git worktree)
 
 Without --url it starts `python -m llama.serve` on the demo model (SmolLM2-135M-Instruct) in the
 default dtype with --max_batch_size equal to the concurrency, and afterwards runs the same
 prompts offline through Llama.generate in this process (the engine without HTTP, the peer
-that shows what the server layer costs). Reports requests/s, time to first token p50/p99 and
-generated tokens/s; prints a table and writes benchmarks/results/serve_load.json.
+that shows what the server layer costs). Reports requests/s, time to first token and whole-request
+latency p50/p99, generated tokens/s, and the latency of small requests sent one after another
+over one reused keep-alive connection (what Nagle's algorithm delays when the server does not
+set TCP_NODELAY); prints a table and writes benchmarks/results/serve_load.json.
 """
 
 import argparse
@@ -49,7 +52,7 @@ def start_server(args) -> "tuple[subprocess.Popen, str]":
            "--max_seq_len", "1024", "--model_name", "demo"]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=str(args.server_root), stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -74,6 +77,7 @@ async def load(url: str, model: str, prompts: List[list], concurrency: int, max_
                                 max_retries=0, timeout=600)
     gate = asyncio.Semaphore(concurrency)
     ttfts: List[float] = []
+    latencies: List[float] = []
     generated = [0]
 
     async def one(i: int, dialog: list) -> None:
@@ -89,6 +93,7 @@ async def load(url: str, model: str, prompts: List[list], concurrency: int, max_
                 if chunk.usage is not None:
                     generated[0] += chunk.usage.completion_tokens
             ttfts.append(first if first is not None else time.perf_counter() - start)
+            latencies.append(time.perf_counter() - start)
 
     start = time.perf_counter()
     await asyncio.gather(*(one(i, d) for i, d in enumerate(prompts)))
@@ -96,7 +101,30 @@ async def load(url: str, model: str, prompts: List[list], concurrency: int, max_
     await client.close()
     return {"requests": len(prompts), "concurrency": concurrency, "wall_s": wall, "requests_per_s": len(prompts) / wall,
             "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": percentile(ttfts, 0.99),
+            "latency_p50_s": statistics.median(latencies), "latency_p99_s": percentile(latencies, 0.99),
             "generated_tokens": generated[0], "tokens_per_s": generated[0] / wall}
+
+
+def reused_connection(url: str, model: str, count: int = 40) -> Dict[str, float]:
+    """Small requests one after another over one keep-alive connection, as the openai client
+    sends them: GET /v1/models (no model work: what is left is the HTTP round trip) and a
+    one-token chat answer; their latency p50/p90."""
+    import httpx
+
+    key = os.environ.get("LLAMA_API_KEY", "none")
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    out: Dict[str, float] = {"requests": count}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {key}"}) as http:
+        for name, send in (("models", lambda: http.get(f"{url}/v1/models")),
+                           ("chat", lambda: http.post(f"{url}/v1/chat/completions", json=body))):
+            times = []
+            for _ in range(count + 3):
+                start = time.perf_counter()
+                send().raise_for_status()
+                times.append(time.perf_counter() - start)
+            times = times[3:]  # the first ones pay for the connection and warm-up
+            out[f"{name}_p50_s"], out[f"{name}_p90_s"] = statistics.median(times), percentile(times, 0.9)
+    return out
 
 
 def offline(prompts: List[list], concurrency: int, max_tokens: int, dtype: Optional[str]) -> Dict[str, float]:
@@ -140,6 +168,8 @@ def main() -> None:
     parser.add_argument("--model", default="demo", help="the model name to send with --url")
     parser.add_argument("--dtype", help="for the server we start (default: the engine's default)")
     parser.add_argument("--no_offline", action="store_true", help="skip the offline Llama.generate peer")
+    parser.add_argument("--server_root", default=str(ROOT),
+                        help="the checkout whose llama.serve to start (default: this one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load.json"))
     args = parser.parse_args()
 
@@ -151,24 +181,31 @@ def main() -> None:
         url = args.url
     try:
         served = asyncio.run(load(url, args.model, prompts, args.concurrency, args.max_tokens))
+        served["reused_connection"] = reused_connection(url, args.model)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
-    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "max_tokens": args.max_tokens, "server": served}
+    results = {"cpu": cpu_name(), "cores": os.cpu_count(), "max_tokens": args.max_tokens,
+               "server_root": args.server_root, "server": served}
     if args.url is None and not args.no_offline:
         results["offline_generate"] = offline(prompts, args.concurrency, args.max_tokens, args.dtype)
 
     print(f"\n{args.requests} chat requests, {args.concurrency} at a time, up to {args.max_tokens} tokens each; "
           f"{results['cpu']}, {results['cores']} cores\n")
-    print(f"| {'':24} | {'requests/s':>10} | {'TTFT p50':>9} | {'TTFT p99':>9} | {'tokens/s':>9} |")
-    print(f"|{'-' * 26}|{'-' * 12}|{'-' * 11}|{'-' * 11}|{'-' * 11}|")
-    print(f"| {'llama.serve (HTTP)':24} | {served['requests_per_s']:10.2f} | {served['ttft_p50_s'] * 1000:7.0f}ms "
-          f"| {served['ttft_p99_s'] * 1000:7.0f}ms | {served['tokens_per_s']:9.1f} |")
+    columns = ["requests/s", "TTFT p50", "TTFT p99", "latency p50", "latency p99", "tokens/s", "reused: GET",
+               "reused: chat"]
+    print(f"| {'':24} | " + " | ".join(f"{c:>11}" for c in columns) + " |")
+    print(f"|{'-' * 26}|" + "|".join("-" * 13 for _ in columns) + "|")
+    ms = lambda s: f"{s * 1000:9.1f}ms"  # noqa: E731
+    print(f"| {'llama.serve (HTTP)':24} | {served['requests_per_s']:11.2f} | {ms(served['ttft_p50_s'])} | "
+          f"{ms(served['ttft_p99_s'])} | {ms(served['latency_p50_s'])} | {ms(served['latency_p99_s'])} | "
+          f"{served['tokens_per_s']:11.1f} | {ms(served['reused_connection']['models_p50_s'])} | "
+          f"{ms(served['reused_connection']['chat_p50_s'])} |")
     if "offline_generate" in results:
         off = results["offline_generate"]
-        print(f"| {'Llama.generate (no HTTP)':24} | {off['requests_per_s']:10.2f} | {'':>9} | {'':>9} "
-              f"| {off['tokens_per_s']:9.1f} |")
+        print(f"| {'Llama.generate (no HTTP)':24} | {off['requests_per_s']:11.2f} | " + " | ".join(
+            [f"{'':>11}"] * 4) + f" | {off['tokens_per_s']:11.1f} | {'':>11} | {'':>11} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")
