@@ -17,9 +17,10 @@ MODEL = "tiny"
 MAX_SEQ_LEN = 2048  # long answers take seconds: room to disconnect mid-stream
 
 
-def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1,
-                 dtype: str = "fp32") -> "tuple[subprocess.Popen, str]":
-    """The server in its own process group (torchrun with nproc > 1); (process, base URL) once /health answers."""
+def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1, dtype: str = "fp32",
+                 open_files: "int | None" = None) -> "tuple[subprocess.Popen, str]":
+    """The server in its own process group (torchrun with nproc > 1); (process, base URL) once
+    /health answers. open_files: its `ulimit -n` (soft and hard), if given."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT", "LLAMA_API_KEY")}
@@ -30,8 +31,14 @@ def start_server(ckpt: Path, tokenizer: str, *flags: str, nproc: int = 1,
         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     cmd = [*launcher, "-m", "llama.serve", "--ckpt_dir", str(ckpt), "--tokenizer_path", tokenizer,
            "--port", str(port), "--dtype", dtype, "--api-key", KEY, "--model_name", MODEL, *flags]
+    def limit() -> None:
+        if open_files is not None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=limit)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:

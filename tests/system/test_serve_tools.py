@@ -100,3 +100,13 @@ def test_tools_on_a_model_without_tool_calling_are_a_400(tiny_ckpt, sp_tokenizer
         assert exc.value.body["param"] == "tools" and "Llama 3.1" in exc.value.body["message"]
     finally:
         stop_server(proc)
+
+
+def test_a_call_of_a_function_not_offered_is_text(server):
+    """The steered answer calls get_weather; offered only another function, that is no call."""
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Time?"}],
+                                            tools=[other], temperature=0, max_tokens=32)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls and choice.message.content == CALL
