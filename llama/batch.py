@@ -19,6 +19,7 @@ that replica's results (each append one write of whole lines under a lock on the
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -210,11 +211,15 @@ def _prompt_tokens(generator: Llama, job: InputLine, chat: bool) -> Optional[Lis
 
 class ResultWriter:
     """Appends result lines to the output; several processes (one per replica) may append at
-    once. Each append is one write() of whole lines under an exclusive lock on the file, flushed
-    and fsynced; a fragment that a writer killed mid-write left at the end is cut off first (its
-    id is not in the output, so a resumed job runs it again)."""
+    once. Each append writes whole lines under an exclusive lock on the file, every byte of
+    them (write() may take fewer), then fsyncs; a fragment that a writer killed mid-write left
+    at the end is cut off first (its id is not in the output, so a resumed job runs it again).
+    When the lines cannot all be written (a full disk, a quota, a file-size limit), what was
+    written of them is cut off and the job stops with an OutputError: the file then holds only
+    whole results, and the same command resumes it."""
 
     def __init__(self, path: str):
+        self.path = path
         self.file = open(path, "a+b")  # read too: to find a fragment
 
     def append(self, lines: List[str]) -> None:
@@ -223,14 +228,45 @@ class ResultWriter:
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             _cut_fragment(fd)
-            os.lseek(fd, 0, os.SEEK_END)
-            os.write(fd, data)
-            os.fsync(fd)
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, start)  # whole results only
+                kept = count_lines(fd)
+                raise OutputError(f"cannot write to --output {self.path!r} ({exc.strerror or exc}); the {kept} "
+                                  f"results in it are whole and kept; make room (or raise the limit) and run the "
+                                  f"same command again: it resumes where this stopped") from None
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self.file.close()
+
+
+class OutputError(LlamaError):
+    """The results could not be written (a full disk, a quota, a file-size limit)."""
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Every byte of `data` at fd's offset, or an OSError: write() may write fewer than asked
+    (at a file-size limit, or a nearly full disk), and then says why on the next call."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def count_lines(fd: int) -> int:
+    """The number of newlines in the file (its whole results)."""
+    count, offset = 0, 0
+    while block := os.pread(fd, 1 << 20, offset):
+        count += block.count(b"\n")
+        offset += len(block)
+    return count
 
 
 def _cut_fragment(fd: int) -> None:

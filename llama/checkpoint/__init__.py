@@ -3,7 +3,7 @@ the weights' names, shapes and split axes (layout), finding and opening the shar
 cutting each rank's slice from any number of them (shards, pages), and foreign formats
 converted into the layout (convert)."""
 
-from .layout import check_shards, check_weights_fit, parallel_axis, save_checkpoint, split_state_dict
+from .layout import check_divisible, check_shards, check_weights_fit, parallel_axis, save_checkpoint, split_state_dict
 from .params import check_params, load_params
 from .shards import (
                      find_shards,
@@ -15,5 +15,5 @@ from .shards import (
 )
 
 __all__ = ["load_params", "check_params", "find_shards", "open_shard", "open_shards", "shards_for_rank",
-           "vocab_parallel_embedding", "check_shards", "check_weights_fit", "parallel_axis",
+           "vocab_parallel_embedding", "check_divisible", "check_shards", "check_weights_fit", "parallel_axis",
            "load_rank_state_dict", "split_state_dict", "save_checkpoint"]

@@ -146,6 +146,26 @@ def split_state_dict(full: Dict[str, torch.Tensor], n_shards: int,
     return shards
 
 
+def model_parallel_sizes(args: ModelArgs, up_to: int = 64) -> List[int]:
+    """The model-parallel sizes (up to `up_to`) this model splits over: those dividing every
+    split dimension (heads, kv heads, dim, vocabulary, feed-forward hidden size)."""
+    sizes = (args.n_heads, args.kv_heads, args.dim, args.vocab_size, args.ffn_hidden_dim)
+    return [m for m in range(1, up_to + 1) if all(v % m == 0 for v in sizes)]
+
+
+def check_divisible(args: ModelArgs, mp: int, what: str = "run") -> None:
+    """LlamaError unless every split dimension divides by the model-parallel size `mp`, naming
+    the sizes that work. `what`: the action refused ("run", "convert")."""
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim,
+             "vocab_size": args.vocab_size, "feed-forward hidden size": args.ffn_hidden_dim}
+    bad = [f"{name}={value}" for name, value in sizes.items() if value % mp]
+    if bad:
+        working = ", ".join(map(str, model_parallel_sizes(args)))
+        raise LlamaError(f"this model cannot be split over {mp} model-parallel ranks: {', '.join(bad)} "
+                         f"not divisible by {mp}; {what} it with a model-parallel size that divides them all: "
+                         f"{working}")
+
+
 def save_checkpoint(full: Dict[str, torch.Tensor], params: dict, dst: str, n_shards: int = 1,
                     vocab_split_embedding: bool = False) -> None:
     """Write full weights as consolidated.NN.pth shards plus params.json into dst."""

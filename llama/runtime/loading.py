@@ -16,6 +16,7 @@ import torch
 
 from ..chat_format import ChatFormat, make_chat_format
 from ..checkpoint import (
+    check_divisible,
     check_shards,
     find_shards,
     load_params,
@@ -86,19 +87,6 @@ def load(ckpt_dir: str, tokenizer_path: Optional[str] = None, *, max_seq_len: in
         model = model_on_device(args, shards, states, ctx, dtype, quantize, max_batch_size, max_seq_len)
     print0(f"Loaded in {time.time() - start:.2f} seconds")
     return Loaded(model, tokenizer, chat_format, ctx)
-
-
-# ---- checks before allocation ---------------------------------------------------------------
-
-def check_divisible(args: ModelArgs, mp: int) -> None:
-    """Every split dimension must divide by the model-parallel size."""
-    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.kv_heads, "dim": args.dim,
-             "vocab_size": args.vocab_size, "feed-forward hidden size": args.ffn_hidden_dim}
-    bad = [f"{name}={value}" for name, value in sizes.items() if value % mp]
-    if bad:
-        raise LlamaError(f"this model cannot be split over {mp} model-parallel ranks: "
-                         f"{', '.join(bad)} not divisible by {mp}; run with fewer processes "
-                         f"(a divisor of n_kv_heads={args.kv_heads})")
 
 
 # ---- the model -----------------------------------------------------------------------------

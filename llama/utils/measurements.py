@@ -10,9 +10,11 @@ readers need no lock. One process measures at a time: the ranks of a job that st
 together read the first one's verdicts instead of timing beside it, and all choose alike.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Hashable, Optional, Sequence
@@ -47,12 +49,25 @@ def _entries(path: Path) -> Dict[str, dict]:
 
 
 def _write(path: Path, new: Dict[str, dict]) -> None:
-    """Merge `new` into the file (the caller holds its lock), replacing it atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Merge `new` into the file (the caller holds its lock), replacing it atomically. The file
+    is a cache: when it cannot be written (a full disk, a quota), the job goes on with the new
+    verdicts in memory, and says once that they will be measured again next time."""
     entries = {**_entries(path), **new}
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"entries": entries}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if path not in _UNWRITABLE:
+            _UNWRITABLE.add(path)
+            print(f"note: cannot keep measurements in {str(path)!r} ({exc.strerror or exc}); this run uses them, "
+                  f"the next one measures again", file=sys.stderr, flush=True)
+
+
+_UNWRITABLE: set = set()  # verdict files this process could not write (said once each)
 
 
 def lookup(path: Path, key: dict) -> Optional[dict]:

@@ -173,3 +173,67 @@ def test_piped_stdout_as_output_is_refused_before_the_model_loads(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: --output '/dev/stdout' is a pipe: llama.batch appends results to a "
                                   "regular file")
+
+
+def test_a_full_disk_stops_the_batch_job_with_whole_results_and_a_rerun_completes(tmp_path, tiny_ckpt, sp_tokenizer):
+    """The output's file-size limit (RLIMIT_FSIZE, as a full disk or quota) is reached mid-job:
+    write() takes part of a result, then fails. The job stops with one line naming the output
+    and saying that a rerun resumes; the file holds whole results only; the rerun completes it,
+    equal to a job that never stopped."""
+    import resource
+
+    prompts = [{"id": f"p{i}", "prompt": f"Item {i}: once upon a time"} for i in range(30)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+
+    def cmd(out: Path) -> list:
+        return [sys.executable, "-m", "llama.batch", "--input", str(inp), "--output", str(out), "--ckpt_dir",
+                str(tiny_ckpt), "--tokenizer_path", sp_tokenizer, "--max_gen_len", "16", "--max_seq_len", "64",
+                "--temperature", "0"]
+
+    # No native build or kernel timing in the limited process: they write files of their own.
+    env = dict(os.environ, LLAMA_PROGRESS="0", LLAMA_NATIVE="0", LLAMA_TUNE="0", PYTHONPATH=str(REPO))
+    limit = 1500  # bytes: room for some of the ~30 results
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "out.jsonl"
+    stopped = subprocess.run(cmd(out), cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300,
+                             preexec_fn=limited)
+    assert stopped.returncode == 1, stopped.stderr[-2000:]
+    lines = stopped.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write to --output {str(out)!r}"), stopped.stderr
+    assert "run the same command again" in lines[0] and "wrote" not in stopped.stderr
+    data = out.read_bytes()
+    assert data.endswith(b"\n") and 0 < data.count(b"\n") < len(prompts) and len(data) <= limit
+    kept = [json.loads(line) for line in data.decode().splitlines()]  # every line whole
+    assert f"the {len(kept)} results in it are whole" in lines[0]
+
+    resumed = subprocess.run(cmd(out), cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = tmp_path / "whole.jsonl"
+    subprocess.run(cmd(whole), cwd=str(REPO), env=env, check=True, capture_output=True, timeout=300)
+    by_id = lambda path: {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}  # noqa: E731
+    assert by_id(out) == by_id(whole) and len(by_id(out)) == len(prompts)
+
+
+def test_a_conversion_that_runs_out_of_room_keeps_nothing_and_says_so(models):
+    """The file-size limit is met while the shards are written (torch.save reports it as a
+    stream error): one line naming DST, no partial folder, DST never created; then with room the
+    same command converts."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    cmd = [sys.executable, "-m", "llama.convert", str(models / "hf"), str(models / "out")]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    before = _snapshot(models)
+    failed = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True, timeout=300,
+                            preexec_fn=limited)
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr
+    assert failed.stderr.startswith(f"error: cannot write the conversion into {str(models / 'out')!r}")
+    assert "run it again" in failed.stderr and not (models / "out").exists()
+    assert {k: v for k, v in _snapshot(models).items() if k != ".out.lock"} == before
+    assert subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, timeout=300).returncode == 0

@@ -132,6 +132,24 @@ def test_convert_refuses_other_architectures(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_refuses_a_model_parallel_size_the_model_cannot_run_at(tmp_path):
+    """The demo's shape (9 heads, 3 kv heads) splits over 1 or 3 ranks, never 2: a 2-shard
+    conversion would load in one process and never run on two. The refusal names what works."""
+    from helpers.foreign import write_tiny_hf_dir
+    from llama.checkpoint.layout import check_divisible, model_parallel_sizes
+    from llama.model.args import ModelArgs
+
+    demo = ModelArgs(dim=576, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=256, ffn_dim_multiplier=None)
+    assert demo.ffn_hidden_dim == 1536 and model_parallel_sizes(demo) == [1, 3]
+    with pytest.raises(LlamaError, match=r"n_heads=9, n_kv_heads=3 not divisible by 2; .* divides them all: 1, 3$"):
+        check_divisible(demo, 2)
+    src = write_tiny_hf_dir(tmp_path / "hf", dim=8, n_heads=2, n_kv_heads=2, hidden=16)  # 8 tokens
+    with pytest.raises(LlamaError, match="cannot be split over 4 .*: 1, 2$"):
+        convert(str(src), str(tmp_path / "out"), model_parallel_size=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "hf"]  # nothing half-written is left
+    assert convert(str(src), str(tmp_path / "out"), model_parallel_size=2).is_dir()
+
+
 @pytest.mark.subprocess
 def test_convert_cli_errors_are_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "llama.convert", str(tmp_path / "missing"), str(tmp_path / "o")],

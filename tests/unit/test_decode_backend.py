@@ -204,3 +204,28 @@ def test_processes_measuring_at_once_choose_alike(tiny_ckpt, sp_tokenizer, tmp_p
         _choose_in_a_process,
         [(str(tiny_ckpt), sp_tokenizer, str(tmp_path), faster) for faster in backend.DECODE_BACKENDS])
     assert choices[0] == choices[1], choices
+
+
+def test_a_verdict_file_that_cannot_be_written_costs_a_note_not_the_job(tmp_path, monkeypatch, capsys):
+    """The kept measurements are a cache: on a full disk the job goes on with the verdicts it
+    measured, says so once, and leaves no temporary file behind."""
+    import errno
+    from pathlib import Path
+
+    from llama.utils import measurements
+
+    real_write = Path.write_text
+
+    def full_disk(self, *args, **kwargs):
+        if ".tmp" in self.name:
+            real_write(self, "{")  # part of it, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    path = tmp_path / "verdicts.json"
+    for _ in range(2):
+        got = measurements.kept(path, {"a": {"shape": 1}}, lambda item: {"best": "x"}, "test verdicts")
+        assert got["a"]["best"] == "x"
+    assert capsys.readouterr().err.count("cannot keep measurements in") == 1
+    assert not path.exists() and not list(tmp_path.glob("*.tmp*"))

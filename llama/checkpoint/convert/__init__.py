@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Union
 
 from ...errors import LlamaError
-from ...model.args import DTYPES
+from ...model.args import DTYPES, ModelArgs
 from ...utils.checks import whole_number
 from ...utils.locking import hold
-from ..layout import check_weights_fit, save_checkpoint
+from ..layout import check_divisible, check_weights_fit, save_checkpoint
 from .gguf import convert_gguf
 from .hf import convert_hf
 
@@ -56,19 +56,36 @@ def convert(src: Union[str, os.PathLike], dst: Union[str, os.PathLike], model_pa
         _check_destination(source, target, force)  # again: another process may have written it
         work = _new_work_dir(target)
         try:
-            weights, params = convert_hf(source, work) if source.is_dir() else convert_gguf(source, work)
+            weights, params = _written(lambda: convert_hf(source, work) if source.is_dir()
+                                       else convert_gguf(source, work), dst)
             check_weights_fit(weights, params, str(src))
+            check_divisible(ModelArgs.from_params(params), model_parallel_size, "convert")
             # Tied weights stay one tensor. Keying on id() is safe here: every tensor stays alive in
             # `weights` throughout, so no id can be reused (unlike the address of a freed temporary).
             cast = {id(v): v.to(DTYPES[dtype]) for v in weights.values()}
             weights = {k: cast[id(v)] for k, v in weights.items()}
-            save_checkpoint(weights, params, str(work), model_parallel_size)
-            _write_marker(work, {"source": str(source.resolve()), "files": sorted(p.name for p in work.iterdir())})
+            _written(lambda: save_checkpoint(weights, params, str(work), model_parallel_size), dst)
+            _written(lambda: _write_marker(work, {"source": str(source.resolve()),
+                                                  "files": sorted(p.name for p in work.iterdir())}), dst)
             _move_into_place(work, target)
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _written(write, dst) -> object:
+    """write()'s result, or a LlamaError when the disk (or a quota, or a file-size limit) takes
+    no more: nothing of the conversion is kept, and DST is as it was. torch.save reports a
+    failed write as a RuntimeError of its stream."""
+    try:
+        return write()
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "error" not in str(exc).lower():
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LlamaError(f"cannot write the conversion into {str(dst)!r} ({reason}); nothing of it was kept "
+                         f"and DST is as it was: make room (or raise the file-size limit) and run it again") from None
 
 
 def _path_arg(value, name: str) -> Path:
