@@ -10,13 +10,15 @@ from llama.cli import ModelFlags, print_streamed, print_timing, run, with_model_
 @with_model_flags(max_seq_len=512, max_batch_size=4)
 def main(
     model: ModelFlags,
-    temperature: float = 0.6,
+    temperature: Optional[float] = None,
     top_p: float = 0.9,
     max_gen_len: Optional[int] = None,
     stream: bool = False,
 ):
-    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
-    With --stream, each answer is printed as it is generated, one dialog at a time."""
+    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use),
+    greedily unless --temperature is given (Meta's 0.6 otherwise). With --stream, each answer
+    is printed as it is generated, one dialog at a time."""
+    temperature = model.temperature(temperature)  # Meta's 0.6; greedy for the demo model
     generator = model.build()
     dialogs: List[Dialog] = [
         [{"role": "user", "content": "What is the capital of France?"}],

@@ -1,7 +1,7 @@
 """Complete a few text prompts. Runs as `python example_text_completion.py --ckpt_dir ...`
 or under `torchrun --nproc_per_node N example_text_completion.py ...`."""
 
-from typing import List
+from typing import List, Optional
 
 from llama.cli import ModelFlags, print_streamed, print_timing, run, with_model_flags
 
@@ -9,13 +9,15 @@ from llama.cli import ModelFlags, print_streamed, print_timing, run, with_model_
 @with_model_flags(max_seq_len=128, max_batch_size=4)
 def main(
     model: ModelFlags,
-    temperature: float = 0.6,
+    temperature: Optional[float] = None,
     top_p: float = 0.9,
     max_gen_len: int = 64,
     stream: bool = False,
 ):
-    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use).
-    With --stream, each completion is printed as it is generated, one prompt at a time."""
+    """Without --ckpt_dir, runs the bundled demo model (fetched and converted on first use),
+    greedily unless --temperature is given (Meta's 0.6 otherwise). With --stream, each
+    completion is printed as it is generated, one prompt at a time."""
+    temperature = model.temperature(temperature)  # Meta's 0.6; greedy for the demo model
     generator = model.build()
     prompts: List[str] = [
         # Plain continuation
