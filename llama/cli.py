@@ -9,7 +9,9 @@ line on stderr and exit status 1, never a traceback.
 
 import functools
 import inspect
+import os
 import sys
+import typing
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
@@ -27,10 +29,18 @@ if TYPE_CHECKING:  # the commands import the engine; this module's import stays 
 
 
 def run(main: Callable) -> None:
-    """fire.Fire(main), turning LlamaError (and a lost peer process) into a one-line error."""
+    """fire.Fire(main), turning LlamaError (and a lost peer process) into a one-line error;
+    a reader that closes the pipe (`| head`) ends the output quietly."""
+    main.__signature__ = _readable(inspect.signature(main))
     try:
         fire.Fire(main)
         leave_process_group()
+    except BrokenPipeError:
+        # The reader is gone: nothing more can be shown. Point stdout at nothing so that the
+        # interpreter's final flush does not fail again, and end as a killed writer would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        leave_process_group()
+        sys.exit(141)
     except LlamaError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -47,6 +57,20 @@ def run(main: Callable) -> None:
         _fail(f"lost contact with the other processes of this job ({first_line}); one of them "
               f"failed, was killed or is stuck (waits are bounded by LLAMA_DIST_TIMEOUT): its own "
               f"error, or torchrun's summary, names the cause")
+
+
+def _readable(signature: inspect.Signature) -> inspect.Signature:
+    """`signature` as --help shows it: Optional[X] is shown as X (fire prints "Optional[Optional]")."""
+    def shown(annotation: Any) -> Any:
+        if typing.get_origin(annotation) is typing.Union:
+            kept = [a for a in typing.get_args(annotation) if a is not type(None)]
+            return kept[0] if len(kept) == 1 else annotation
+        if isinstance(annotation, str) and annotation.startswith("Optional[") and annotation.endswith("]"):
+            return annotation[len("Optional["):-1]
+        return annotation
+
+    return signature.replace(parameters=[p.replace(annotation=shown(p.annotation))
+                                         for p in signature.parameters.values()])
 
 
 def path_flags(*names: str) -> Callable[[Callable], Callable]:

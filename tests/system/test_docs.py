@@ -110,6 +110,7 @@ def test_every_documented_command_answers_help(module):
     shown = done.stdout + done.stderr  # fire writes help to stderr when it is not a terminal
     assert done.returncode == 0 and "Traceback" not in shown, shown[-2000:]
     assert "FLAGS" in shown or "usage" in shown.lower(), shown[-2000:]
+    assert "Optional[Optional]" not in shown  # types readable: `Optional[str]`
 
 
 def test_documented_commands_are_found():

@@ -19,3 +19,21 @@ def test_replicas_that_finish_early_exit_cleanly():
         job = run_torchrun(WORKER, [], timeout_s=180, nproc=4)
         assert job["rc"] == 0, f"run {attempt}: torchrun exit {job['rc']}\n{job['stderr'][-3000:]}"
         assert "terminate called" not in job["stderr"]
+
+
+@pytest.mark.subprocess
+def test_an_example_piped_into_head_ends_without_a_traceback(tiny_ckpt, sp_tokenizer):
+    """`python example_text_completion.py --stream | head -2`: the reader goes away after two
+    lines; the writer ends quietly (exit 141, as a writer killed by SIGPIPE), no traceback."""
+    import os
+    import shlex
+    import subprocess
+
+    command = (f"{shlex.quote(__import__('sys').executable)} example_text_completion.py --stream --ckpt_dir "
+               f"{shlex.quote(str(tiny_ckpt))} --tokenizer_path {shlex.quote(sp_tokenizer)} --max_seq_len 512 --max_gen_len 400 "
+               f"| head -2; exit ${{PIPESTATUS[0]}}")
+    done = subprocess.run(["bash", "-c", command], cwd=str(REPO), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert len(done.stdout.splitlines()) == 2
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 141, (done.returncode, done.stderr[-2000:])

@@ -62,6 +62,8 @@ def test_two_demo_setups_at_once_share_one_download_and_conversion(tmp_path, whe
     for rc, out, err in results:
         assert rc == 0, err[-3000:]
         assert f"demo model ready: {cache / 'models' / DEMO_NAME}" in out
+        assert "Looking in links" not in out and "Saved " not in out  # pip's log is on stderr
+    assert sum("Saved " in err for _, _, err in results) == 1  # one of them downloaded, and said so
     _assert_one_complete_demo(cache, "".join(out for _, out, _ in results))
 
 
