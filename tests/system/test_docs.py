@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
+from helpers.processes import free_port
 from llama import settings
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -154,3 +155,23 @@ def test_quick_start_runs_as_written(tmp_path):
     # The README promises a right answer: the first dialog's answer names Paris.
     first = done.stdout.split("What is the capital of France?", 1)[1].split("> Assistant:", 1)[1]
     assert "Paris" in first.split("=====", 1)[0], done.stdout[-3000:]
+
+
+@pytest.mark.torchrun
+@pytest.mark.slow
+def test_the_documented_torchrun_example_runs_on_the_demo_model():
+    """docs/distributed.md's command for a fresh machine, as written: three ranks on the demo
+    model print the three answers once, the first naming Paris as one process's does. (Not
+    compared token for token: in bf16 a split sum may round differently.)"""
+    command = next(line for line in _text(REPO / "docs" / "distributed.md").splitlines()
+                   if line.startswith("torchrun") and "--ckpt_dir" not in line)
+    assert command == "torchrun --nproc_per_node 3 example_chat_completion.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT", "LLAMA_DTYPE")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    port = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", *port, *command.split()[1:],
+                            "--max_gen_len", "24"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    answers = [line for line in ranks.stdout.splitlines() if line.startswith("> Assistant:")]
+    assert len(answers) == 3 and "Paris" in answers[0], ranks.stdout[-3000:]
