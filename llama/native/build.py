@@ -156,6 +156,9 @@ def build(cxx: str, target_dir: Path) -> Tuple[Optional[Path], str]:
         if failed.is_file():
             return None, f"the build failed before, see {failed} (delete it to try again)"
         start = time.perf_counter()
+        # First use on this machine: say what the wait is (it is not repeated).
+        print0(f"llama: building the native CPU kernels for this machine, once ({target_dir})...",
+               file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=target_dir, prefix="tmp-") as tmp:
             ok, log = _compile(cxx, Path(tmp))
             if not ok:
@@ -163,6 +166,7 @@ def build(cxx: str, target_dir: Path) -> Tuple[Optional[Path], str]:
                 return None, f"the build failed, see {failed}"
             os.replace(Path(tmp) / LIB_NAME, lib)  # atomic: nobody sees half a library
         _state["build_s"] = time.perf_counter() - start
+        print0(f"llama: native CPU kernels built in {_state['build_s']:.0f} s", file=sys.stderr, flush=True)
         return lib, ""
 
 

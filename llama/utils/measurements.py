@@ -24,6 +24,7 @@ import torch
 from .. import settings
 from .cpu import cpu_flags, cpu_model
 from .locking import hold
+from .ranks import is_main_rank
 
 
 def verdict_file(name: str) -> Path:
@@ -86,11 +87,19 @@ def kept(path: Path, keys: Dict[Hashable, dict], measure: Callable[[Hashable], d
     if again or any(name not in entries for name, _ in names.values()):
         with hold(path, what, quiet=True):
             entries = _entries(path)
-            new = {name: {"key": key, **measure(item)} for item, (name, key) in names.items()
-                   if again or name not in entries}
-            if new:
+            todo = [(item, name, key) for item, (name, key) in names.items() if again or name not in entries]
+            if todo:
+                start = time.perf_counter()
+                # First use on this machine: say what the wait is (the result is kept).
+                if is_main_rank():
+                    print(f"llama: first use here: {what} ({len(todo)} case{'s' * (len(todo) > 1)}, kept in "
+                          f"{path})...", file=sys.stderr, flush=True)
+                new = {name: {"key": key, **measure(item)} for item, name, key in todo}
                 _write(path, new)
                 entries.update(new)
+                took = time.perf_counter() - start
+                if is_main_rank() and took >= 1:
+                    print(f"llama: {what} took {took:.0f} s", file=sys.stderr, flush=True)
     return {item: entries[name] for item, (name, _) in names.items()}
 
 

@@ -189,7 +189,7 @@ def test_a_full_disk_stops_the_batch_job_with_whole_results_and_a_rerun_complete
     def cmd(out: Path) -> list:
         return [sys.executable, "-m", "llama.batch", "--input", str(inp), "--output", str(out), "--ckpt_dir",
                 str(tiny_ckpt), "--tokenizer_path", sp_tokenizer, "--max_gen_len", "16", "--max_seq_len", "64",
-                "--temperature", "0"]
+                "--dtype", "fp32", "--temperature", "0"]
 
     # No native build or kernel timing in the limited process: they write files of their own.
     env = dict(os.environ, LLAMA_PROGRESS="0", LLAMA_NATIVE="0", LLAMA_TUNE="0", PYTHONPATH=str(REPO))
