@@ -11,6 +11,7 @@ import functools
 import inspect
 import os
 import sys
+import time
 import typing
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
@@ -22,7 +23,7 @@ from fire.decorators import SetParseFn
 
 from .errors import LlamaError
 from .runtime.distributed import leave_process_group
-from .utils.ranks import is_main_rank
+from .utils.ranks import is_main_rank, launch_env
 
 if TYPE_CHECKING:  # the commands import the engine; this module's import stays light for them
     from .generation import GenerationStats, Llama
@@ -163,10 +164,31 @@ def _with_flag_docs(doc: str, flag_docs: dict) -> str:
     return f"{head.rstrip()}\n\nArgs:\n" + (args.strip("\n") + "\n" if marker else "") + "\n".join(lines)
 
 
+PEER_ERROR_DELAY_S = 3.0  # how long another rank waits for rank 0 to report an error first
+
+
 def _fail(message: str) -> None:
-    print(f"error: {' '.join(message.splitlines())}", file=sys.stderr, flush=True)
+    """One line on stderr, exit 1. Under torchrun most errors (a bad flag, a model that does not
+    split) meet every rank alike: rank 0 says it at once; another rank says it only if it is
+    still running a moment later (torchrun stops the others as soon as one fails, so an error
+    of rank 0's own is said once, and one of this rank alone is still said, naming the rank)."""
+    text = " ".join(message.splitlines())
+    rank = _launch_rank()
+    if rank:
+        leave_process_group()
+        time.sleep(PEER_ERROR_DELAY_S)
+        text = f"(rank {rank}) {text}"
+    print(f"error: {text}", file=sys.stderr, flush=True)
     leave_process_group()
     sys.exit(1)
+
+
+def _launch_rank() -> int:
+    """This process's rank as torchrun started it (0 for a world of one, or when unsure)."""
+    try:
+        return launch_env()[0]
+    except LlamaError:
+        return 0
 
 
 def _lost_peer(exc: Exception) -> bool:

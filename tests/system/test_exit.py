@@ -37,3 +37,23 @@ def test_an_example_piped_into_head_ends_without_a_traceback(tiny_ckpt, sp_token
     assert len(done.stdout.splitlines()) == 2
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr[-2000:]
     assert done.returncode == 141, (done.returncode, done.stderr[-2000:])
+
+
+@pytest.mark.torchrun
+def test_an_error_every_rank_meets_is_said_once(tiny_ckpt, sp_tokenizer):
+    """Three ranks on a model whose 2 KV heads do not split in three: every rank meets the same
+    error; the job prints it once (rank 0's), not once per rank."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers.processes import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "example_text_completion.py", "--ckpt_dir", str(tiny_ckpt),
+           "--tokenizer_path", sp_tokenizer]
+    done = subprocess.run(cmd, cwd=str(REPO), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if "error: " in line and "exitcode" not in line]
+    assert done.returncode != 0 and len(errors) == 1, done.stderr[-3000:]
+    assert errors[0].startswith("error: this model cannot be split over 3 model-parallel ranks") and "1, 2" in errors[0]

@@ -83,7 +83,7 @@ def test_at_the_open_file_limit_extra_connections_are_refused_without_a_log_floo
 
 
 def test_sigterm_lets_short_requests_finish_and_ends_long_ones_in_openai_shape(tiny_ckpt, sp_tokenizer):
-    proc, url = start_server(tiny_ckpt, sp_tokenizer, "--max_seq_len", "2048", "--shutdown_grace_s", "1")
+    proc, url = start_server(tiny_ckpt, sp_tokenizer, "--max_seq_len", "8192", "--shutdown_grace_s", "0.5")
     results = {}
 
     def ask(name: str, body: dict) -> None:
@@ -95,7 +95,8 @@ def test_sigterm_lets_short_requests_finish_and_ends_long_ones_in_openai_shape(t
                 answer = http.post(f"{url}/v1/completions", headers=auth(), json=body)
                 results[name] = (answer.status_code, answer.json())
 
-    long = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 2000}
+    # Long enough to outlast the grace period on a fast machine (the tiny model: ~0.5 ms a token).
+    long = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "max_tokens": 8000}
     # The first decode steps measure the decode backends (seconds, in a fresh cache): done here,
     # so that the short request below runs at full speed.
     assert httpx.post(f"{url}/v1/completions", headers=auth(), json={**long, "max_tokens": 8},
