@@ -15,17 +15,25 @@ AUTO_TUNE_MAX_BYTES); otherwise a default applies until `python -m llama.tune` r
 LLAMA_TUNE=0 turns measuring at first use off.
 """
 
+import sys
+import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .. import settings
 from ..utils.measurements import best_time, kept, lookup, machine_fields, verdict_file
+from ..utils.ranks import print0
 from .layouts import is_quantized, packed_shape
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 BF16_ONLY_PATHS = ("avx512_bf16", "amx")  # own code for bf16 weights x bf16 activations only
 AUTO_TUNE_MAX_BYTES = 64 << 20  # measure at first use only for weights up to this size
+# First-use measurement may take this much of a process's time; the cases left take defaults
+# (not kept) until `python -m llama.tune` or a later run measures them.
+AUTO_TUNE_BUDGET_S = 15.0
+STABLE_ROUNDS = 3  # the most rounds a case is timed in (until two agree on the winner)
+_auto_spent = [0.0, False]  # seconds this process spent measuring at first use; said it stopped
 _COLD_BYTES = 192 << 20          # copies of a small weight rotate through this much memory
 _memo: Dict[Tuple, str] = {}  # what this process already knows: (layout, n, k, bucket, dtype) -> kernel
 
@@ -100,8 +108,16 @@ def tune(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat1
     """Measure the candidates for one case and keep the fastest: {"best", "us"}. again=False:
     only if no process has kept a verdict for it yet."""
     def measured(_) -> dict:
-        times = measure(layout, n, k, m, dtype, weight)
-        return {"best": min(times, key=times.get), "us": {c: round(t, 1) for c, t in times.items()}}
+        # In rounds until two in a row name the same winner, each kernel keeping its best
+        # time: a moment of load on a shared machine does not decide a verdict kept for good.
+        best: Dict[str, float] = {}
+        winners: List[str] = []
+        while len(winners) < STABLE_ROUNDS and (len(winners) < 2 or winners[-1] != winners[-2]):
+            times = measure(layout, n, k, m, dtype, weight)
+            winners.append(min(times, key=times.get))
+            best = {c: min(t, best.get(c, t)) for c, t in times.items()}
+        return {"best": min(best, key=best.get), "us": {c: round(t, 1) for c, t in best.items()},
+                "rounds": len(winners)}
 
     key = verdict_key(layout, n, k, m, dtype)
     result = kept(verdict_file("kernels"), {0: key}, measured, "the matmul kernel measurement", again=again)[0]
@@ -121,12 +137,26 @@ def best_kernel(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.
         entry = lookup(verdict_file("kernels"), verdict_key(layout, n, k, m, dtype))
         if entry is not None:
             found = entry["best"]
-        elif settings.get("LLAMA_TUNE") == "1" and _cheap(layout, n, k):
+        elif settings.get("LLAMA_TUNE") == "1" and _cheap(layout, n, k) and _within_budget():
+            start = time.perf_counter()
             found = tune(layout, n, k, row_bucket(m), dtype, again=False)["best"]
+            _auto_spent[0] += time.perf_counter() - start
         else:
             found = default_kernel(layout, m, dtype)
     _memo[memo] = found
     return found
+
+
+def _within_budget() -> bool:
+    """Whether first-use measurement may go on in this process (AUTO_TUNE_BUDGET_S); says once
+    when it stops."""
+    if _auto_spent[0] < AUTO_TUNE_BUDGET_S:
+        return True
+    if not _auto_spent[1]:
+        _auto_spent[1] = True
+        print0(f"llama: first-use kernel timing stopped after {_auto_spent[0]:.0f} s; the shapes left use "
+               f"default kernels this run (`python -m llama.tune` times them all)", file=sys.stderr, flush=True)
+    return False
 
 
 def _cheap(layout: str, n: int, k: int) -> bool:
@@ -135,5 +165,6 @@ def _cheap(layout: str, n: int, k: int) -> bool:
 
 
 def forget() -> None:
-    """Drop what this process remembers (not the cache file)."""
+    """Drop what this process remembers (not the cache file), and its first-use time spent."""
     _memo.clear()
+    _auto_spent[:] = [0.0, False]

@@ -288,6 +288,37 @@ def test_tuner_measures_caches_and_reuses(concurrent_build, monkeypatch, tmp_pat
     tune.forget()
 
 
+def test_first_use_kernel_timing_is_stable_and_bounded(monkeypatch, tmp_path, capsys):
+    """A case is timed in rounds until two agree (a first round that met a busy machine does not
+    decide it); and first-use timing stops at its budget, the shapes left taking defaults (not
+    kept), said once."""
+    monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("LLAMA_TUNE", "1")
+    tune.forget()
+    rounds = iter([{"native:x": 1.0, "onednn": 9.0}, {"native:x": 5.0, "onednn": 2.0},
+                   {"native:x": 6.0, "onednn": 2.5}])
+    monkeypatch.setattr(tune, "measure", lambda *args, **kwargs: next(rounds))
+    result = tune.tune("q8_0", 256, 512, 1, torch.bfloat16)
+    assert result["rounds"] == 3 and result["us"] == {"native:x": 1.0, "onednn": 2.0} and result["best"] == "native:x"
+
+    tune.forget()
+    measured = []
+
+    def slow(layout, n, k, m, dtype, weight=None):
+        measured.append(n)
+        tune._auto_spent[0] += 4.0  # as if each case took 4 s
+        return {"native:x": 1.0, "onednn": 2.0}
+
+    monkeypatch.setattr(tune, "measure", slow)
+    monkeypatch.setattr(tune, "AUTO_TUNE_BUDGET_S", 10.0)
+    kernels = [tune.best_kernel("q8_0", n, 512, 1, torch.bfloat16) for n in (32, 64, 96, 128, 160)]
+    assert sorted(set(measured)) == [32, 64]  # 8 s spent after the first, 16 s after the second
+    default = tune.default_kernel("q8_0", 1, torch.bfloat16)
+    assert kernels[:2] == ["native:x", "native:x"] and kernels[2:] == [default] * 3
+    assert capsys.readouterr().err.count("first-use kernel timing stopped") == 1
+    tune.forget()
+
+
 # ---- the fused decode step --------------------------------------------------------------------
 
 def _decode_both_ways(model, steps: int = 5, layout=None, make_step=None):
