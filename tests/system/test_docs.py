@@ -175,3 +175,15 @@ def test_the_documented_torchrun_example_runs_on_the_demo_model():
     assert ranks.returncode == 0, ranks.stderr[-3000:]
     answers = [line for line in ranks.stdout.splitlines() if line.startswith("> Assistant:")]
     assert len(answers) == 3 and "Paris" in answers[0], ranks.stdout[-3000:]
+
+
+def test_every_readme_claim_names_a_test_that_exists():
+    """docs/development.md's table of the README's claims: each names a test function that is
+    in the suite (a renamed or deleted test would leave a claim unguarded)."""
+    text = _text(REPO / "docs" / "development.md")
+    table = text.split("<!-- claims: begin -->", 1)[1].split("<!-- claims: end -->", 1)[0]
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", table)
+    assert len(named) >= 20
+    for path, function in named:
+        code = _text(REPO / path)
+        assert re.search(rf"^def {function}\(", code, re.MULTILINE), f"{path}::{function} does not exist"
