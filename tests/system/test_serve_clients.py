@@ -101,6 +101,8 @@ def test_lm_eval_string_prompts_and_max_tokens_0_score_the_prompt(server, librar
     # top_logprobs hold the most likely tokens, so a greedy prompt token's logprob is their maximum
     for lp, top in zip(choice["logprobs"]["token_logprobs"][1:], choice["logprobs"]["top_logprobs"][1:]):
         assert max(top.values()) >= lp - 1e-6 and len(top) <= 2
+    plain = post(server, "/v1/completions", {"prompt": text, "echo": True, "max_tokens": 0}).json()
+    assert plain["choices"][0]["text"] == choice["text"] and plain["choices"][0]["logprobs"] is None
     refused = post(server, "/v1/completions", {"prompt": text, "max_tokens": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 
