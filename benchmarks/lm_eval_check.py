@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,26 +62,9 @@ def write_tasks(folder: Path, items: int) -> None:
 
 
 def start_server(ckpt: str, dtype: str) -> "tuple[subprocess.Popen, str]":
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llama.serve", "--ckpt_dir", ckpt, "--port", str(port), "--dtype", dtype,
-           "--max_seq_len", "1024", "--max_batch_size", "8"]
-    proc = subprocess.Popen(cmd, cwd=str(ROOT), stdin=subprocess.DEVNULL, start_new_session=True)
-    import httpx
+    from serve_load import launch_server  # this script's folder is on sys.path
 
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise SystemExit("the server did not start within 300 s")
+    return launch_server(["--ckpt_dir", ckpt, "--dtype", dtype, "--max_seq_len", "1024", "--max_batch_size", "8"])
 
 
 def evaluate(model: str, model_args: str, tasks: list, folder: Path, chat: bool):

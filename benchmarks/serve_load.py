@@ -45,14 +45,18 @@ def percentile(values: List[float], q: float) -> float:
 
 
 def start_server(args) -> "tuple[subprocess.Popen, str]":
+    flags = ["--max_batch_size", str(args.concurrency), "--max_seq_len", "1024", "--model_name", "demo"]
+    return launch_server(flags + (["--dtype", args.dtype] if args.dtype else []), args.server_root)
+
+
+def launch_server(flags: List[str], root=ROOT) -> "tuple[subprocess.Popen, str]":
+    """`python -m llama.serve` with `flags` on a free port, run from checkout `root`, in its own
+    process group; (process, base URL) once /health answers (the benchmarks share it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "llama.serve", "--port", str(port), "--max_batch_size", str(args.concurrency),
-           "--max_seq_len", "1024", "--model_name", "demo"]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    proc = subprocess.Popen(cmd, cwd=str(args.server_root), stdin=subprocess.DEVNULL, start_new_session=True)
+    cmd = [sys.executable, "-m", "llama.serve", "--port", str(port), *flags]
+    proc = subprocess.Popen(cmd, cwd=str(root), stdin=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import settings
-from ..utils.measurements import best_time, kept, lookup, machine_fields, verdict_file
+from ..utils.measurements import best_time, kept, lookup, machine_fields, stable_times, verdict_file
 from ..utils.ranks import print0
 from .layouts import is_quantized, packed_shape
 
@@ -108,16 +108,8 @@ def tune(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat1
     """Measure the candidates for one case and keep the fastest: {"best", "us"}. again=False:
     only if no process has kept a verdict for it yet."""
     def measured(_) -> dict:
-        # In rounds until two in a row name the same winner, each kernel keeping its best
-        # time: a moment of load on a shared machine does not decide a verdict kept for good.
-        best: Dict[str, float] = {}
-        winners: List[str] = []
-        while len(winners) < STABLE_ROUNDS and (len(winners) < 2 or winners[-1] != winners[-2]):
-            times = measure(layout, n, k, m, dtype, weight)
-            winners.append(min(times, key=times.get))
-            best = {c: min(t, best.get(c, t)) for c, t in times.items()}
-        return {"best": min(best, key=best.get), "us": {c: round(t, 1) for c, t in best.items()},
-                "rounds": len(winners)}
+        best, rounds = stable_times(lambda: measure(layout, n, k, m, dtype, weight), STABLE_ROUNDS)
+        return {"best": min(best, key=best.get), "us": {c: round(t, 1) for c, t in best.items()}, "rounds": rounds}
 
     key = verdict_key(layout, n, k, m, dtype)
     result = kept(verdict_file("kernels"), {0: key}, measured, "the matmul kernel measurement", again=again)[0]

@@ -25,7 +25,7 @@ from ..model.quantize import quantized_layout
 from ..native.build import sources_digest
 from ..native.decode import NativeDecoder, decode_problem
 from ..native.kernel_choice import BF16_ONLY_PATHS
-from ..utils.measurements import best_time, kept, machine_fields, verdict_file
+from ..utils.measurements import best_time, kept, machine_fields, stable_times, verdict_file
 
 
 @contextlib.contextmanager
@@ -151,17 +151,8 @@ def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], nativ
     measure = measure or (lambda batch: _time_decode(model, native_steps, batch))
 
     def measured(batch: int) -> dict:
-        # Timed in rounds until two rounds in a row name the same winner (at most
-        # STABLE_ROUNDS), each backend keeping its best time: a moment of load on a shared
-        # machine does not decide a verdict that is kept for good.
-        best: Dict[str, float] = {}
-        winners: List[str] = []
-        while len(winners) < STABLE_ROUNDS and (len(winners) < 2 or winners[-1] != winners[-2]):
-            times = measure(batch)
-            winners.append(min(times, key=times.get))
-            best = {name: min(t, best.get(name, t)) for name, t in times.items()}
-        return {"ms": {b: round(t, 3) for b, t in best.items()}, "best": min(best, key=best.get),
-                "rounds": len(winners)}
+        best, rounds = stable_times(lambda: measure(batch), STABLE_ROUNDS)
+        return {"ms": {b: round(t, 3) for b, t in best.items()}, "best": min(best, key=best.get), "rounds": rounds}
 
     # Native steps run at model-parallel size 1 only: no collective inside the measurement.
     entries = kept(verdict_file("decode-backend"), {b: decode_key(model, b) for b in sorted(set(batch_sizes))},

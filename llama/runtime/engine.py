@@ -92,6 +92,7 @@ class Handle:
         self.prefilled = 0  # prompt tokens already in the cache
         self._stops = frozenset(request.stop_tokens)
         self._stop_check = stop_check
+        self.controlled = request.controls.active  # asked once here, not at every step
         self._controls: Optional[ControlState] = None  # made at its first sample, if it has controls
 
     @property
@@ -183,11 +184,12 @@ class Engine:
         where = where or f"request {self._next_id}"
         params = self.params
         prompt = check_prompt(request.prompt_tokens, params.max_seq_len, params.vocab_size, where)
-        scoring_only = request.prompt_logprobs and request.max_gen_len == 0  # the prompt's logprobs only
+        # Nothing to generate: the prompt alone (scored, with prompt_logprobs; else it finishes at once).
+        prompt_only = request.max_gen_len == 0 and not isinstance(request.max_gen_len, bool)
         temperature, top_p, max_gen_len = check_sampling(request.temperature, request.top_p,
-                                                         None if scoring_only else request.max_gen_len,
+                                                         None if prompt_only else request.max_gen_len,
                                                          f"{where}: ")
-        if scoring_only:
+        if prompt_only:
             max_gen_len = 0
         elif max_gen_len is None:
             raise LlamaError(f"{where}: max_gen_len must be a positive integer")
@@ -213,13 +215,14 @@ class Engine:
         self._finish(handle, "cancelled", self._events)
 
     def _finish(self, handle: Handle, reason: str, events: List[Event], token: Optional[int] = None,
-                logprob: float = 0.0, top: Optional[List[Tuple[int, float]]] = None) -> None:
+                logprob: float = 0.0, top: Optional[List[Tuple[int, float]]] = None,
+                stop_token: Optional[int] = None) -> None:
         handle.finish_reason = reason
         handle._controls = None  # its tensors are not needed any more
         if handle.row is not None:
             self.rows[handle.row] = None
             handle.row = None
-        events.append(Event(handle, token, logprob, reason, top))
+        events.append(Event(handle, token, logprob, reason, top, stop_token))
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -411,8 +414,8 @@ class Engine:
             if handle.first_token_at is None:
                 handle.first_token_at = now
             if token in handle._stops:
-                self._finish(handle, "stop", events, logprob=logprob, top=top)
-                events[-1].stop_token = token  # reported, never recorded (echo scoring reads it)
+                # Reported with the event, never recorded (echo scoring reads the position).
+                self._finish(handle, "stop", events, logprob=logprob, top=top, stop_token=token)
                 continue
             handle.tokens.append(token)
             handle.logprobs.append(logprob)
@@ -432,9 +435,9 @@ class Engine:
         (logits, None, None); otherwise only the rows with logit_bias or penalties are adjusted,
         each alone (its own bias and token counts), in a float32 copy (logprobs stay the raw
         logits')."""
-        controls = [h.request.controls for h in batch]
-        if not any(c.active for c in controls):
+        if not any(h.controlled for h in batch):  # the common case: one attribute read per row
             return logits, None, None
+        controls = [h.request.controls for h in batch]
         sampled = logits
         for i, (handle, c) in enumerate(zip(batch, controls)):
             if not c.adjusts_logits:

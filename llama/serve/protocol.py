@@ -362,9 +362,7 @@ class RequestReader:
                 key = 0 if temperature == 0 else request_key(seed, index) if seed is not None \
                     else secrets.randbits(62)
                 request = Request(prompt, room if max_tokens is None else max_tokens, temperature, top_p, key,
-                                  tuple(stop_tokens), logprobs,
-                                  # max_tokens 0 is a prefill alone: the engine runs it as scoring
-                                  prompt_logprobs=echo and (logprobs or max_tokens == 0),
+                                  tuple(stop_tokens), logprobs, prompt_logprobs=echo and logprobs,
                                   top_logprobs=top, controls=controls)
                 choices.append(Choice(index, request, context, prompt_text))
         options = body.get("stream_options")

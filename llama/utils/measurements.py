@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Hashable, Optional, Sequence
+from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -101,6 +101,19 @@ def kept(path: Path, keys: Dict[Hashable, dict], measure: Callable[[Hashable], d
                 if is_main_rank() and took >= 1:
                     print(f"llama: {what} took {took:.0f} s", file=sys.stderr, flush=True)
     return {item: entries[name] for item, (name, _) in names.items()}
+
+
+def stable_times(measure: Callable[[], Dict[str, float]], max_rounds: int) -> Tuple[Dict[str, float], int]:
+    """Each candidate's best time over rounds of measure() -> {candidate: time}, taken until two
+    rounds in a row name the same winner (at most max_rounds): a moment of load on a shared
+    machine does not decide a verdict that is kept for good. Returns (best times, rounds)."""
+    best: Dict[str, float] = {}
+    winners: List[str] = []
+    while len(winners) < max_rounds and (len(winners) < 2 or winners[-1] != winners[-2]):
+        times = measure()
+        winners.append(min(times, key=times.get))
+        best = {name: min(t, best.get(name, t)) for name, t in times.items()}
+    return best, len(winners)
 
 
 def best_time(calls: Sequence[Callable[[], object]], reps: int) -> float:

@@ -22,3 +22,22 @@ def steer_model(model, transitions: dict) -> None:
             model.tok_embeddings.weight[a, i] = 1.0
             for b, logit in row.items():
                 model.output.weight[b, i] = logit / dim ** 0.5
+
+
+# After SOURCE, the steered tiny model gives TOP's three tokens these logits, every other 0.
+SOURCE, TOP = 450, {319: 12.0, 2107: 11.0, 4123: 10.5}
+
+
+def steered_tiny(tiny_ckpt, sp_tokenizer, max_batch_size: int = 300):
+    """The tiny checkpoint in fp32, steered so that SOURCE is followed by TOP's distribution
+    (the global torch RNG left as it was)."""
+    import torch
+
+    from llama import Llama
+
+    state = torch.get_rng_state()
+    generator = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=24, max_batch_size=max_batch_size,
+                            device="cpu", dtype="fp32")
+    torch.set_rng_state(state)
+    steer_model(generator.model, {SOURCE: TOP})
+    return generator

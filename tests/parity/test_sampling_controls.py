@@ -13,8 +13,7 @@ import torch
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     SequenceBiasLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper)
 
-from helpers.steering import steer_model
-from llama import Llama
+from helpers.steering import SOURCE, TOP, steered_tiny
 from llama.runtime.sampling import ControlState, SamplingControls, request_key, sample
 
 DRAWS = 4000  # per row; the rarest member of a row below is drawn ~8 times on average or more
@@ -129,25 +128,20 @@ def test_greedy_with_controls_is_the_chain_of_hf_processed_full_forwards(generat
     assert results[1][0].count(favourite) <= 3 and results[2][0] != results[0][0]  # the penalties act
 
 
-STEER_SOURCE, STEER_TOP = 450, {319: 12.0, 2107: 11.0, 4123: 10.5}  # as test_sampling_e2e.py
 N = 1200
 
 
 @pytest.fixture(scope="module")
 def steered(tiny_ckpt, sp_tokenizer):
-    state = torch.get_rng_state()
-    gen = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=24, max_batch_size=300, device="cpu", dtype="fp32")
-    torch.set_rng_state(state)
-    steer_model(gen.model, {STEER_SOURCE: STEER_TOP})
-    return gen
+    return steered_tiny(tiny_ckpt, sp_tokenizer)
 
 
 @pytest.mark.parametrize("prompt, temperature, top_p, controls", [
-    ([1, STEER_SOURCE], 1.0, 1.0, dict(top_k=2)),
-    ([1, STEER_SOURCE], 0.8, 1.0, dict(min_p=0.3)),
+    ([1, SOURCE], 1.0, 1.0, dict(top_k=2)),
+    ([1, SOURCE], 0.8, 1.0, dict(min_p=0.3)),
     # 319 was in the prompt: 12 -> 8; the nucleus of 0.75 then ends after it (0.46, 0.28, 0.02)
-    ([1, 319, STEER_SOURCE], 1.0, 0.75, dict(repetition_penalty=1.5)),
-    ([1, STEER_SOURCE], 1.0, 1.0, dict(logit_bias={4123: 2.0}, top_k=3, min_p=0.1)),
+    ([1, 319, SOURCE], 1.0, 0.75, dict(repetition_penalty=1.5)),
+    ([1, SOURCE], 1.0, 1.0, dict(logit_bias={4123: 2.0}, top_k=3, min_p=0.1)),
 ])
 def test_the_engine_samples_what_hf_processors_specify(steered, prompt, temperature, top_p, controls):
     """The next-token logits are known (steered); the expected shares are HF's chain (bias,
@@ -155,7 +149,7 @@ def test_the_engine_samples_what_hf_processors_specify(steered, prompt, temperat
     vocab = steered.model.params.vocab_size
     scale = math.sqrt(1 / (1 + 1e-5 * 64))  # the final RMSNorm's eps, seen by a unit embedding (dim 64)
     logits = torch.zeros(1, vocab)
-    for t, v in STEER_TOP.items():
+    for t, v in TOP.items():
         logits[0, t] = v * scale
     ids = torch.tensor([prompt])
     if "logit_bias" in controls:
@@ -163,11 +157,11 @@ def test_the_engine_samples_what_hf_processors_specify(steered, prompt, temperat
     logits = RepetitionPenaltyLogitsProcessor(controls.get("repetition_penalty", 1.0))(ids, logits)
     warped = _hf_warped(logits, temperature, top_p, controls.get("min_p", 0.0), controls.get("top_k", 0))
     expected = torch.softmax(warped[0], dim=-1)
-    assert float(expected[list(STEER_TOP)].sum()) > 0.999  # the 31997 others are cut: a short nucleus
+    assert float(expected[list(TOP)].sum()) > 0.999  # the 31997 others are cut: a short nucleus
 
     tokens, _ = steered.generate([prompt] * N, max_gen_len=1, temperature=temperature, top_p=top_p,
                                  stop_tokens=[], seed=13, **controls)
     firsts = [t[0] for t in tokens]
-    for t in STEER_TOP:
+    for t in TOP:
         assert abs(firsts.count(t) / N - float(expected[t])) < 0.05, (t, firsts.count(t) / N, expected[t])
-    assert set(firsts) == {t for t in STEER_TOP if expected[t] > 0}
+    assert set(firsts) == {t for t in TOP if expected[t] > 0}

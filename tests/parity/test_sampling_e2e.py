@@ -8,23 +8,17 @@ import math
 import pytest
 import torch
 
-from helpers.steering import steer_model
-from llama import Llama
+from helpers.steering import SOURCE, TOP, steered_tiny
 from llama.runtime.sampling import uniforms
 
 N = 1200  # identical prompts per call: a share's standard error is at most 0.0145
 TOLERANCE = 0.05
-SOURCE, TOP = 450, {319: 12.0, 2107: 11.0, 4123: 10.5}  # after SOURCE: three likely tokens, the rest 0
 VOCAB = 32000
 
 
 @pytest.fixture(scope="module")
 def steered(tiny_ckpt, sp_tokenizer):
-    state = torch.get_rng_state()
-    gen = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=24, max_batch_size=300, device="cpu", dtype="fp32")
-    torch.set_rng_state(state)
-    steer_model(gen.model, {SOURCE: TOP})
-    return gen
+    return steered_tiny(tiny_ckpt, sp_tokenizer)
 
 
 def _expected(temperature: float, top_p: float) -> dict:
