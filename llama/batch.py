@@ -40,6 +40,7 @@ from .runtime.engine import Request
 from .runtime.sampling import SamplingControls, check_sampling, request_key
 from .utils.checks import check_text
 from .utils.locking import lock_path, try_hold
+from .utils.measurements import first_use_seconds
 from .utils.progress import counter
 from .utils.ranks import is_main_rank
 
@@ -286,10 +287,15 @@ def _cut_fragment(fd: int) -> None:
 
 
 def run_jobs(generator: Llama, jobs: List[InputLine], chat: bool, logprobs: bool, seed: int,
-             out: Optional[ResultWriter]) -> Tuple[int, float]:
+             out: Optional[ResultWriter]) -> Tuple[int, float, float]:
     """Generate the jobs (every rank of a replica alike), continuously batched: a finished line is
-    appended to `out` (the replica's writer passes one) at once. Returns (tokens, seconds)."""
+    appended to `out` (the replica's writer passes one) at once. Returns (tokens, seconds, seconds
+    of one-time work: first-use measurements, the native build), the first without the second."""
     start = time.perf_counter()
+
+    def seconds() -> float:
+        return time.perf_counter() - start - first_use_seconds(start)
+
     bar = counter("batch", len(jobs), "line")
     runnable, requests, stops = [], [], []
     for job in jobs:
@@ -313,9 +319,9 @@ def run_jobs(generator: Llama, jobs: List[InputLine], chat: bool, logprobs: bool
             texts = token_texts(generator.tokenizer, handle.tokens) if logprobs else []
             out.append([_line(runnable[index], text, texts, handle.logprobs, logprobs)])
         bar.update(1)
-        bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.1f} tokens/s")
+        bar.set_postfix_str(f"{generated / max(seconds(), 1e-9):.1f} tokens/s")
     bar.close()
-    return generated, time.perf_counter() - start
+    return generated, seconds(), first_use_seconds(start)
 
 
 def _line(job: InputLine, text: str, tokens: List[str], logprobs_: List[float], logprobs: bool) -> str:
@@ -411,7 +417,7 @@ def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: 
     mine = share(jobs, done, replica, replicas)
     writer = ResultWriter(output) if ctx is None or ctx.model_parallel_rank == 0 else None
     try:
-        tokens, seconds = run_jobs(generator, mine, chat, logprobs, seed, writer) if mine else (0, 0.0)
+        tokens, seconds, first_use = run_jobs(generator, mine, chat, logprobs, seed, writer) if mine else (0, 0.0, 0.0)
     finally:
         if writer is not None:
             writer.close()
@@ -422,6 +428,8 @@ def _run_batch(generator: Llama, input: str, output: str, chat: bool, defaults: 
         wait_for(output, pending)
     if pending:
         rate = f"{tokens / max(seconds, 1e-9):.1f} tokens/s"
+        if first_use >= 0.5:
+            rate += f", after {first_use:.0f} s of first-use work on this machine (not repeated)"
         who = f" by {replicas} replicas (replica 0: {tokens} tokens in {seconds:.1f} s, {rate})" if replicas > 1 \
             else f"; {tokens} tokens generated in {seconds:.1f} s: {rate}"
         _note(f"wrote {len(pending)} results to {output} ({len(done)} were there already){who}")

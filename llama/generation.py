@@ -33,6 +33,7 @@ from .runtime.sampling import (SamplingControls, check_sampling, random_key, req
                                sample_top_p)
 from .tokenizer import Tokenizer
 from .utils.checks import check_text, whole_number
+from .utils.measurements import first_use_seconds
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -61,16 +62,29 @@ class GenerationStats:
     generated_tokens: int = 0
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
+    first_use_s: float = 0.0  # one-time work on this machine (measurements, native build), within total_s
+    first_use_after_first_token_s: float = 0.0  # the part of it after the first token
 
     @property
     def tokens_per_s(self) -> float:
-        """Decode speed after the first token."""
-        decode_s = self.total_s - self.time_to_first_token_s
+        """Decode speed after the first token, one-time work left out."""
+        decode_s = self.total_s - self.time_to_first_token_s - self.first_use_after_first_token_s
         return (self.generated_tokens - 1) / decode_s if self.generated_tokens > 1 and decode_s > 0 else 0.0
 
     def summary(self) -> str:
-        return (f"[{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated, "
+        line = (f"[{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated, "
                 f"{self.tokens_per_s:.1f} tokens/s, first token after {self.time_to_first_token_s * 1000:.0f} ms]")
+        if self.first_use_s >= 0.5:
+            line += f" (with {self.first_use_s:.0f} s of first-use work on this machine, not repeated)"
+        return line
+
+    def fill_times(self, start: float, first_token_at: Optional[float]) -> None:
+        """Fills the times of a generation that started at `start` (time.perf_counter())."""
+        now = time.perf_counter()
+        self.time_to_first_token_s = first_token_at - start if first_token_at is not None else 0.0
+        self.total_s = now - start
+        self.first_use_s = first_use_seconds(start, now)
+        self.first_use_after_first_token_s = first_use_seconds(first_token_at, now) if first_token_at else 0.0
 
 
 class Llama:
@@ -228,7 +242,7 @@ class Llama:
             start = time.perf_counter()
             stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(r.prompt_tokens) for r in requests))
             handles = self._submit(requests, stops)
-            sent = [0] * len(handles)
+            sent, first = [0] * len(handles), None
             try:
                 while True:
                     out: List[Optional[Tuple[int, float]]] = [None] * len(handles)
@@ -237,10 +251,9 @@ class Llama:
                             out[i] = (h.tokens[sent[i]], h.logprobs[sent[i]])
                             sent[i] += 1
                     if any(item is not None for item in out):
-                        if not stats.generated_tokens:
-                            stats.time_to_first_token_s = time.perf_counter() - start
+                        first = first or time.perf_counter()
                         stats.generated_tokens += sum(item is not None for item in out)
-                        stats.total_s = time.perf_counter() - start
+                        stats.fill_times(start, first)
                         yield out
                     elif all(h.done for h in handles):
                         _raise_errors(handles)
@@ -317,11 +330,9 @@ class Llama:
             finally:
                 self._cancel(handles)
             firsts = [h.first_token_at for h in handles if h.first_token_at is not None]
-            self.last_stats = GenerationStats(
-                prompt_tokens=sum(len(r.prompt_tokens) for r in requests),
-                generated_tokens=sum(len(h.tokens) for h in handles),
-                time_to_first_token_s=min(firsts) - start if firsts else 0.0,
-                total_s=time.perf_counter() - start)
+            self.last_stats = GenerationStats(prompt_tokens=sum(len(r.prompt_tokens) for r in requests),
+                                              generated_tokens=sum(len(h.tokens) for h in handles))
+            self.last_stats.fill_times(start, min(firsts) if firsts else None)
 
     def _run(self, requests: List[Request], stops: Optional[Sequence[Sequence[str]]] = None) -> List[Handle]:
         """complete(), the handles in the order of the requests."""

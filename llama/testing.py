@@ -13,6 +13,7 @@ import torch
 from .checkpoint.layout import save_checkpoint
 from .model.args import ModelArgs
 from .utils.assets import SENTENCEPIECE_32K, fetch_wheel_file
+from .errors import LlamaError
 from .utils.checks import whole_number
 
 TINY_PARAMS = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000,
@@ -65,6 +66,8 @@ def main(dst: str, n_shards: int = 1) -> None:
         dst: the folder to write (consolidated.NN.pth, params.json, tokenizer.model).
         n_shards: how many model-parallel shards to write.
     """
+    if str(dst).startswith("-"):  # a mistyped flag, not a folder to write into
+        raise LlamaError(f"dst {dst!r} looks like a flag; give the folder to write, e.g. `python -m llama.testing tiny/`")
     target = Path(dst)
     write_tiny_checkpoint(target, n_shards=whole_number(n_shards, "--n_shards", low=1))
     shutil.copy(fetch_wheel_file(*SENTENCEPIECE_32K), target / "tokenizer.model")

@@ -28,6 +28,7 @@ import torch
 from .. import settings
 from ..utils.cpu import cpu_flags, cpu_model
 from ..utils.locking import hold
+from ..utils.measurements import first_use_work
 from ..utils.ranks import is_main_rank, print0
 
 ABI_VERSION = 2  # csrc/api.cpp
@@ -150,7 +151,8 @@ def build(cxx: str, target_dir: Path) -> Tuple[Optional[Path], str]:
     lib = target_dir / LIB_NAME
     failed = target_dir / "build-failed.log"
     target_dir.mkdir(parents=True, exist_ok=True)
-    with hold(lib, "the native CPU kernels (a C++ build of about a minute)", quiet=not is_main_rank()):
+    with first_use_work(), hold(lib, "the native CPU kernels (a C++ build of about a minute)",
+                                quiet=not is_main_rank()):
         if lib.is_file():
             return lib, ""
         if failed.is_file():

@@ -69,6 +69,28 @@ def _write(path: Path, new: Dict[str, dict]) -> None:
 
 
 _UNWRITABLE: set = set()  # verdict files this process could not write (said once each)
+_FIRST_USE_SPANS: List[Tuple[float, float]] = []  # (start, end) of each piece of first-use work here
+_FIRST_USE_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def first_use_work():
+    """Marks one-time work of this process (a measurement kept on disk, the native build, or
+    waiting for another process doing it) so that a generation's timing figures leave it out."""
+    _FIRST_USE_DEPTH[0] += 1
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _FIRST_USE_DEPTH[0] -= 1
+        if not _FIRST_USE_DEPTH[0]:  # the outermost span only: a build inside a measurement counts once
+            _FIRST_USE_SPANS.append((start, time.perf_counter()))
+
+
+def first_use_seconds(start: float, end: Optional[float] = None) -> float:
+    """Seconds of first-use work between two time.perf_counter() moments (end: now)."""
+    end = time.perf_counter() if end is None else end
+    return sum(max(0.0, min(b, end) - max(a, start)) for a, b in _FIRST_USE_SPANS)
 
 
 def lookup(path: Path, key: dict) -> Optional[dict]:
@@ -85,7 +107,7 @@ def kept(path: Path, keys: Dict[Hashable, dict], measure: Callable[[Hashable], d
     names = {item: (_name(key), key) for item, key in keys.items()}
     entries = _entries(path)
     if again or any(name not in entries for name, _ in names.values()):
-        with hold(path, what, quiet=True):
+        with first_use_work(), hold(path, what, quiet=True):
             entries = _entries(path)
             todo = [(item, name, key) for item, (name, key) in names.items() if again or name not in entries]
             if todo:

@@ -103,15 +103,51 @@ def documented_modules() -> list:
     return sorted(found)
 
 
+def documented_flags(module: str) -> list:
+    """(flag, value or None, the line) for every flag that a docs command of `module` shows,
+    usage lines (`[--top_p 0.9]`) and continuation lines included."""
+    found = []
+    for doc in DOCS:
+        for block in bash_blocks(_text(doc)):
+            command = None
+            for line in block.splitlines():
+                started = re.search(rf"-m {re.escape(module)}(\s|$)", line)
+                if started:
+                    command = line
+                elif not (command and line.startswith(" ") and line.strip().startswith("[")):
+                    command = None
+                    continue
+                text = line[started.end():] if started else line
+                for flag, value in re.findall(r"--([\w-]+)(?:[ =]([^\s\]\[]+))?", text.split("#")[0]):
+                    found.append((flag.replace("-", "_"), value or None, line.strip()))
+    return found
+
+
 @pytest.mark.subprocess
 @pytest.mark.parametrize("module", documented_modules())
 def test_every_documented_command_answers_help(module):
+    """--help answers, and every flag the docs show for the command is one of its flags; a
+    number the docs show beside a flag in a usage line is its default."""
     done = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PAGER": "cat"})
     shown = done.stdout + done.stderr  # fire writes help to stderr when it is not a terminal
     assert done.returncode == 0 and "Traceback" not in shown, shown[-2000:]
     assert "FLAGS" in shown or "usage" in shown.lower(), shown[-2000:]
     assert "Optional[Optional]" not in shown  # types readable: `Optional[str]`
+    if "FLAGS" not in shown:
+        return
+    # flag -> (its Default, its help text), e.g. "max_connections" -> ("None", "... (default: 1024, ...")
+    flags = {name: (default, about) for name, default, about in
+             re.findall(r"--(\w+)=\w+\n\s+Type: .*\n\s+Default: (.*)\n\s+(.*)", shown)}
+    # positional arguments, which fire also takes as flags (`--input FILE`)
+    flags.update({name.lower(): ("", "") for name in re.findall(r"^    ([A-Z_]+)\n\s+Type:", shown, re.M)})
+    for flag, value, line in documented_flags(module):
+        assert flag in flags, f"the docs show --{flag} for {module}, which has no such flag: {line}"
+        default, about = flags[flag]
+        if value is not None and re.fullmatch(r"\d+(\.\d+)?", value) and "[" in line:  # a usage line's number
+            said = re.search(r"default: ([\d.]+)", about)
+            assert float(value) == float(said.group(1) if default == "None" and said else default), \
+                f"{line}: --{flag}'s default is {default} ({about})"
 
 
 def test_documented_commands_are_found():

@@ -319,3 +319,25 @@ def test_bf16_server_answers_as_chat_completion_in_bf16(tiny_ckpt, sp_tokenizer,
     expected = bf16.chat_completion([d], temperature=0, max_gen_len=16, logprobs=True)[0]
     assert answer.choices[0].message.content == expected["generation"]["content"]
     assert [e.logprob for e in answer.choices[0].logprobs.content] == pytest.approx(expected["logprobs"], abs=1e-3)
+
+
+def test_the_documented_curl_request_answers_as_chat_completion(server, reference):
+    """docs/serving.md's curl command, as written (the served model's name for the demo's), gets
+    chat_completion's greedy answer."""
+    import json
+    import re
+    import shlex
+
+    from helpers import REPO
+
+    block = re.search(r"```bash\n(curl .*?)```", (REPO / "docs" / "serving.md").read_text(), re.S).group(1)
+    words = shlex.split(block.replace("\\\n", " "))
+    url = words[1]
+    headers = dict(h.split(": ", 1) for flag, h in zip(words, words[1:]) if flag == "-H")
+    body = json.loads(words[words.index("-d") + 1])
+    assert url.startswith("http://127.0.0.1:8000/v1/") and body["model"] == "SmolLM2-135M-Instruct"
+    body["model"] = MODEL
+    answer = httpx.post(server + url.removeprefix("http://127.0.0.1:8000"), json=body,
+                        headers={**headers, **auth()}, timeout=60).json()
+    expected = reference.chat_completion([body["messages"]], max_gen_len=body["max_tokens"], temperature=0)[0]
+    assert answer["choices"][0]["message"]["content"] == expected["generation"]["content"]

@@ -41,7 +41,7 @@ BELOW = {
                    "detokenize"},
     "cli": {"errors", "utils", "checkpoint", "runtime", "generation"},
     "demo": {"checkpoint", "cli"},
-    "testing": {"utils", "model", "checkpoint", "cli"},
+    "testing": {"errors", "utils", "model", "checkpoint", "cli"},
     "convert": {"checkpoint", "cli"},
     "tune": {"errors", "utils", "native", "model", "checkpoint", "cli"},
     "chat": {"errors", "utils", "runtime", "generation", "chat_format", "cli"},

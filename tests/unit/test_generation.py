@@ -378,3 +378,48 @@ def test_meta_positional_call_shapes_still_work_and_new_arguments_are_keywords(g
         generator.generate([[1, 450]], 4, temperature=0, stop_tokens=[])[0]
     with pytest.raises(TypeError):
         generator.text_completion(PROMPTS[:1], 0.0, 0.9, 4, False, False, None, ["x"])  # stop is keyword-only
+
+
+
+def test_first_use_work_is_left_out_of_tokens_per_s(tiny_ckpt, sp_tokenizer, monkeypatch, tmp_path, capsys):
+    """On a fresh machine the decode backend is timed at the first decode step, after the first
+    token: the tokens/s the CLIs print leave that time out and say what it was."""
+    import re
+    import time
+
+    from llama.runtime import backend
+
+    monkeypatch.delenv("LLAMA_NATIVE", raising=False)
+
+    def slow_measurement(model, steps, batch):
+        time.sleep(0.6)
+        return {"torch": 1.0, **{name: 2.0 for name in steps}}
+
+    monkeypatch.setattr(backend, "_time_decode", slow_measurement)
+    for run in ("generate", "stream", "generate again", "batch"):
+        if run != "generate again":
+            monkeypatch.setenv("LLAMA_CACHE", str(tmp_path / run))  # nothing measured here yet
+        g = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=64, max_batch_size=2)
+        prompts = _ids(g, PROMPTS[:2])
+        if run == "batch":  # the job's closing line too
+            from llama.batch import run_batch
+
+            (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}, "prompt": "{p}"}}\n' for i, p in enumerate(PROMPTS)))
+            run_batch(g, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), defaults=(0.0, 0.9, 8))
+            assert re.search(r"tokens/s, after [1-9]\d* s of first-use work on this machine", capsys.readouterr().err)
+            continue
+        if run == "stream":
+            list(g.stream_tokens(prompts, max_gen_len=8, temperature=0))
+        else:
+            g.generate(prompts, max_gen_len=8, temperature=0)
+        stats = g.last_stats
+        if run == "generate again":  # kept: nothing measured the second time
+            assert stats.first_use_s == 0 and "first-use" not in stats.summary()
+            continue
+        assert stats.first_use_s >= 1.2 and f"with {stats.first_use_s:.0f} s of first-use work" in stats.summary()
+        decode_s = stats.total_s - stats.time_to_first_token_s - stats.first_use_after_first_token_s
+        assert stats.tokens_per_s == pytest.approx((stats.generated_tokens - 1) / decode_s)
+        if run == "generate":  # the engine's first token comes from the prefill, before the measurement
+            assert stats.first_use_after_first_token_s >= 1.2 and stats.time_to_first_token_s < 1.0
+        else:  # a stream yields after the step that measured: the wait is in the first token's time
+            assert stats.time_to_first_token_s >= 1.2
