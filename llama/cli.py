@@ -92,6 +92,8 @@ class ModelFlags:
     model_parallel_size: Optional[int] = None
     dtype: Optional[str] = None
     quantize: Optional[str] = None
+    prefix_cache: bool = True
+    prompt_lookup_num_tokens: int = 0
 
     def build(self, **more: Any) -> "Llama":
         """Llama.build with these flags (and `more` of its arguments, e.g. seed); the bundled
@@ -102,7 +104,8 @@ class ModelFlags:
         ckpt_dir = self.ckpt_dir if self.ckpt_dir is not None else str(ensure_demo())
         return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=self.tokenizer_path, max_seq_len=self.max_seq_len,
                            max_batch_size=self.max_batch_size, model_parallel_size=self.model_parallel_size,
-                           dtype=self.dtype, quantize=self.quantize, **more)
+                           dtype=self.dtype, quantize=self.quantize, prefix_cache=self.prefix_cache,
+                           prompt_lookup_num_tokens=self.prompt_lookup_num_tokens, **more)
 
     def temperature(self, given: Optional[float], meta_default: float = 0.6) -> float:
         """The sampling temperature of an example script: `given`, else greedy (0) for the demo
@@ -123,6 +126,10 @@ MODEL_FLAG_DOCS = {
     "model_parallel_size": "processes the model is split over; default: all of torchrun's processes",
     "dtype": "fp32, bf16 or fp16; default: the device's (or LLAMA_DTYPE)",
     "quantize": "weight-only quantization: int8, q8_0, q4_0 or q4_1; default: none",
+    "prefix_cache": "reuse the keys and values of a prompt's beginning already in the cache (an earlier turn, "
+                    "a shared system prompt); --noprefix_cache turns it off",
+    "prompt_lookup_num_tokens": "greedy answers draft up to this many tokens per step from their prompt and "
+                                "text so far (prompt-lookup speculative decoding); 0: off",
 }
 MODEL_FLAGS = tuple(f.name for f in fields(ModelFlags))
 

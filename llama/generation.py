@@ -64,6 +64,7 @@ class GenerationStats:
     total_s: float = 0.0
     first_use_s: float = 0.0  # one-time work on this machine (measurements, native build), within total_s
     first_use_after_first_token_s: float = 0.0  # the part of it after the first token
+    tokens_per_draft: float = 0.0  # prompt lookup: tokens a drafting row gained per pass (0: no drafts)
 
     @property
     def tokens_per_s(self) -> float:
@@ -74,9 +75,16 @@ class GenerationStats:
     def summary(self) -> str:
         line = (f"[{self.prompt_tokens} prompt tokens, {self.generated_tokens} generated, "
                 f"{self.tokens_per_s:.1f} tokens/s, first token after {self.time_to_first_token_s * 1000:.0f} ms]")
+        if self.tokens_per_draft:
+            line = line[:-1] + f", {self.tokens_per_draft:.2f} tokens per drafted step]"
         if self.first_use_s >= 0.5:
             line += f" (with {self.first_use_s:.0f} s of first-use work on this machine, not repeated)"
         return line
+
+    def count_drafts(self, before: Tuple[int, int], after: Tuple[int, int]) -> None:
+        """Fills tokens_per_draft from the engine's (drafted_rows, draft_accepted) before and after."""
+        rows, accepted = after[0] - before[0], after[1] - before[1]
+        self.tokens_per_draft = (rows + accepted) / rows if rows else 0.0
 
     def fill_times(self, start: float, first_token_at: Optional[float]) -> None:
         """Fills the times of a generation that started at `start` (time.perf_counter())."""
@@ -99,6 +107,8 @@ class Llama:
         device: Union[str, torch.device, None] = None,
         dtype: Union[str, torch.dtype, None] = None,
         quantize: Optional[str] = None,
+        prefix_cache: bool = True,
+        prompt_lookup_num_tokens: int = 0,
     ) -> "Llama":
         """Load a Meta-layout checkpoint onto this process's share of the model.
 
@@ -117,15 +127,24 @@ class Llama:
                 native bf16 (fp32 on other CPUs).
             quantize: "int8", "q8_0", "q4_0" or "q4_1" for weight-only quantized projections
                 (see llama.model.quantize), or None.
+            prefix_cache: a prompt whose beginning is already in a cache row (an earlier turn of
+                the chat, another request's system prompt) prefills only the rest (see
+                llama.runtime.engine); the same tokens, logprobs within fp32 rounding.
+            prompt_lookup_num_tokens: if > 0, greedy requests draft up to this many tokens per
+                step from their own prompt and answer (prompt-lookup speculative decoding, as
+                HF's argument of that name) and keep those the model confirms in one pass.
         """
         loaded = load(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                       model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
                       quantize=quantize)
-        return Llama(loaded.model, loaded.tokenizer, loaded.ctx, loaded.chat_format)
+        return Llama(loaded.model, loaded.tokenizer, loaded.ctx, loaded.chat_format, prefix_cache=prefix_cache,
+                     prompt_lookup_num_tokens=prompt_lookup_num_tokens)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None,
-                 formatter: Optional[ChatFormat] = None):
-        """formatter: the chat format; default: the one the tokenizer's vocabulary implies."""
+                 formatter: Optional[ChatFormat] = None, prefix_cache: bool = True,
+                 prompt_lookup_num_tokens: int = 0):
+        """formatter: the chat format; default: the one the tokenizer's vocabulary implies.
+        prefix_cache, prompt_lookup_num_tokens: see build()."""
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter if formatter is not None else make_chat_format(tokenizer)
@@ -133,7 +152,7 @@ class Llama:
         self.last_stats = GenerationStats()
         # The scheduler over the KV cache's rows; every generation runs through it. The lock
         # serialises its steps: calls from several threads share its batch.
-        self.engine = Engine(model)
+        self.engine = Engine(model, prefix_cache=prefix_cache, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
         self._lock = threading.RLock()
         self._drivers: Dict[int, int] = collections.Counter()  # thread id -> calls in flight
 
@@ -241,6 +260,7 @@ class Llama:
         with self._driving():
             start = time.perf_counter()
             stats = self.last_stats = GenerationStats(prompt_tokens=sum(len(r.prompt_tokens) for r in requests))
+            drafts = self._draft_counts()
             handles = self._submit(requests, stops)
             sent, first = [0] * len(handles), None
             try:
@@ -254,6 +274,7 @@ class Llama:
                         first = first or time.perf_counter()
                         stats.generated_tokens += sum(item is not None for item in out)
                         stats.fill_times(start, first)
+                        stats.count_drafts(drafts, self._draft_counts())
                         yield out
                     elif all(h.done for h in handles):
                         _raise_errors(handles)
@@ -318,6 +339,7 @@ class Llama:
             start = time.perf_counter()
             handles = self._submit(list(requests), stops)
             waiting = list(enumerate(handles))
+            drafts = self._draft_counts()
             try:
                 while waiting:
                     finished = [(i, h) for i, h in waiting if h.done]
@@ -333,6 +355,10 @@ class Llama:
             self.last_stats = GenerationStats(prompt_tokens=sum(len(r.prompt_tokens) for r in requests),
                                               generated_tokens=sum(len(h.tokens) for h in handles))
             self.last_stats.fill_times(start, min(firsts) if firsts else None)
+            self.last_stats.count_drafts(drafts, self._draft_counts())
+
+    def _draft_counts(self) -> Tuple[int, int]:
+        return self.engine.stats.drafted_rows, self.engine.stats.draft_accepted
 
     def _run(self, requests: List[Request], stops: Optional[Sequence[Sequence[str]]] = None) -> List[Handle]:
         """complete(), the handles in the order of the requests."""
@@ -418,11 +444,19 @@ class Llama:
         frequency_penalty: float = 0.0,
         repetition_penalty: float = 1.0,
         logit_bias: Optional[Dict[int, float]] = None,
+        n: Optional[int] = None,
     ) -> List[CompletionPrediction]:
         """Complete each text prompt. max_gen_len defaults to max_seq_len - 1; seed, stop and
-        the sampling controls: see generate. `generation` ends before the first stop string."""
+        the sampling controls: see generate. `generation` ends before the first stop string.
+        n: that many samples of each prompt, prefilled once (see _samples); the result is then
+        one list of n predictions per prompt."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise LlamaError("prompts must be a non-empty list of strings")
+        if n is not None:
+            return _samples(prompts, n, lambda many: self.text_completion(
+                many, temperature, top_p, max_gen_len, logprobs, echo, seed, stop=stop, top_k=top_k, min_p=min_p,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                repetition_penalty=repetition_penalty, logit_bias=logit_bias))
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise LlamaError(f"prompt {i} must be a str, got {type(p).__name__}: {p!r:.80}")
@@ -480,7 +514,8 @@ class Llama:
                         min_p: float = 0.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                         repetition_penalty: float = 1.0, logit_bias: Optional[Dict[int, float]] = None,
                         tools: Optional[List[Dict[str, Any]]] = None,
-                        tool_choice: Optional[tool_calls.ToolChoice] = None) -> List[ChatPrediction]:
+                        tool_choice: Optional[tool_calls.ToolChoice] = None,
+                        n: Optional[int] = None) -> List[ChatPrediction]:
         """Answer each dialog as the assistant. Dialogs holding the chat format's control
         tags are not run; their answer is the format's error message, as in Meta's code.
         Dialog i samples with the key of input position i (seed, stop and the sampling
@@ -491,9 +526,14 @@ class Llama:
         "tool_name", "arguments"}] (llama-models' ToolCall). tool_choice: "auto" (default with
         tools), "none", "required" or {"type": "function", "function": {"name": NAME}}; see
         llama.tool_calls. Dialogs may hold such calls (assistant messages) and their results
-        (role "tool")."""
+        (role "tool"). n: as text_completion's."""
         if not isinstance(dialogs, (list, tuple)) or not dialogs:
             raise LlamaError("dialogs must be a non-empty list of dialogs")
+        if n is not None:
+            return _samples(dialogs, n, lambda many: self.chat_completion(
+                many, temperature, top_p, max_gen_len, logprobs, seed, stop=stop, top_k=top_k, min_p=min_p,
+                presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                repetition_penalty=repetition_penalty, logit_bias=logit_bias, tools=tools, tool_choice=tool_choice))
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         tools = tool_calls.check_tools(tools) if tools is not None else None
@@ -535,6 +575,19 @@ class Llama:
         if logprobs is None:
             return {"generation": text}
         return {"generation": text, "tokens": token_texts(self.tokenizer, tokens), "logprobs": logprobs}
+
+
+MAX_SAMPLES = 128  # n per prompt: each sample is a request of its own
+
+
+def _samples(inputs: Sequence[Any], n: Any, call: Callable[[List[Any]], List[Any]]) -> List[List[Any]]:
+    """n samples of each input: call() on every input repeated n times, in order, regrouped.
+    Sample j of input i is what the call gives at position i * n + j: its own sampling key (as
+    the server's choice i * n + j with the same seed), and one prefill serves all n (the
+    engine's prefix cache: copies of a prompt admitted together wait for its first prefill)."""
+    n = whole_number(n, "n", low=1, high=MAX_SAMPLES)
+    flat = call([item for item in inputs for _ in range(n)])
+    return [flat[i * n: (i + 1) * n] for i in range(len(inputs))]
 
 
 def _tool_answer(content: str, tools: List[Dict[str, Any]], choice: tool_calls.ToolChoice) -> Message:

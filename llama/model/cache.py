@@ -23,6 +23,7 @@ class KVCache(nn.Module):
         shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.writes = 0  # update() calls: the engine's prefix cache notices writes that are not its own
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int,
                rows: Optional[torch.Tensor] = None, fresh: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -30,6 +31,7 @@ class KVCache(nn.Module):
         rows 0..B-1); return those rows' first kv_len positions [B, L, K, D]. fresh: every row
         starts at position 0 and L == S, so the keys are k and v themselves (no gather)."""
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.writes += 1
         if rows is None:
             batch = k.shape[0]
             index = torch.arange(batch, device=k.device).unsqueeze(1)

@@ -13,6 +13,26 @@ own cache row. Every step():
      llama.runtime.backend measured it faster for this model on this machine (same cache rows).
 It returns the step's events: new tokens and finished requests with their reason.
 
+Prefix caching: a row keeps the keys and values it holds after its request finishes, and the
+engine remembers which tokens they are (`_content`). A newcomer takes the free row that holds
+the longest beginning of its prompt (the lowest among equals) and prefills only the
+rest; when another row (busy or free) holds a longer one, those positions are copied into the
+newcomer's row first (a memory copy, far cheaper than computing them). A newcomer whose prompt
+shares a long beginning with a prompt still being prefilled waits for it (several samples of
+one prompt, jobs with one system prompt): one prefill serves them all. Reused positions hold
+what prefill computed for the same tokens, so results are those of a run without reuse (to
+rounding in bf16, where other batch shapes round differently). Rows are the store: it holds
+max_batch_size prefixes and costs no memory; Engine(prefix_cache=False) turns it off.
+
+Prompt-lookup speculative decoding (opt-in: Engine(prompt_lookup_num_tokens=k), HF's name): a
+greedy row whose last tokens occurred earlier in its prompt or answer drafts the k tokens that
+followed them there; one forward pass over [its last token, the draft] at its positions gives
+the model's choice after each, and the draft is kept up to the first token the model would not
+have chosen, plus the model's own token there: 1 to k + 1 tokens for one pass, each the argmax
+given the tokens before it, as decoding one at a time gives (to the rounding of another pass
+shape). Rows that sample, have controls or ask for top_logprobs decode one token as usual, in
+the same pass.
+
 A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
 see each other (per-row positions and masks), and each request samples with its own key,
 sampling arguments and controls (llama.runtime.sampling: its logit_bias, penalties over its
@@ -47,6 +67,10 @@ POLICIES = ("continuous", "static")
 # the busy rows only, in place.
 DECODE_ROWS = ("prefix", "active", "all")
 MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+# A newcomer waits for a prompt being prefilled (or copies from another row rather than use its
+# own row's match) only for at least this many more reusable tokens: less is not worth a step.
+MIN_SHARED_PREFIX = 16
+LOOKUP_NGRAMS = (3, 2, 1)  # prompt lookup: the longest recent n-gram found earlier drafts what followed it
 
 
 @dataclass
@@ -126,6 +150,16 @@ class EngineStats:
     decode_rows: int = 0  # rows computed by decode passes
     decode_useful: int = 0  # of which rows that decoded a request's token
     generated: int = 0  # tokens sampled (stop tokens included)
+    prefix_reused: int = 0  # prompt tokens not prefilled: their keys and values were in a cache row
+    prefix_copied: int = 0  # of which copied from another row
+    drafted_rows: int = 0  # prompt lookup: rows that decoded a draft (one per row and step)
+    draft_tokens: int = 0  # tokens drafted
+    draft_accepted: int = 0  # of which the model chose too
+
+    @property
+    def tokens_per_draft(self) -> float:
+        """Tokens a drafting row gained per pass (accepted drafts plus the model's own token)."""
+        return (self.draft_accepted + self.drafted_rows) / self.drafted_rows if self.drafted_rows else 0.0
     busy_s: float = 0.0  # time spent in step()
 
     @property
@@ -147,14 +181,25 @@ class Engine:
     """Continuous batching over a model's KV cache rows (see the module docstring)."""
 
     def __init__(self, model: Transformer, policy: str = "continuous", prefill_chunk: int = 512,
-                 decode_rows: str = "prefix"):
+                 decode_rows: str = "prefix", prefix_cache: bool = True, prompt_lookup_num_tokens: int = 0):
         self.model = model
         self.policy = one_of_choices(policy, POLICIES, "policy")
         self.prefill_chunk = whole_number(prefill_chunk, "prefill_chunk", low=1)
         self.decode_rows = one_of_choices(decode_rows, DECODE_ROWS, "decode_rows")
+        if not isinstance(prefix_cache, bool):
+            raise LlamaError(f"prefix_cache={prefix_cache!r:.40} must be True or False")
+        self.prefix_cache = prefix_cache
+        self.prompt_lookup_num_tokens = whole_number(prompt_lookup_num_tokens, "prompt_lookup_num_tokens", low=0,
+                                                     high=64)
         self.params = model.params
         self.waiting: Deque[Handle] = collections.deque()
         self.rows: List[Optional[Handle]] = [None] * model.params.max_batch_size  # each row's request
+        # Per row, the tokens whose keys and values it holds at positions 0..n-1 (kept after its
+        # request ends: the prefix cache).
+        self._content: List[List[int]] = [[] for _ in self.rows]
+        # The caches _content describes, and their write count after the engine's last step: a
+        # forward pass run outside the engine (Meta's loop on generator.model) makes it stale.
+        self._content_for: Optional[Tuple[object, int]] = None
         self.stats = EngineStats()
         self._next_id = 0
         self._events: List[Event] = []  # reported by the next step (cancellations)
@@ -239,28 +284,76 @@ class Engine:
             self._admit(events)
             self._prefill(events)
             self._decode(events)
+            cache = self.model.layers[0].attention.cache
+            self._content_for = (cache, cache.writes)
         except BaseException as exc:
             for handle in self.rows:
                 if handle is not None:
                     handle.error = exc
                     self._finish(handle, "error", events)
+            self._forget_content()  # a pass that failed may have written rows half-way
             raise
         finally:
             self.stats.busy_s += time.perf_counter() - start
         return events
 
     def _admit(self, events: List[Event]) -> None:
-        """Waiting requests into free rows, lowest row first (keeps the busy rows a prefix)."""
+        """Waiting requests into free rows, in order, each where most of its prompt is cached."""
         if self.policy == "static" and any(h is not None for h in self.rows):
             return
-        for row in range(len(self.rows)):
-            while self.waiting and self.rows[row] is None:
-                handle = self.waiting.popleft()
-                if handle.budget == 0 and handle.prompt_logprobs is None:
-                    self._finish(handle, "length", events)  # a prompt that fills the context: nothing to do
-                    continue
-                handle.row = row
-                self.rows[row] = handle
+        cache = self.model.layers[0].attention.cache
+        if self._content_for != (cache, cache.writes):  # new caches, or written by someone else
+            self._forget_content()
+        while self.waiting and None in self.rows:
+            handle = self.waiting[0]
+            if handle.budget == 0 and handle.prompt_logprobs is None:
+                self.waiting.popleft()
+                self._finish(handle, "length", events)  # a prompt that fills the context: nothing to do
+                continue
+            place = self._place(handle)
+            if place is None:
+                return  # it waits for a prompt being prefilled, which it shares
+            row, source, reused = place
+            self.waiting.popleft()
+            if source != row:
+                for layer in self.model.layers:
+                    cache = layer.attention.cache
+                    cache.k[row, :reused] = cache.k[source, :reused]
+                    cache.v[row, :reused] = cache.v[source, :reused]
+                self.stats.prefix_copied += reused
+            self._content[row] = list(handle.request.prompt_tokens[:reused])
+            self.stats.prefix_reused += reused
+            handle.prefilled = reused
+            handle.row = row
+            self.rows[row] = handle
+
+    def _place(self, handle: Handle) -> Optional[Tuple[int, int, int]]:
+        """Where a newcomer goes: (its row, the row whose cached keys and values it starts from,
+        how many positions of its prompt they cover), or None if it should wait for a prompt
+        being prefilled that holds much more of its own. The last prompt token is always
+        prefilled (its logits give the first token), and an echo request prefills everything
+        (its prompt's logprobs are computed then)."""
+        free = [r for r, h in enumerate(self.rows) if h is None]
+        if not self.prefix_cache:
+            return free[0], free[0], 0  # the lowest: keeps the busy rows a prefix
+        prompt = handle.request.prompt_tokens
+        if handle.prompt_logprobs is not None or len(prompt) < 2:
+            return free[0], free[0], 0
+        limit = len(prompt) - 1
+        match = [_shared(prompt, content, limit) for content in self._content]
+        row = max(free, key=lambda r: (match[r], -r))  # among equals the lowest: busy rows stay a prefix
+        source = max(range(len(self.rows)), key=lambda r: match[r])
+        if match[source] < match[row] + MIN_SHARED_PREFIX:
+            source = row
+        coming = max((_shared(prompt, h.request.prompt_tokens, limit) for h in self.rows
+                      if h is not None and h.prefilled < len(h.request.prompt_tokens)), default=0)
+        if coming >= match[source] + MIN_SHARED_PREFIX:
+            return None
+        return row, source, match[source]
+
+    def _forget_content(self) -> None:
+        """Nothing cached can be reused any more (new caches, or a failed pass)."""
+        self._content = [[] for _ in self.rows]
 
     def _forward(self, tokens: torch.Tensor, start_pos, **kwargs) -> torch.Tensor:
         """The model on tokens [B, S], with the matmul kernels chosen for that shape."""
@@ -309,6 +402,7 @@ class Engine:
                         values, ids = scores.topk(handle.request.top_logprobs, dim=-1)
                         handle.prompt_top_logprobs += [list(zip(a, b)) for a, b in zip(ids.tolist(), values.tolist())]
             handle.prefilled += len(chunk)
+            self._content[handle.row].extend(chunk)
             if handle.prefilled == len(handle.request.prompt_tokens):
                 if handle.budget == 0:
                     self._finish(handle, "length", events)
@@ -343,6 +437,10 @@ class Engine:
         if not batch:
             return
         positions = {h.row: len(h.request.prompt_tokens) + len(h.tokens) - 1 for h in batch}
+        drafts = self._drafts(batch, positions) if self.prompt_lookup_num_tokens else {}
+        if drafts:
+            self._decode_drafts(batch, positions, drafts, events)
+            return
         step = self._native_step()
         if step is not None and step.wants(len(batch)):
             # One call over just the busy rows, reading and writing their rows of the same
@@ -356,7 +454,83 @@ class Engine:
         self.stats.decode_passes += 1
         self.stats.decode_rows += computed
         self.stats.decode_useful += len(batch)
+        for handle in batch:  # its latest token is in the cache now
+            self._content[handle.row].append(handle.tokens[-1])
         self._sample(batch, logits, events)
+
+    def _drafts(self, batch: List[Handle], positions: Dict[int, int]) -> Dict[int, List[int]]:
+        """Prompt lookup: row -> the tokens that followed the latest earlier occurrence of the
+        row's last n tokens (n from LOOKUP_NGRAMS), for greedy rows without controls or top
+        logprobs; at most prompt_lookup_num_tokens, within the row's budget, and within the
+        context for every row of the pass (padding past max_seq_len would be clamped onto a
+        real position)."""
+        room = self.params.max_seq_len - 1 - max(positions.values())
+        drafts = {}
+        for h in batch:
+            r = h.request
+            if r.temperature > 0 or h.controlled or r.top_logprobs:
+                continue
+            most = min(self.prompt_lookup_num_tokens, h.budget - len(h.tokens) - 1, room)
+            if most <= 0:
+                continue
+            context = r.prompt_tokens + h.tokens
+            for n in LOOKUP_NGRAMS:
+                if len(context) <= n:
+                    continue
+                tail = context[-n:]
+                # the latest earlier occurrence, searched backwards from just before the tail
+                for start in range(len(context) - n - 1, -1, -1):
+                    if context[start: start + n] == tail:
+                        draft = context[start + n: start + n + most]
+                        if draft:
+                            drafts[h.row] = draft
+                        break
+                if h.row in drafts:
+                    break
+        return drafts
+
+    def _decode_drafts(self, batch: List[Handle], positions: Dict[int, int], drafts: Dict[int, List[int]],
+                       events: List[Event]) -> None:
+        """One pass over every decoding row: its last token and its draft, if it has one (padded to
+        the longest); rows without a draft sample from their first position as usual."""
+        feeds = [[h.tokens[-1]] + drafts.get(h.row, []) for h in batch]
+        width = max(len(f) for f in feeds)
+        tokens = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, feed in enumerate(feeds):
+            tokens[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+        starts = [positions[h.row] for h in batch]
+        logits = self._forward(tokens.to(self.device), self._tensor(starts),
+                               kv_len=max(s + len(f) for s, f in zip(starts, feeds)),
+                               rows=self._tensor([h.row for h in batch]))  # [B, width, V]
+        self.stats.decode_passes += 1
+        self.stats.decode_rows += len(batch)
+        self.stats.decode_useful += len(batch)
+        plain = [i for i, h in enumerate(batch) if h.row not in drafts]
+        drafting = [i for i, h in enumerate(batch) if h.row in drafts]
+        for i in plain:
+            self._content[batch[i].row].append(feeds[i][0])
+        if plain:
+            self._sample([batch[i] for i in plain], logits[self._tensor(plain), 0], events)
+        now = time.perf_counter()
+        for i in drafting:
+            handle, feed = batch[i], feeds[i]
+            row_logits = logits[i, : len(feed)]
+            if not bool(torch.isfinite(row_logits.sum())):
+                self._content[handle.row].append(feed[0])
+                self._sample([handle], row_logits[:1], events)  # reports the error as a plain step does
+                continue
+            chosen = row_logits.argmax(dim=-1).tolist()
+            accepted = next((j for j, token in enumerate(feed[1:]) if chosen[j] != token), len(feed) - 1)
+            new = chosen[: accepted + 1]  # the accepted draft tokens are the model's choices too
+            scores = token_logprobs(row_logits[: accepted + 1], self._tensor(new)).tolist() \
+                if handle.request.logprobs else [0.0] * len(new)
+            self._content[handle.row].extend(feed[: accepted + 1])  # positions whose inputs were right
+            self.stats.drafted_rows += 1
+            self.stats.draft_tokens += len(feed) - 1
+            self.stats.draft_accepted += accepted
+            for token, logprob in zip(new, scores):
+                if not self._record(handle, token, logprob, None, events, now):
+                    break
 
     def _decode_forward(self, batch: List[Handle], positions: Dict[int, int]) -> Tuple[torch.Tensor, int]:
         """The model's forward pass over the decode_rows rows: (the busy rows' logits [N, V],
@@ -369,9 +543,10 @@ class Engine:
             computed = list(range(len(self.rows) if self.decode_rows == "all" else max(positions) + 1))
             cache_rows = None
         # Rows that ride along (free, or still prefilling) feed token 0 at a position that is
-        # written again before it is ever read: a free row's 0, a prefilling row's next chunk.
+        # written again before it is ever read: a prefilling row's next chunk, a free row's last
+        # position (never reused: a prompt is at most max_seq_len tokens, and its last is prefilled).
         last_token = {h.row: h.tokens[-1] for h in batch}
-        pending = [h.prefilled if h is not None else 0 for h in self.rows]
+        pending = [h.prefilled if h is not None else self.params.max_seq_len - 1 for h in self.rows]
         tokens = self._tensor([last_token.get(r, 0) for r in computed]).unsqueeze(1)
         starts = self._tensor([positions.get(r, min(pending[r], self.params.max_seq_len - 1)) for r in computed])
         logits = self._forward(tokens, starts, kv_len=kv_len, rows=cache_rows)[:, -1]
@@ -408,25 +583,33 @@ class Engine:
             else [0.0] * len(batch)
         tops = self._top_logprobs(logits, requests)
         now = time.perf_counter()
-        self.stats.generated += len(batch)
         for handle, token, logprob, top in zip(batch, chosen, scores, tops):
-            logprob = logprob if handle.request.logprobs else 0.0
-            if handle.first_token_at is None:
-                handle.first_token_at = now
-            if token in handle._stops:
-                # Reported with the event, never recorded (echo scoring reads the position).
-                self._finish(handle, "stop", events, logprob=logprob, top=top, stop_token=token)
-                continue
-            handle.tokens.append(token)
-            handle.logprobs.append(logprob)
-            if handle._controls is not None:
-                handle._controls.add(token)
-            if handle._stop_check is not None and handle._stop_check(token):
-                self._finish(handle, "stop", events, token, logprob, top)
-            elif len(handle.tokens) >= handle.budget:
-                self._finish(handle, "length", events, token, logprob, top)
-            else:
-                events.append(Event(handle, token, logprob, top=top))
+            self._record(handle, token, logprob, top, events, now)
+
+    def _record(self, handle: Handle, token: int, logprob: float, top: Optional[List[Tuple[int, float]]],
+                events: List[Event], now: float) -> bool:
+        """A token the request's row chose: recorded, or it ends the request (a stop token, its
+        stop check, its budget). Returns whether the request goes on."""
+        self.stats.generated += 1
+        logprob = logprob if handle.request.logprobs else 0.0
+        if handle.first_token_at is None:
+            handle.first_token_at = now
+        if token in handle._stops:
+            # Reported with the event, never recorded (echo scoring reads the position).
+            self._finish(handle, "stop", events, logprob=logprob, top=top, stop_token=token)
+            return False
+        handle.tokens.append(token)
+        handle.logprobs.append(logprob)
+        if handle._controls is not None:
+            handle._controls.add(token)
+        if handle._stop_check is not None and handle._stop_check(token):
+            self._finish(handle, "stop", events, token, logprob, top)
+        elif len(handle.tokens) >= handle.budget:
+            self._finish(handle, "length", events, token, logprob, top)
+        else:
+            events.append(Event(handle, token, logprob, top=top))
+            return True
+        return False
 
     def _controlled(self, batch: List[Handle], logits: torch.Tensor) -> Tuple[
             torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -463,3 +646,11 @@ class Engine:
         values, ids = values.tolist(), ids.tolist()
         return [list(zip(ids[i][: r.top_logprobs], values[i][: r.top_logprobs])) if r.top_logprobs else None
                 for i, r in enumerate(requests)]
+
+
+def _shared(prompt: Sequence[int], content: Sequence[int], limit: int) -> int:
+    """How many leading tokens two sequences share, at most `limit`."""
+    n = min(len(content), limit)
+    if list(prompt[:n]) == list(content[:n]):  # the common case: all of it, at C speed
+        return n
+    return next(i for i in range(n) if prompt[i] != content[i])

@@ -33,6 +33,11 @@ class Metrics:
             lambda: float(status()["running"]))
         Gauge("llama_requests_waiting", "requests waiting for a cache row", registry=self.registry).set_function(
             lambda: float(status()["waiting"]))
+        # Counters kept by the engine, shown as they stand (gauges: prometheus_client's Counter counts here).
+        Gauge("llama_prefill_tokens", "prompt tokens prefilled since start", registry=self.registry).set_function(
+            lambda: float(status()["prefill_tokens"]))
+        Gauge("llama_prefix_reused_tokens", "prompt tokens not prefilled: their keys and values were cached "
+              "(prefix caching)", registry=self.registry).set_function(lambda: float(status()["prefix_reused_tokens"]))
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -39,7 +39,7 @@ _SAMPLING = {
     "max_tokens": (IMPLEMENTED, "default: the room left in `--max_seq_len`"),
     "stop": (IMPLEMENTED, "a string or up to 4: the text ends before the first one"),
     "seed": (IMPLEMENTED, "samples exactly as the library's `seed` does, whatever else runs"),
-    "n": (IMPLEMENTED, f"1 to {MAX_CHOICES} choices, each with its own sampling key"),
+    "n": (IMPLEMENTED, f"1 to {MAX_CHOICES} choices, each with its own sampling key; the prompt is prefilled once"),
     "stream": (IMPLEMENTED, "server-sent events ending with `data: [DONE]`"),
     "stream_options": (PARTLY, "`include_usage` only"),
     "logit_bias": (IMPLEMENTED, "token id -> bias in [-100, 100], added to the logits"),

@@ -133,7 +133,8 @@ class EngineService:
         stats: EngineStats = self.engine.stats
         return {"running": sum(h is not None for h in self.engine.rows), "waiting": len(self.engine.waiting),
                 "outstanding": self._outstanding, "decode_steps": stats.decode_passes,
-                "generated_tokens": stats.generated}
+                "generated_tokens": stats.generated, "prefill_tokens": stats.prefill_tokens,
+                "prefix_reused_tokens": stats.prefix_reused}
 
     # ---- the loop (every rank) ---------------------------------------------------------------
 

@@ -22,6 +22,7 @@ WORKER = REPO / "tests" / "helpers" / "workers" / "mp_worker.py"
 NPROC = 2
 JOBS = ["mp2_from_2_shards", "mp2_from_1_shard", "mp2_from_vocab_split"]
 DEFAULT_DTYPE_JOB = "mp2_default_dtype"  # the 2-shard checkpoint with no dtype given (bf16 here)
+LOOKUP_JOB = "mp2_prompt_lookup"  # the 2-shard checkpoint, prompt-lookup speculative decoding on
 GGML_MODES = ("q8_0", "q4_0")  # quantized on the native CPU kernels, each rank its own slice
 TIMEOUT_S = 180
 LOGPROB_ATOL = 1e-4
@@ -54,7 +55,27 @@ def vocab_split_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, sp_tokenizer):
+def repeating_ckpts(tmp_path_factory) -> dict:
+    """{shards: folder} of a tiny model that mostly says again the token it was given (its
+    output matrix is its embedding; the blocks' outputs, scaled down, still count): greedy
+    answers repeat, so prompt lookup drafts and the drafts are accepted."""
+    from llama.checkpoint.layout import save_checkpoint
+    from llama.testing import TINY_PARAMS, random_meta_weights
+
+    weights = random_meta_weights(TINY_PARAMS, seed=3)
+    for name in weights:
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            weights[name] = weights[name] * 0.2
+    weights["output.weight"] = weights["tok_embeddings.weight"] * 0.5
+    folders = {}
+    for shards in (1, 2):
+        folders[shards] = tmp_path_factory.mktemp(f"repeating{shards}")
+        save_checkpoint(weights, dict(TINY_PARAMS), str(folders[shards]), shards, False)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, repeating_ckpts, sp_tokenizer):
     """Run tests/helpers/workers/mp_worker.py under torchrun with two ranks; return each rank's results."""
     work = tmp_path_factory.mktemp("mp2_run")
     spec = {
@@ -65,6 +86,7 @@ def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, sp_tok
                  {"name": "mp2_from_1_shard", "ckpt": str(tiny_ckpt)},
                  {"name": "mp2_from_vocab_split", "ckpt": str(vocab_split_ckpt)},
                  {"name": DEFAULT_DTYPE_JOB, "ckpt": str(tiny_ckpt_mp2), "dtype": "default"},
+                 {"name": LOOKUP_JOB, "ckpt": str(repeating_ckpts[2]), "prompt_lookup_num_tokens": 4},
                  *({"name": f"mp2_{mode}", "ckpt": str(tiny_ckpt_mp2), "dtype": "bf16", "quantize": mode}
                    for mode in GGML_MODES)],
     }
@@ -91,10 +113,14 @@ def reference(generator):
     """The same workloads in this process on the world-of-one `generator` (MP=1)."""
     greedy = generator.text_completion(PROMPTS, temperature=0.0, top_p=0.9,
                                        max_gen_len=MAX_GEN_LEN, logprobs=True)
+    continued = generator.text_completion([p + c["generation"] + " and" for p, c in zip(PROMPTS, greedy)],
+                                          temperature=0.0, top_p=0.9, max_gen_len=MAX_GEN_LEN, logprobs=True)
     echoed = generator.text_completion(PROMPTS, temperature=0.0, top_p=0.9,
                                        max_gen_len=MAX_GEN_LEN, logprobs=True, echo=True)
     tokens, logprobs = generator.generate(TOKEN_PROMPTS, MAX_GEN_LEN, temperature=0.0, top_p=0.9,
                                           logprobs=True)
+    again = [p + t + p + t[:3] for p, t in zip(TOKEN_PROMPTS, tokens)]
+    a_tokens, a_logprobs = generator.generate(again, MAX_GEN_LEN, temperature=0.0, top_p=0.9, logprobs=True)
     rng = torch.get_rng_state()
     try:
         torch.manual_seed(SEED)
@@ -104,8 +130,10 @@ def reference(generator):
         torch.set_rng_state(rng)  # leave the global RNG as other tests expect it
     return {
         "text_greedy": [dict(c) for c in greedy],
+        "text_continued": [dict(c) for c in continued],
         "text_greedy_echo": [dict(c) for c in echoed],
         "tokens_greedy": {"tokens": tokens, "logprobs": logprobs},
+        "tokens_again": {"tokens": a_tokens, "logprobs": a_logprobs},
         "tokens_sampled": {"tokens": s_tokens, "logprobs": s_logprobs},
     }
 
@@ -122,17 +150,24 @@ def _assert_same_results(got: dict, ref: dict, label: str) -> None:
         assert g["tokens"] == r["tokens"], f"{label}: prompt {i} tokens differ"
         assert g["logprobs"] == pytest.approx(r["logprobs"], abs=LOGPROB_ATOL), \
             f"{label}: prompt {i} logprobs differ"
+    # a second turn, its first turn's keys and values reused (prefix cache) on every rank
+    for i, (g, r) in enumerate(zip(got["text_continued"], ref["text_continued"], strict=True)):
+        assert g["tokens"] == r["tokens"], f"{label}: continued prompt {i} tokens differ"
+        assert g["logprobs"] == pytest.approx(r["logprobs"], abs=LOGPROB_ATOL), \
+            f"{label}: continued prompt {i} logprobs differ"
+    assert got["prefix_reused"] > 0, f"{label}: nothing reused"
     for i, (g, r) in enumerate(zip(got["text_greedy_echo"], ref["text_greedy_echo"], strict=True)):
         assert g["generation"] == r["generation"], f"{label}: echo prompt {i} text differs"
         assert g["tokens"] == r["tokens"], f"{label}: echo prompt {i} tokens differ"
         assert g["logprobs"] == pytest.approx(r["logprobs"], abs=LOGPROB_ATOL), \
             f"{label}: echo prompt {i} logprobs differ"
-    # generate() on raw ids
-    g, r = got["tokens_greedy"], ref["tokens_greedy"]
-    assert g["tokens"] == r["tokens"], f"{label}: generate() greedy tokens differ"
-    assert [len(x) for x in g["logprobs"]] == [len(x) for x in r["logprobs"]]
-    diff = _max_abs_diff(g["logprobs"], r["logprobs"])
-    assert diff <= LOGPROB_ATOL, f"{label}: generate() logprobs differ by up to {diff:.3g}"
+    # generate() on raw ids, and on each prompt with its answer and the prompt again
+    for key in ("tokens_greedy", "tokens_again"):
+        g, r = got[key], ref[key]
+        assert g["tokens"] == r["tokens"], f"{label}: generate() greedy tokens differ ({key})"
+        assert [len(x) for x in g["logprobs"]] == [len(x) for x in r["logprobs"]]
+        diff = _max_abs_diff(g["logprobs"], r["logprobs"])
+        assert diff <= LOGPROB_ATOL, f"{label}: generate() logprobs differ by up to {diff:.3g} ({key})"
 
 
 def _job(run: dict, rank: int, name: str) -> dict:
@@ -155,6 +190,24 @@ def test_really_two_ranks(mp2_run, job):
         assert shapes["tok_embeddings.weight"] == ([32000 // NPROC, 64] if vocab_split else [32000, 64 // NPROC])
         assert shapes["layers.0.attention.wq.weight"] == [64 // NPROC, 64]
         assert shapes["layers.0.attention.wo.weight"] == [64, 64 // NPROC]
+
+
+def test_mp2_with_prompt_lookup_matches_mp1_greedy(mp2_run, repeating_ckpts, sp_tokenizer):
+    """Speculative decoding at model-parallel size 2: every rank drafts and accepts alike (the
+    ranks agree exactly), and the greedy tokens are those of one process decoding one at a time."""
+    r0, r1 = _job(mp2_run, 0, LOOKUP_JOB), _job(mp2_run, 1, LOOKUP_JOB)
+    assert r0["drafted_rows"] == r1["drafted_rows"] > 10
+    for key in ("text_greedy", "text_continued", "tokens_greedy", "tokens_again"):
+        assert r0[key] == r1[key], key
+    one = Llama.build(str(repeating_ckpts[1]), sp_tokenizer, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE,
+                      device="cpu", dtype="fp32")
+    texts = one.text_completion(PROMPTS, temperature=0.0, max_gen_len=MAX_GEN_LEN, logprobs=True)
+    tokens, logprobs = one.generate(TOKEN_PROMPTS, MAX_GEN_LEN, temperature=0.0, logprobs=True)
+    again = [p + t + p + t[:3] for p, t in zip(TOKEN_PROMPTS, tokens)]
+    assert r0["tokens_greedy"]["tokens"] == tokens
+    assert r0["tokens_again"]["tokens"] == one.generate(again, MAX_GEN_LEN, temperature=0.0)[0]
+    assert [t["tokens"] for t in r0["text_greedy"]] == [t["tokens"] for t in texts]
+    assert _max_abs_diff(r0["tokens_greedy"]["logprobs"], logprobs) <= LOGPROB_ATOL
 
 
 def test_mp2_matches_mp1_greedy(mp2_run, reference):
@@ -186,6 +239,7 @@ def test_ranks_agree_exactly(mp2_run, job):
         assert r0[key]["tokens"] == r1[key]["tokens"], f"{job}: ranks disagree on {key}"
         assert r0[key]["logprobs"] == r1[key]["logprobs"], f"{job}: ranks disagree on {key} logprobs"
     assert r0["text_greedy"] == r1["text_greedy"]
+    assert r0["text_continued"] == r1["text_continued"] and r0["prefix_reused"] == r1["prefix_reused"] > 0
     assert r0["text_greedy_echo"] == r1["text_greedy_echo"]
 
 

@@ -341,3 +341,38 @@ def test_the_documented_curl_request_answers_as_chat_completion(server, referenc
                         headers={**headers, **auth()}, timeout=60).json()
     expected = reference.chat_completion([body["messages"]], max_gen_len=body["max_tokens"], temperature=0)[0]
     assert answer["choices"][0]["message"]["content"] == expected["generation"]["content"]
+
+
+def test_a_chat_turn_and_n_choices_reuse_cached_prefixes(client, server, reference):
+    """The second turn of a chat prefills only what the first did not hold (prefix caching), and
+    n=4 choices of one prompt prefill it once; the answers are chat_completion's."""
+    def health():
+        return httpx.get(f"{server}/health", headers=auth()).json()
+
+    d = [{"role": "system", "content": "You answer every question about the weather in Paris. " * 3},
+         {"role": "user", "content": "Will it rain tomorrow?"}]
+    first = client.chat.completions.create(model=MODEL, messages=d, max_tokens=8, temperature=0)
+    d = d + [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "And the day after?"}]
+    before = health()
+    second = client.chat.completions.create(model=MODEL, messages=d, max_tokens=8, temperature=0)
+    after = health()
+    prompt = len(reference.formatter.encode_dialog_prompt(d))
+    reused = after["prefix_reused_tokens"] - before["prefix_reused_tokens"]
+    assert reused >= first.usage.prompt_tokens - 1 and after["prefill_tokens"] - before["prefill_tokens"] == \
+        prompt - reused
+    assert second.choices[0].message.content == expected_chat(reference, d, 8, temperature=0)[0]
+
+    before = health()
+    snow = d[:1] + [{"role": "user", "content": "Snow?"}]
+    # top_k 5: no near-ties among the candidates, whose order a 1e-6 rounding difference could swap
+    four = client.chat.completions.create(model=MODEL, messages=snow, max_tokens=4, temperature=1.0, top_p=0.9, n=4,
+                                          seed=3, extra_body={"top_k": 5})
+    library = reference.chat_completion([snow], temperature=1.0, top_p=0.9, max_gen_len=4, seed=3, n=4, top_k=5)[0]
+    assert len({c.message.content for c in four.choices}) > 1
+    assert [c.message.content for c in four.choices] == [s["generation"]["content"] for s in library]
+    after, prompt = health(), four.usage.prompt_tokens
+    prefilled = after["prefill_tokens"] - before["prefill_tokens"]
+    assert prefilled <= prompt + 3  # once, then each other choice its last token (4 * prompt without reuse)
+    assert prefilled + after["prefix_reused_tokens"] - before["prefix_reused_tokens"] == 4 * prompt
+    assert b"llama_prefix_reused_tokens" in httpx.get(f"{server}/metrics", headers=auth()).content

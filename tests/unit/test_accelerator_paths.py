@@ -144,7 +144,11 @@ def test_decode_at_a_common_position_runs_without_mask(generator, sdpa_calls):
     """Rows that all sit at the end of the cache need no mask, on every device: equal-length
     prompts decode without one, a ragged batch with one."""
     same = [generator.tokenizer.encode("Hello world", bos=True, eos=False)] * 2
-    generator.generate(same, max_gen_len=4, temperature=0)
+    generator.engine.prefix_cache = False  # rows 0 and 1, not where an earlier prompt was cached
+    try:
+        generator.generate(same, max_gen_len=4, temperature=0)
+    finally:
+        generator.engine.prefix_cache = True
     decode_steps = [c for c in sdpa_calls if c[3] == 1]
     assert decode_steps and not any(c[2] for c in decode_steps)
 

@@ -197,6 +197,7 @@ def test_batch1_decode_uses_plain_cpu_kernels_and_the_model_flips_no_flag(genera
     oneDNN off for single-row CPU steps, untouched for the prefill; forward() itself leaves the
     global flag alone (PyTorch's decode step: LLAMA_NATIVE=0)."""
     monkeypatch.setenv("LLAMA_NATIVE", "0")
+    monkeypatch.setattr(generator.engine, "prefix_cache", False)  # the whole prompt is prefilled
     seen = []
     forward = generator.model.forward
 
@@ -322,8 +323,9 @@ def test_stop_strings_with_echo_look_at_the_generated_text_only(generator):
                                      stop=in_prompt)[0]["generation"] == echoed
 
 
-def test_stop_strings_in_chat_completion_and_stream_chat(generator):
+def test_stop_strings_in_chat_completion_and_stream_chat(generator, monkeypatch):
     dialogs = [[{"role": "user", "content": "Hello!"}], [{"role": "user", "content": "Name a colour."}]]
+    monkeypatch.setattr(generator.engine, "prefix_cache", False)  # equal calls, equal bits
     free = generator.chat_completion(dialogs, temperature=0, max_gen_len=20, logprobs=True)
     answer = free[0]["generation"]["content"]
     stop = _stop_in(answer)
@@ -368,7 +370,8 @@ def test_bad_controls_and_stops_are_named_by_every_call(generator, kwargs, match
     assert generator.engine.idle
 
 
-def test_meta_positional_call_shapes_still_work_and_new_arguments_are_keywords(generator):
+def test_meta_positional_call_shapes_still_work_and_new_arguments_are_keywords(generator, monkeypatch):
+    monkeypatch.setattr(generator.engine, "prefix_cache", False)  # equal calls, equal bits
     assert generator.text_completion(PROMPTS[:1], 0.0, 0.9, 4, False, False) == \
         generator.text_completion(PROMPTS[:1], temperature=0, max_gen_len=4)
     dialog = [{"role": "user", "content": "hi"}]

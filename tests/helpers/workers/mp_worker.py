@@ -30,7 +30,8 @@ def run_job(job: dict, spec: dict) -> dict:
         gen = Llama.build(job["ckpt"], spec["tokenizer"], max_seq_len=spec["max_seq_len"],
                           max_batch_size=spec["max_batch_size"], device="cpu",
                           model_parallel_size=spec.get("model_parallel_size"),
-                          dtype=None if dtype == "default" else dtype, quantize=job.get("quantize"))
+                          dtype=None if dtype == "default" else dtype, quantize=job.get("quantize"),
+                          prompt_lookup_num_tokens=job.get("prompt_lookup_num_tokens", 0))
     finally:
         if saved is not None:
             os.environ["LLAMA_DTYPE"] = saved
@@ -38,6 +39,7 @@ def run_job(job: dict, spec: dict) -> dict:
     ctx = gen.ctx
     result = {
         "build_s": built_s,
+        "drafted_rows": 0,
         "rank": ctx.rank,
         "world_size": ctx.world_size,
         "model_parallel_size": ctx.model_parallel_size,
@@ -56,6 +58,13 @@ def run_job(job: dict, spec: dict) -> dict:
                                       max_gen_len=spec["max_gen_len"], logprobs=True)
     result["text_greedy"] = [dict(c) for c in completions]
 
+    # A second turn: each prompt continued by its answer, whose keys and values are cached.
+    reused = gen.engine.stats.prefix_reused
+    continued = gen.text_completion([p + c["generation"] + " and" for p, c in zip(spec["prompts"], completions)],
+                                    temperature=0.0, top_p=0.9, max_gen_len=spec["max_gen_len"], logprobs=True)
+    result["text_continued"] = [dict(c) for c in continued]
+    result["prefix_reused"] = gen.engine.stats.prefix_reused - reused
+
     echoed = gen.text_completion(spec["prompts"], temperature=0.0, top_p=0.9,
                                  max_gen_len=spec["max_gen_len"], logprobs=True, echo=True)
     result["text_greedy_echo"] = [dict(c) for c in echoed]
@@ -63,11 +72,16 @@ def run_job(job: dict, spec: dict) -> dict:
     tokens, logprobs = gen.generate(spec["token_prompts"], spec["max_gen_len"], temperature=0.0,
                                     top_p=0.9, logprobs=True)
     result["tokens_greedy"] = {"tokens": tokens, "logprobs": logprobs}
+    # Each prompt, its answer, and the prompt again with the answer's start: material for drafts.
+    again = [p + t + p + t[:3] for p, t in zip(spec["token_prompts"], tokens)]
+    tokens, logprobs = gen.generate(again, spec["max_gen_len"], temperature=0.0, top_p=0.9, logprobs=True)
+    result["tokens_again"] = {"tokens": tokens, "logprobs": logprobs}
 
     torch.manual_seed(spec["seed"])
     tokens, logprobs = gen.generate(spec["token_prompts"], spec["max_gen_len"], temperature=0.8,
                                     top_p=0.9, logprobs=True)
     result["tokens_sampled"] = {"tokens": tokens, "logprobs": logprobs}
+    result["drafted_rows"] = gen.engine.stats.drafted_rows
     return result
 
 

@@ -1,0 +1,108 @@
+"""Prompt-lookup speculative decoding (Engine(prompt_lookup_num_tokens=k)): greedy rows draft from
+their own prompt and answer and keep what the model confirms; the tokens are those of decoding
+one at a time. A steered model (a lookup table: after token a comes b) makes drafts that are
+accepted, rejected half-way, and cut by stops and budgets, as planned."""
+
+import pytest
+import torch
+
+from helpers.steering import steer_model
+from llama import Llama
+
+A, B, C, D, E, F = 319, 450, 2107, 4123, 1000, 1001
+CHAIN = {A: {B: 10.0}, B: {C: 10.0}, C: {D: 10.0}, D: {A: 10.0}, E: {F: 10.0}, F: {A: 10.0}}
+
+
+def steered(tiny_ckpt, sp_tokenizer, dtype="fp32", **kwargs):
+    state = torch.get_rng_state()
+    g = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=4, device="cpu", dtype=dtype,
+                    **kwargs)
+    torch.set_rng_state(state)
+    steer_model(g.model, CHAIN)
+    return g
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_ckpt, sp_tokenizer):
+    return steered(tiny_ckpt, sp_tokenizer, prompt_lookup_num_tokens=5), steered(tiny_ckpt, sp_tokenizer)
+
+
+# The prefill gives B (after A); then "A B" drafts what followed it in the prompt, E F C D A, but
+# after B the model says C: that draft is rejected at once. From then on the chain C D A B repeats
+# and the drafts from it are accepted.
+PROMPT = [1, A, B, E, F, C, D, A]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_greedy_tokens_equal_decoding_one_at_a_time_with_fewer_passes(tiny_ckpt, sp_tokenizer, dtype):
+    fast = steered(tiny_ckpt, sp_tokenizer, dtype, prompt_lookup_num_tokens=5)
+    slow = steered(tiny_ckpt, sp_tokenizer, dtype)
+    got = fast.generate([PROMPT], max_gen_len=30, temperature=0, logprobs=True, stop_tokens=[])
+    expected = slow.generate([PROMPT], max_gen_len=30, temperature=0, logprobs=True, stop_tokens=[])
+    assert got[0] == expected[0] and got[0][0][:5] == [B, C, D, A, B]
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-4)
+    stats = fast.engine.stats
+    assert stats.draft_tokens > stats.draft_accepted > 20  # the first draft was rejected
+    assert fast.engine.stats.decode_passes <= 10 < slow.engine.stats.decode_passes
+    assert fast.last_stats.tokens_per_draft > 3 and "tokens per drafted step" in fast.last_stats.summary()
+
+
+def test_budget_stop_tokens_and_stop_strings_cut_inside_a_draft(pair, sp_tokenizer):
+    fast, slow = pair
+    for kwargs in (dict(max_gen_len=7, stop_tokens=[]), dict(max_gen_len=30, stop_tokens=[A]),
+                   dict(max_gen_len=30, stop_tokens=[])):
+        got = fast.generate([PROMPT, PROMPT[:-1]], temperature=0, logprobs=True, **kwargs)
+        assert got == slow.generate([PROMPT, PROMPT[:-1]], temperature=0, logprobs=True, **kwargs), kwargs
+    assert len(got[0][0]) == 30
+    text = slow.tokenizer.decode([C, D, A])
+    stop = text[1:5]
+    cut = fast.text_completion([fast.tokenizer.decode(PROMPT[1:])], temperature=0, max_gen_len=30, stop=[stop])
+    assert cut == slow.text_completion([slow.tokenizer.decode(PROMPT[1:])], temperature=0, max_gen_len=30,
+                                       stop=[stop])
+    assert fast.engine.idle
+
+
+def test_sampled_and_controlled_rows_decode_beside_drafting_rows(pair):
+    """A sampled row and a greedy row with logit_bias do not draft; they run in the drafting
+    rows' pass and get what they get without prompt lookup (the greedy rows exactly)."""
+    fast, slow = pair
+    for g in pair:
+        g.engine.stats.drafted_rows = 0
+    prompts = [PROMPT, PROMPT, [1, E, F, A]]
+    got = fast.generate(prompts, max_gen_len=12, temperature=0, logprobs=True, stop_tokens=[])
+    biased = dict(logit_bias={D: -20.0})
+    assert fast.generate([PROMPT], max_gen_len=12, temperature=0, stop_tokens=[], **biased)[0] == \
+        slow.generate([PROMPT], max_gen_len=12, temperature=0, stop_tokens=[], **biased)[0]
+    sampled = fast.generate(prompts, max_gen_len=12, temperature=0.7, stop_tokens=[], seed=3)[0]
+    assert all(len(t) == 12 for t in sampled)
+    assert got == slow.generate(prompts, max_gen_len=12, temperature=0, logprobs=True, stop_tokens=[])
+    assert fast.engine.stats.drafted_rows > 0
+
+
+def test_bad_values_are_named(tiny_ckpt, sp_tokenizer):
+    from llama import LlamaError
+
+    for bad in (-1, 65, 2.5, True):
+        with pytest.raises(LlamaError, match=f"prompt_lookup_num_tokens={bad!r}"):
+            Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=1,
+                        prompt_lookup_num_tokens=bad)
+
+
+def test_the_cache_holds_what_the_engine_says_after_rejected_drafts(tiny_ckpt, sp_tokenizer):
+    """On the random model (drafts mostly rejected) the keys and values a row holds are those of
+    its prompt and answer, position by position, as a plain forward pass computes them: what the
+    prefix cache will reuse."""
+    fast = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=2, device="cpu", dtype="fp32",
+                       prompt_lookup_num_tokens=4)
+    prompt = fast.tokenizer.encode("the cat and the dog and the cat and the dog and the", bos=True, eos=False)
+    tokens = fast.generate([prompt], max_gen_len=24, temperature=0, stop_tokens=[])[0][0]
+    stats = fast.engine.stats
+    assert stats.drafted_rows and stats.draft_tokens > stats.draft_accepted
+    content = fast.engine._content[0]
+    assert content == prompt + tokens[:-1]  # the last token is not in the cache yet
+    fresh = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=1, device="cpu", dtype="fp32")
+    fresh.model(torch.tensor([content]), 0)
+    for ours, theirs in zip(fast.model.layers, fresh.model.layers):
+        for name in ("k", "v"):
+            torch.testing.assert_close(getattr(ours.attention.cache, name)[0, : len(content)],
+                                       getattr(theirs.attention.cache, name)[0, : len(content)], rtol=0, atol=1e-4)
