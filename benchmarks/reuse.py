@@ -12,7 +12,8 @@ Llama.build(prefix_cache=False), in the same process, built the same way):
            times, 64 tokens each, sampled) against one sample: the time ratio
   lookup   a rewrite task (correct the spelling of a ~150-word text: the answer repeats most
            of the prompt), greedy, up to 300 tokens, with Llama.build(prompt_lookup_num_tokens=
-           8) against without: generated tokens per second, the same text required
+           --lookup_tokens, default 10 as in HF's examples) against without: generated tokens
+           per second, the same text required
 Prints a table with the ratios and writes benchmarks/results/reuse.json with the CPU model.
 Exits non-zero if, in fp32, a case's tokens with reuse differ from those without (in bf16 the
 rows that agree are counted and reported). Results of each dtype are kept side by side:
@@ -103,6 +104,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--cases", default="chat,system,samples,lookup")
+    parser.add_argument("--lookup_tokens", type=int, default=10)
     args = parser.parse_args()
     cases = args.cases.split(",")
     results, wrong = {}, []
@@ -151,7 +153,7 @@ def main() -> int:
                                        "cost_off": n4_off / n1, "runs": times, "target": 1.5,
                                        "same_samples": f"{same_samples}/4"}
     if "lookup" in cases:
-        drafting = build(True, args.dtype, 1, prompt_lookup_num_tokens=8)
+        drafting = build(True, args.dtype, 1, prompt_lookup_num_tokens=args.lookup_tokens)
         single = build(True, args.dtype, 1)
         rates = {"on": [], "off": []}
         for _ in range(args.runs):
@@ -163,6 +165,7 @@ def main() -> int:
         results["prompt_lookup_rewrite"] = {"on_tok_s": on, "off_tok_s": off, "speedup": on / off, "runs": rates,
                                             "tokens": len(drafted), "tokens_per_drafted_step": per_step,
                                             "same_text": drafted == plain_tokens, "target": 1.5,
+                                            "prompt_lookup_num_tokens": args.lookup_tokens,
                                             "first_difference": next((i for i, (a, b) in enumerate(
                                                 zip(drafted, plain_tokens)) if a != b), None)}
         if drafted != plain_tokens and exact:

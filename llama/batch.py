@@ -18,6 +18,7 @@ work and shares it out; each replica takes every R-th pending line and its first
 that replica's results (each append one write of whole lines under a lock on the file).
 """
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -34,11 +35,11 @@ from .chat_format import check_messages
 from .cli import ModelFlags, path_flags, run, with_model_flags
 from .detokenize import token_texts
 from .errors import LlamaError
-from .generation import Llama, check_stops, generated_text
+from .generation import MAX_SAMPLES, Llama, check_stops, generated_text
 from .runtime.distributed import FromMainRank
 from .runtime.engine import Request
 from .runtime.sampling import SamplingControls, check_sampling, request_key
-from .utils.checks import check_text
+from .utils.checks import check_text, whole_number
 from .utils.locking import lock_path, try_hold
 from .utils.measurements import first_use_seconds
 from .utils.progress import counter
@@ -46,7 +47,7 @@ from .utils.ranks import is_main_rank
 
 Params = Tuple[float, float, Optional[int]]  # temperature, top_p, max_gen_len
 CONTROLS = ("top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
-SETTINGS = ("temperature", "top_p", "max_gen_len", "stop") + CONTROLS  # what a line may set for itself
+SETTINGS = ("temperature", "top_p", "max_gen_len", "stop", "n") + CONTROLS  # what a line may set for itself
 
 
 @dataclass
@@ -58,6 +59,7 @@ class InputLine:
     params: Params
     stops: Tuple[str, ...] = ()
     controls: SamplingControls = SamplingControls()
+    n: Optional[int] = None  # samples of this line (its result then holds "samples")
 
 
 def id_key(value: Any) -> str:
@@ -118,7 +120,8 @@ def read_jobs(path: str, chat: bool, defaults: Params) -> List[InputLine]:
             stops = check_stops(rec.get("stop"), f"{where} (id {ident!r}): ")
             controls = SamplingControls.checked(**{name: rec[name] for name in CONTROLS if name in rec},
                                                 where=f"{where} (id {ident!r}): ")
-            jobs.append(InputLine(number, ident, prompt, params, stops, controls))
+            n = whole_number(rec["n"], f"{where} (id {ident!r}): n", low=1, high=MAX_SAMPLES) if "n" in rec else None
+            jobs.append(InputLine(number, ident, prompt, params, stops, controls, n))
     return jobs
 
 
@@ -165,10 +168,11 @@ def _result_key(raw: bytes) -> Optional[str]:
     return id_key(rec["id"]) if isinstance(rec, dict) and "id" in rec and "generation" in rec else None
 
 
-def job_key(seed: int, ident: Any) -> int:
-    """The sampling key of the line with id `ident`: its result depends on the seed, the id, the
-    prompt and its settings, never on which process ran it, with whom, or after which restart."""
-    return request_key(seed, id_key(ident))
+def job_key(seed: int, ident: Any, sample: int = 0) -> int:
+    """The sampling key of the line with id `ident` (of its sample `sample`, with "n"): its result
+    depends on the seed, the id, the prompt and its settings, never on which process ran it, with
+    whom, or after which restart."""
+    return request_key(seed, id_key(ident)) if not sample else request_key(seed, id_key(ident), sample)
 
 
 def share(jobs: List[InputLine], done: Set[str], replica: int, replicas: int) -> List[InputLine]:
@@ -297,39 +301,53 @@ def run_jobs(generator: Llama, jobs: List[InputLine], chat: bool, logprobs: bool
         return time.perf_counter() - start - first_use_seconds(start)
 
     bar = counter("batch", len(jobs), "line")
-    runnable, requests, stops = [], [], []
+    runnable, requests, stops = [], [], []  # per request: its line, the request, its stop strings
     for job in jobs:
         tokens = _prompt_tokens(generator, job, chat)
         if tokens is None:  # answered at once, as chat_completion answers it
             if out is not None:
-                out.append([_line(job, generator.formatter.UNSAFE_ERROR, [], [], logprobs)])
+                unsafe = (generator.formatter.UNSAFE_ERROR, [], [])
+                out.append([_line(job, [unsafe] * (job.n or 1), logprobs)])
             bar.update(1)
             continue
         temperature, top_p, max_gen_len = job.params
         stop_tokens = generator.formatter.stop_tokens if chat else generator.tokenizer.stop_tokens
-        runnable.append(job)
-        requests.append(Request(tokens, max_gen_len or generator.model.params.max_seq_len - 1, temperature, top_p,
-                                job_key(seed, job.id), stop_tokens, logprobs, controls=job.controls))
-        stops.append(job.stops)
+        for sample in range(job.n or 1):  # samples of a line are admitted together: one prefill
+            runnable.append(job)
+            requests.append(Request(tokens, max_gen_len or generator.model.params.max_seq_len - 1, temperature,
+                                    top_p, job_key(seed, job.id, sample), stop_tokens, logprobs,
+                                    controls=job.controls))
+            stops.append(job.stops)
     generated = 0
+    finished: Dict[int, List[Tuple[int, Any]]] = collections.defaultdict(list)  # line number -> its samples
     for index, handle in generator.complete(requests, stops):
         generated += len(handle.tokens)
-        if out is not None:
-            text = generated_text(generator.tokenizer, handle.tokens, runnable[index].stops)
-            texts = token_texts(generator.tokenizer, handle.tokens) if logprobs else []
-            out.append([_line(runnable[index], text, texts, handle.logprobs, logprobs)])
+        job = runnable[index]
+        finished[job.number].append((index, handle))
+        if len(finished[job.number]) < (job.n or 1):
+            continue
+        if out is not None:  # the line is whole: its samples in order
+            samples = [(generated_text(generator.tokenizer, h.tokens, job.stops),
+                        token_texts(generator.tokenizer, h.tokens) if logprobs else [], h.logprobs)
+                       for _, h in sorted(finished.pop(job.number), key=lambda item: item[0])]
+            out.append([_line(job, samples, logprobs)])
         bar.update(1)
         bar.set_postfix_str(f"{generated / max(seconds(), 1e-9):.1f} tokens/s")
     bar.close()
     return generated, seconds(), first_use_seconds(start)
 
 
-def _line(job: InputLine, text: str, tokens: List[str], logprobs_: List[float], logprobs: bool) -> str:
+def _line(job: InputLine, samples: List[Tuple[str, List[str], List[float]]], logprobs: bool) -> str:
     """One output line: id first (read_done relies on it), then the generated text (and with
-    --logprobs each token's text and logprob, as text_completion/chat_completion give them)."""
-    rec: Dict[str, Any] = {"id": job.id, "generation": text}
-    if logprobs:
-        rec.update(tokens=tokens, logprobs=logprobs_)
+    --logprobs each token's text and logprob, as text_completion/chat_completion give them).
+    samples: (text, token texts, logprobs) of each sample; a line with "n" holds them all under
+    "samples" and the first again as "generation"."""
+    def result(text: str, tokens: List[str], logprobs_: List[float]) -> Dict[str, Any]:
+        return {"generation": text, **({"tokens": tokens, "logprobs": logprobs_} if logprobs else {})}
+
+    rec: Dict[str, Any] = {"id": job.id, **result(*samples[0])}
+    if job.n is not None:
+        rec["samples"] = [result(*sample) for sample in samples]
     return json.dumps(rec, ensure_ascii=False) + "\n"
 
 
@@ -475,7 +493,8 @@ def main(
         input: JSONL file, one {"id", "prompt"} (or {"id", "dialog"} with --chat) per line;
             optional per-line "temperature", "top_p", "max_gen_len" override the flags, and
             "stop", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-            "repetition_penalty", "logit_bias" apply to that line.
+            "repetition_penalty", "logit_bias" apply to that line; "n" asks for that many samples
+            (its result holds them under "samples"; the prompt is prefilled once).
         output: JSONL results, one {"id", "generation"} per line; ids already there are skipped.
         chat: lines hold dialogs, answered as the assistant.
         temperature: 0 is greedy; higher samples more freely.

@@ -128,7 +128,7 @@ MODEL_FLAG_DOCS = {
     "quantize": "weight-only quantization: int8, q8_0, q4_0 or q4_1; default: none",
     "prefix_cache": "reuse the keys and values of a prompt's beginning already in the cache (an earlier turn, "
                     "a shared system prompt); --noprefix_cache turns it off",
-    "prompt_lookup_num_tokens": "greedy answers draft up to this many tokens per step from their prompt and "
+    "prompt_lookup_num_tokens": "answers draft up to this many tokens per step from their prompt and "
                                 "text so far (prompt-lookup speculative decoding); 0: off",
 }
 MODEL_FLAGS = tuple(f.name for f in fields(ModelFlags))

@@ -130,9 +130,10 @@ class Llama:
             prefix_cache: a prompt whose beginning is already in a cache row (an earlier turn of
                 the chat, another request's system prompt) prefills only the rest (see
                 llama.runtime.engine); the same tokens, logprobs within fp32 rounding.
-            prompt_lookup_num_tokens: if > 0, greedy requests draft up to this many tokens per
-                step from their own prompt and answer (prompt-lookup speculative decoding, as
-                HF's argument of that name) and keep those the model confirms in one pass.
+            prompt_lookup_num_tokens: if > 0, requests draft up to this many tokens per step
+                from their own prompt and answer (prompt-lookup speculative decoding, as HF's
+                argument of that name) and keep, from one pass, the tokens they would have
+                picked one at a time (greedy or sampled).
         """
         loaded = load(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                       model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,

@@ -25,13 +25,17 @@ rounding in bf16, where other batch shapes round differently). Rows are the stor
 max_batch_size prefixes and costs no memory; Engine(prefix_cache=False) turns it off.
 
 Prompt-lookup speculative decoding (opt-in: Engine(prompt_lookup_num_tokens=k), HF's name): a
-greedy row whose last tokens occurred earlier in its prompt or answer drafts the k tokens that
+row whose last tokens occurred earlier in its prompt or answer drafts the k tokens that
 followed them there; one forward pass over [its last token, the draft] at its positions gives
-the model's choice after each, and the draft is kept up to the first token the model would not
-have chosen, plus the model's own token there: 1 to k + 1 tokens for one pass, each the argmax
-given the tokens before it, as decoding one at a time gives (to the rounding of another pass
-shape). Rows that sample, have controls or ask for top_logprobs decode one token as usual, in
-the same pass.
+the logits after each, and the row samples each position as it would have decoding one token
+at a time (argmax when greedy; else the race with its key and that token's step, a function
+of the logits, the key and the step alone). The draft is kept up to the first position whose
+token differs, plus that token: 1 to k + 1 tokens for one pass, each the very token decoding
+one at a time gives (to the rounding of another pass shape). So sampling keeps its
+distribution, and its exact samples: a draft token is kept with its probability, and a
+rejected one is replaced by a draw that excludes it, the standard accept/reject rule for a
+draft that is one fixed token. Rows with controls or top_logprobs decode one token as usual,
+in the same pass.
 
 A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
 see each other (per-row positions and masks), and each request samples with its own key,
@@ -155,11 +159,6 @@ class EngineStats:
     drafted_rows: int = 0  # prompt lookup: rows that decoded a draft (one per row and step)
     draft_tokens: int = 0  # tokens drafted
     draft_accepted: int = 0  # of which the model chose too
-
-    @property
-    def tokens_per_draft(self) -> float:
-        """Tokens a drafting row gained per pass (accepted drafts plus the model's own token)."""
-        return (self.draft_accepted + self.drafted_rows) / self.drafted_rows if self.drafted_rows else 0.0
     busy_s: float = 0.0  # time spent in step()
 
     @property
@@ -460,15 +459,15 @@ class Engine:
 
     def _drafts(self, batch: List[Handle], positions: Dict[int, int]) -> Dict[int, List[int]]:
         """Prompt lookup: row -> the tokens that followed the latest earlier occurrence of the
-        row's last n tokens (n from LOOKUP_NGRAMS), for greedy rows without controls or top
-        logprobs; at most prompt_lookup_num_tokens, within the row's budget, and within the
-        context for every row of the pass (padding past max_seq_len would be clamped onto a
-        real position)."""
+        row's last n tokens (n from LOOKUP_NGRAMS), for rows without controls (penalties would
+        count draft tokens) or top logprobs; at most prompt_lookup_num_tokens, within the row's
+        budget, and within the context for every row of the pass (padding past max_seq_len
+        would be clamped onto a real position)."""
         room = self.params.max_seq_len - 1 - max(positions.values())
         drafts = {}
         for h in batch:
             r = h.request
-            if r.temperature > 0 or h.controlled or r.top_logprobs:
+            if h.controlled or r.top_logprobs:
                 continue
             most = min(self.prompt_lookup_num_tokens, h.budget - len(h.tokens) - 1, room)
             if most <= 0:
@@ -511,15 +510,33 @@ class Engine:
             self._content[batch[i].row].append(feeds[i][0])
         if plain:
             self._sample([batch[i] for i in plain], logits[self._tensor(plain), 0], events)
+        if not drafting:
+            return
+        # Every drafting row's token at each fed position, as decoding one at a time samples it:
+        # the same key, the step that token would have had.
+        sizes = [len(feeds[i]) for i in drafting]
+        flat = torch.cat([logits[i, : len(feeds[i])] for i in drafting])
+        requests = [batch[i].request for i in drafting]
+
+        def each(values: List) -> List:
+            return [v for v, size in zip(values, sizes) for _ in range(size)]
+
+        steps = [len(batch[i].tokens) + j for i in drafting for j in range(len(feeds[i]))]
+        chosen_flat = sample(flat, torch.tensor(each([r.temperature for r in requests]), device=self.device),
+                             torch.tensor(each([r.top_p for r in requests]), device=self.device),
+                             self._tensor(each([r.key for r in requests])), self._tensor(steps)).tolist()
+        finite = torch.isfinite(flat.sum(dim=-1)).tolist()
         now = time.perf_counter()
-        for i in drafting:
+        offset = 0
+        for i, size in zip(drafting, sizes):
             handle, feed = batch[i], feeds[i]
-            row_logits = logits[i, : len(feed)]
-            if not bool(torch.isfinite(row_logits.sum())):
+            row_logits, chosen = flat[offset: offset + size], chosen_flat[offset: offset + size]
+            row_finite = finite[offset: offset + size]
+            offset += size
+            if not all(row_finite):
                 self._content[handle.row].append(feed[0])
                 self._sample([handle], row_logits[:1], events)  # reports the error as a plain step does
                 continue
-            chosen = row_logits.argmax(dim=-1).tolist()
             accepted = next((j for j, token in enumerate(feed[1:]) if chosen[j] != token), len(feed) - 1)
             new = chosen[: accepted + 1]  # the accepted draft tokens are the model's choices too
             scores = token_logprobs(row_logits[: accepted + 1], self._tensor(new)).tolist() \

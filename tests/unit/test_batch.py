@@ -233,3 +233,43 @@ def test_logit_bias_outside_the_vocabulary_is_named_before_any_work(tmp_path, ge
                                          r"from 0 to 31999"):
         run_batch(generator, str(inp), str(out), defaults=(0.0, 0.9, 4))
     assert not out.exists() or out.read_text() == ""
+
+
+def test_n_samples_per_line_prefilled_once_each_with_its_own_key(tmp_path, generator):
+    """A line with "n" gets that many samples under "samples" (the first again as "generation"),
+    sample j sampled with the line's key for j (sample 0 with the key a line without "n" has),
+    its prompt prefilled once."""
+    import torch
+
+    from llama.batch import job_key
+    from llama.detokenize import token_texts
+    from llama.runtime.engine import Request
+
+    text = "A line whose samples share one prefill of this prompt, which is long enough to share."
+    lines = [{"id": "three", "prompt": text, "n": 3, "temperature": 1.0},
+             {"id": "one", "prompt": text, "temperature": 1.0},
+             {"id": "n1", "prompt": text, "n": 1, "temperature": 1.0}]
+    inp, out = _write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
+    stats = generator.engine.stats
+    before = stats.prefill_tokens
+    run_batch(generator, str(inp), str(out), defaults=(1.0, 0.9, 6), logprobs=True, seed=5)
+    prompt = generator.tokenizer.encode(text, bos=True, eos=False)
+    assert stats.prefill_tokens - before <= len(prompt) + 4  # once, then the last token of each other request
+    records = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    three = records["three"]
+    assert len(three["samples"]) == 3 and three["generation"] == three["samples"][0]["generation"]
+    assert len({s["generation"] for s in three["samples"]}) > 1
+    assert "samples" not in records["one"] and len(records["n1"]["samples"]) == 1
+    for j, sample in enumerate(three["samples"]):
+        request = Request(prompt, 6, 1.0, 0.9, job_key(5, "three", j), tuple(generator.tokenizer.stop_tokens), True)
+        alone = dict(generator.complete([request]))[0]
+        assert sample["tokens"] == token_texts(generator.tokenizer, alone.tokens)
+        torch.testing.assert_close(sample["logprobs"], alone.logprobs, rtol=0, atol=1e-5)
+    # sample 0 has the key of the same line without "n"
+    inp = _write_jsonl(tmp_path / "single.jsonl", [{"id": "three", "prompt": text, "temperature": 1.0}])
+    run_batch(generator, str(inp), str(tmp_path / "single-out.jsonl"), defaults=(1.0, 0.9, 6), logprobs=True, seed=5)
+    assert json.loads((tmp_path / "single-out.jsonl").read_text())["tokens"] == three["samples"][0]["tokens"]
+    for bad in (0, 129, "2", True):
+        inp = _write_jsonl(tmp_path / "bad.jsonl", [{"id": 1, "prompt": text, "n": bad}])
+        with pytest.raises(LlamaError, match=rf"line 1 \(id 1\): n={bad!r}"):
+            run_batch(generator, str(inp), str(tmp_path / "bad-out.jsonl"))

@@ -10,13 +10,15 @@ from helpers.steering import steer_model
 from llama import Llama
 
 A, B, C, D, E, F = 319, 450, 2107, 4123, 1000, 1001
-CHAIN = {A: {B: 10.0}, B: {C: 10.0}, C: {D: 10.0}, D: {A: 10.0}, E: {F: 10.0}, F: {A: 10.0}}
+# After D, A (62%) or E (38%); every other step is all but certain (e^20 outweighs the 32000 others).
+CHAIN = {A: {B: 20.0}, B: {C: 20.0}, C: {D: 20.0}, D: {A: 20.0, E: 19.5}, E: {F: 20.0}, F: {A: 20.0}}
+P_A_AFTER_D = 1 / (1 + 2.718281828459045 ** -0.5)
 
 
-def steered(tiny_ckpt, sp_tokenizer, dtype="fp32", **kwargs):
+def steered(tiny_ckpt, sp_tokenizer, dtype="fp32", max_batch_size=4, **kwargs):
     state = torch.get_rng_state()
-    g = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=4, device="cpu", dtype=dtype,
-                    **kwargs)
+    g = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=max_batch_size, device="cpu",
+                    dtype=dtype, **kwargs)
     torch.set_rng_state(state)
     steer_model(g.model, CHAIN)
     return g
@@ -63,8 +65,8 @@ def test_budget_stop_tokens_and_stop_strings_cut_inside_a_draft(pair, sp_tokeniz
 
 
 def test_sampled_and_controlled_rows_decode_beside_drafting_rows(pair):
-    """A sampled row and a greedy row with logit_bias do not draft; they run in the drafting
-    rows' pass and get what they get without prompt lookup (the greedy rows exactly)."""
+    """A greedy row with logit_bias does not draft; it runs in the drafting rows' pass and gets
+    what it gets without prompt lookup."""
     fast, slow = pair
     for g in pair:
         g.engine.stats.drafted_rows = 0
@@ -77,6 +79,24 @@ def test_sampled_and_controlled_rows_decode_beside_drafting_rows(pair):
     assert all(len(t) == 12 for t in sampled)
     assert got == slow.generate(prompts, max_gen_len=12, temperature=0, logprobs=True, stop_tokens=[])
     assert fast.engine.stats.drafted_rows > 0
+
+
+def test_sampled_rows_draft_and_get_the_very_samples_of_decoding_one_at_a_time(tiny_ckpt, sp_tokenizer):
+    """A sampled row keeps a draft token when the race with its key picks it at that step (with
+    the token's probability) and otherwise takes the race's own pick (a draw without it): the
+    accept/reject rule, whose samples here are exactly those of decoding one token at a time.
+    Over 400 keys, what follows D is A about 62% of the time, as the model says."""
+    fast = steered(tiny_ckpt, sp_tokenizer, prompt_lookup_num_tokens=5, max_batch_size=64)
+    slow = steered(tiny_ckpt, sp_tokenizer, max_batch_size=64)
+    got = fast.generate([PROMPT] * 400, max_gen_len=12, temperature=1.0, top_p=1.0, stop_tokens=[], seed=11)[0]
+    assert got == slow.generate([PROMPT] * 400, max_gen_len=12, temperature=1.0, top_p=1.0, stop_tokens=[],
+                                seed=11)[0]
+    stats = fast.engine.stats
+    assert stats.draft_accepted > 1000 and stats.draft_tokens > stats.draft_accepted  # kept and rejected
+    after_d = [answer[answer.index(D) + 1] for answer in got if D in answer[:-1]]
+    share = sum(t == A for t in after_d) / len(after_d)
+    sigma = (P_A_AFTER_D * (1 - P_A_AFTER_D) / len(after_d)) ** 0.5
+    assert set(after_d) == {A, E} and abs(share - P_A_AFTER_D) < 4 * sigma, (share, len(after_d))
 
 
 def test_bad_values_are_named(tiny_ckpt, sp_tokenizer):
