@@ -94,6 +94,8 @@ class ModelFlags:
     quantize: Optional[str] = None
     prefix_cache: bool = True
     prompt_lookup_num_tokens: int = 0
+    draft_ckpt_dir: Optional[str] = None
+    num_assistant_tokens: int = 5
 
     def build(self, **more: Any) -> "Llama":
         """Llama.build with these flags (and `more` of its arguments, e.g. seed); the bundled
@@ -105,7 +107,8 @@ class ModelFlags:
         return Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=self.tokenizer_path, max_seq_len=self.max_seq_len,
                            max_batch_size=self.max_batch_size, model_parallel_size=self.model_parallel_size,
                            dtype=self.dtype, quantize=self.quantize, prefix_cache=self.prefix_cache,
-                           prompt_lookup_num_tokens=self.prompt_lookup_num_tokens, **more)
+                           prompt_lookup_num_tokens=self.prompt_lookup_num_tokens,
+                           draft_ckpt_dir=self.draft_ckpt_dir, num_assistant_tokens=self.num_assistant_tokens, **more)
 
     def temperature(self, given: Optional[float], meta_default: float = 0.6) -> float:
         """The sampling temperature of an example script: `given`, else greedy (0) for the demo
@@ -130,6 +133,9 @@ MODEL_FLAG_DOCS = {
                     "a shared system prompt); --noprefix_cache turns it off",
     "prompt_lookup_num_tokens": "answers draft up to this many tokens per step from their prompt and "
                                 "text so far (prompt-lookup speculative decoding); 0: off",
+    "draft_ckpt_dir": "a smaller model with the same tokenizer that drafts the tokens instead (speculative "
+                      "decoding); default: none",
+    "num_assistant_tokens": "tokens the draft model drafts per step",
 }
 MODEL_FLAGS = tuple(f.name for f in fields(ModelFlags))
 
@@ -159,7 +165,7 @@ def with_model_flags(**defaults: Any) -> Callable[[Callable], Callable]:
 
         main.__signature__ = inspect.Signature(required + model_params + optional)
         main.__doc__ = _with_flag_docs(inspect.getdoc(command) or "", MODEL_FLAG_DOCS)
-        return path_flags("ckpt_dir", "tokenizer_path")(main)
+        return path_flags("ckpt_dir", "tokenizer_path", "draft_ckpt_dir")(main)
 
     return decorate
 

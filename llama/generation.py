@@ -109,6 +109,8 @@ class Llama:
         quantize: Optional[str] = None,
         prefix_cache: bool = True,
         prompt_lookup_num_tokens: int = 0,
+        draft_ckpt_dir: Optional[str] = None,
+        num_assistant_tokens: int = 5,
     ) -> "Llama":
         """Load a Meta-layout checkpoint onto this process's share of the model.
 
@@ -134,18 +136,34 @@ class Llama:
                 from their own prompt and answer (prompt-lookup speculative decoding, as HF's
                 argument of that name) and keep, from one pass, the tokens they would have
                 picked one at a time (greedy or sampled).
+            draft_ckpt_dir: a smaller model with the same tokenizer (Meta's layout, loaded as this
+                one is) whose greedy continuation, num_assistant_tokens tokens (HF's name), is
+                the draft instead; it changes the speed only, never a token.
         """
         loaded = load(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                       model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
                       quantize=quantize)
+        draft = None
+        if draft_ckpt_dir is not None:
+            # The draft reads the model's tokenizer: a vocabulary it does not share is refused.
+            try:
+                draft = load(draft_ckpt_dir, tokenizer_path if tokenizer_path is not None else ckpt_dir,
+                             max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                             model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype).model
+            except LlamaError as exc:
+                raise LlamaError(f"draft_ckpt_dir={draft_ckpt_dir!r}: {exc} (a draft model must share the "
+                                 f"model's tokenizer)") from None
         return Llama(loaded.model, loaded.tokenizer, loaded.ctx, loaded.chat_format, prefix_cache=prefix_cache,
-                     prompt_lookup_num_tokens=prompt_lookup_num_tokens)
+                     prompt_lookup_num_tokens=prompt_lookup_num_tokens, draft_model=draft,
+                     num_assistant_tokens=num_assistant_tokens)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None,
                  formatter: Optional[ChatFormat] = None, prefix_cache: bool = True,
-                 prompt_lookup_num_tokens: int = 0):
+                 prompt_lookup_num_tokens: int = 0, draft_model: Optional[Transformer] = None,
+                 num_assistant_tokens: int = 5):
         """formatter: the chat format; default: the one the tokenizer's vocabulary implies.
-        prefix_cache, prompt_lookup_num_tokens: see build()."""
+        prefix_cache, prompt_lookup_num_tokens, num_assistant_tokens: see build(); draft_model:
+        the model build() loads from draft_ckpt_dir."""
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter if formatter is not None else make_chat_format(tokenizer)
@@ -153,7 +171,8 @@ class Llama:
         self.last_stats = GenerationStats()
         # The scheduler over the KV cache's rows; every generation runs through it. The lock
         # serialises its steps: calls from several threads share its batch.
-        self.engine = Engine(model, prefix_cache=prefix_cache, prompt_lookup_num_tokens=prompt_lookup_num_tokens)
+        self.engine = Engine(model, prefix_cache=prefix_cache, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
+                             draft_model=draft_model, num_assistant_tokens=num_assistant_tokens)
         self._lock = threading.RLock()
         self._drivers: Dict[int, int] = collections.Counter()  # thread id -> calls in flight
 

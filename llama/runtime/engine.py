@@ -35,7 +35,12 @@ one at a time gives (to the rounding of another pass shape). So sampling keeps i
 distribution, and its exact samples: a draft token is kept with its probability, and a
 rejected one is replaced by a draw that excludes it, the standard accept/reject rule for a
 draft that is one fixed token. Rows with controls or top_logprobs decode one token as usual,
-in the same pass.
+in the same pass. With a draft model (Engine(draft_model=..., num_assistant_tokens=k), a
+smaller model of the same vocabulary), the draft is instead the draft model's greedy
+continuation, k tokens, verified the same way: what the draft model says changes only the
+speed, never a token. The draft model keeps its own cache rows, mirroring the rows' tokens
+(`_draft_content`), and catches up on what it has not seen (a new prompt, the tokens the model
+kept) in one pass before drafting.
 
 A request's tokens do not depend on the schedule, its batch mates or max_batch_size: rows never
 see each other (per-row positions and masks), and each request samples with its own key,
@@ -180,7 +185,8 @@ class Engine:
     """Continuous batching over a model's KV cache rows (see the module docstring)."""
 
     def __init__(self, model: Transformer, policy: str = "continuous", prefill_chunk: int = 512,
-                 decode_rows: str = "prefix", prefix_cache: bool = True, prompt_lookup_num_tokens: int = 0):
+                 decode_rows: str = "prefix", prefix_cache: bool = True, prompt_lookup_num_tokens: int = 0,
+                 draft_model: Optional[Transformer] = None, num_assistant_tokens: int = 5):
         self.model = model
         self.policy = one_of_choices(policy, POLICIES, "policy")
         self.prefill_chunk = whole_number(prefill_chunk, "prefill_chunk", low=1)
@@ -190,6 +196,15 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.prompt_lookup_num_tokens = whole_number(prompt_lookup_num_tokens, "prompt_lookup_num_tokens", low=0,
                                                      high=64)
+        self.draft_model = draft_model
+        self.num_assistant_tokens = whole_number(num_assistant_tokens, "num_assistant_tokens", low=1, high=64)
+        if draft_model is not None:
+            if draft_model.params.vocab_size != model.params.vocab_size:
+                raise LlamaError(f"the draft model has a vocabulary of {draft_model.params.vocab_size} tokens, the "
+                                 f"model {model.params.vocab_size}; a draft model must share the model's tokenizer")
+            if draft_model.layers[0].attention.cache.k.shape[:2] != model.layers[0].attention.cache.k.shape[:2]:
+                raise LlamaError("the draft model's cache must have the model's max_batch_size and max_seq_len")
+        self._draft_content: List[List[int]] = [[] for _ in range(model.params.max_batch_size)]
         self.params = model.params
         self.waiting: Deque[Handle] = collections.deque()
         self.rows: List[Optional[Handle]] = [None] * model.params.max_batch_size  # each row's request
@@ -436,7 +451,7 @@ class Engine:
         if not batch:
             return
         positions = {h.row: len(h.request.prompt_tokens) + len(h.tokens) - 1 for h in batch}
-        drafts = self._drafts(batch, positions) if self.prompt_lookup_num_tokens else {}
+        drafts = self._drafts(batch, positions) if self.prompt_lookup_num_tokens or self.draft_model else {}
         if drafts:
             self._decode_drafts(batch, positions, drafts, events)
             return
@@ -464,15 +479,19 @@ class Engine:
         budget, and within the context for every row of the pass (padding past max_seq_len
         would be clamped onto a real position)."""
         room = self.params.max_seq_len - 1 - max(positions.values())
-        drafts = {}
+        length = self.num_assistant_tokens if self.draft_model is not None else self.prompt_lookup_num_tokens
+        wanted = {}  # row -> (the row's handle, the most tokens it may draft)
         for h in batch:
-            r = h.request
-            if h.controlled or r.top_logprobs:
+            if h.controlled or h.request.top_logprobs:
                 continue
-            most = min(self.prompt_lookup_num_tokens, h.budget - len(h.tokens) - 1, room)
-            if most <= 0:
-                continue
-            context = r.prompt_tokens + h.tokens
+            most = min(length, h.budget - len(h.tokens) - 1, room)
+            if most > 0:
+                wanted[h.row] = (h, most)
+        if self.draft_model is not None:
+            return self._model_drafts(wanted)
+        drafts = {}
+        for h, most in wanted.values():
+            context = h.request.prompt_tokens + h.tokens
             for n in LOOKUP_NGRAMS:
                 if len(context) <= n:
                     continue
@@ -487,6 +506,45 @@ class Engine:
                 if h.row in drafts:
                     break
         return drafts
+
+    def _model_drafts(self, wanted: Dict[int, Tuple[Handle, int]]) -> Dict[int, List[int]]:
+        """The draft model's greedy continuation of each wanted row (row -> (handle, most)): one
+        pass over what its cache row lacks of the row's tokens (all but the last, pending,
+        token are in the model's row), then one pass per further draft token."""
+        if not wanted:
+            return {}
+        draft, content = self.draft_model, self._draft_content
+        rows = sorted(wanted)
+        contexts = {r: wanted[r][0].request.prompt_tokens + wanted[r][0].tokens for r in rows}
+        seen = {r: _shared(contexts[r], content[r], len(contexts[r]) - 1) for r in rows}
+        feeds = [contexts[r][seen[r]:] for r in rows]
+        width = max(len(f) for f in feeds)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, feed in enumerate(feeds):
+            tokens[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+        starts = [seen[r] for r in rows]
+        cache_rows = self._tensor(rows)
+        with backend.matmul_policy(tokens):
+            logits = draft(tokens.to(self.device), self._tensor(starts), kv_len=max(s + len(f) for s, f in
+                                                                                     zip(starts, feeds)),
+                           last_index=self._tensor([len(f) - 1 for f in feeds]), rows=cache_rows)
+        drafted = {r: [] for r in rows}
+        for r in rows:
+            content[r] = list(contexts[r])
+        longest = max(most for _, most in wanted.values())
+        for step in range(longest):
+            chosen = logits.argmax(dim=-1).tolist()
+            for r, token in zip(rows, chosen):
+                drafted[r].append(token)
+            if step == longest - 1:
+                break
+            fed = self._tensor(chosen).unsqueeze(1)
+            positions = self._tensor([len(contexts[r]) + step for r in rows])
+            with backend.matmul_policy(fed):
+                logits = draft(fed, positions, kv_len=int(positions.max()) + 1, rows=cache_rows)[:, -1]
+            for r, token in zip(rows, chosen):
+                content[r].append(token)
+        return {r: drafted[r][: wanted[r][1]] for r in rows}
 
     def _decode_drafts(self, batch: List[Handle], positions: Dict[int, int], drafts: Dict[int, List[int]],
                        events: List[Event]) -> None:

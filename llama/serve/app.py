@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import secrets
 import sys
 import time
@@ -293,15 +294,18 @@ class OpenAIServer:
         if job.stream:
             return self._sse(self._chunks(job, answer_id, streams), submissions)
         results = await self._collect(streams, submissions, request)
-        choices, generated = [], 0
+        choices, generated, scores = [], 0, []
         for choice, pieces in zip(job.choices, results):
             entries = [t for p in pieces for t in p.tokens]
             generated += len(entries)
+            scores.append(sum(t.logprob for t in entries) / len(entries) if entries else -math.inf)
             last = pieces[-1]
             choices.append({"index": choice.index, **job.shape.whole("".join(p.text for p in pieces),
                                                                       (last.prompt or []) + entries, job, choice,
                                                                       last.tool_calls),
                             "finish_reason": last.finish_reason})
+        if job.keep:
+            choices = best_choices(choices, scores, job.keep, job.candidates)
         return JSONResponse({"id": answer_id, "object": job.shape.whole_object, "created": job.created,
                              "model": self.model_name, "choices": choices, "usage": usage(job, generated)})
 
@@ -485,3 +489,15 @@ class OpenAIServer:
         if job.include_usage:
             yield {"id": answer_id, "object": shape.chunk_object, "created": job.created, "model": self.model_name,
                    "choices": [], "usage": usage(job, generated)}
+
+
+
+def best_choices(choices: List[Dict[str, Any]], scores: List[float], keep: int, per_prompt: int) -> List[Dict[str, Any]]:
+    """best_of: of each prompt's `per_prompt` consecutive choices, the `keep` with the highest
+    mean token logprob (`scores`), best first (a tie: the earlier sample), numbered as n choices are."""
+    kept = []
+    for number in range(len(choices) // per_prompt):
+        group = range(number * per_prompt, (number + 1) * per_prompt)
+        for rank, i in enumerate(sorted(group, key=lambda i: -scores[i])[:keep]):
+            kept.append({**choices[i], "index": number * keep + rank})
+    return kept

@@ -82,7 +82,8 @@ FIELDS: Dict[str, Dict[str, Tuple[str, str]]] = {
                               "the prompt scored only"),
         "logprobs": (IMPLEMENTED, f"0 to {COMPLETION_LOGPROBS_MAX} alternatives per token, prompt tokens "
                                   f"included with echo"),
-        "best_of": (PARTLY, "equal to n only (no ranking of extra samples yet)"),
+        "best_of": (IMPLEMENTED, "n to 16 samples of each prompt, the n with the highest mean token logprob "
+                                 "returned, best first (all counted in usage); not with stream"),
         "suffix": (REFUSED, "insertion is not implemented for this endpoint (the library's text_infilling "
                             "does it for Code Llama)"),
     },
@@ -183,6 +184,8 @@ class CompletionJob:
     echo: bool = False
     tools: Tuple[str, ...] = ()  # the functions the answer may call (chat with tools offered)
     tool_prefix: str = ""  # the start of a call the prompt already holds (tool_choice required or named)
+    keep: int = 0  # best_of: of each prompt's `candidates` choices, answer only the `keep` best (0: all)
+    candidates: int = 0
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -268,12 +271,15 @@ class RequestReader:
     def completion_job(self, body: Dict[str, Any]) -> CompletionJob:
         top = _whole(body, "logprobs", 0, COMPLETION_LOGPROBS_MAX)
         echo = _flag(body, "echo")
-        if body.get("best_of") is not None and body["best_of"] != _whole(body, "n", 1) and \
-                not (body["best_of"] == 1 and body.get("n") is None):
-            raise APIError(400, f"best_of={body['best_of']!r:.40} must equal n (or be left out): choosing the best "
-                                f"of more samples is not implemented yet", param="best_of", code="unsupported_value")
+        n = _whole(body, "n", 1, MAX_CHOICES) or 1
+        best_of = _whole(body, "best_of", 1, MAX_CHOICES)
+        if best_of is not None and best_of < n:
+            raise APIError(400, f"best_of={best_of} must be at least n={n}", param="best_of")
+        if best_of is not None and best_of > n and _flag(body, "stream"):
+            raise APIError(400, f"best_of={best_of} above n={n} cannot be streamed (the best are known at the end), "
+                                f"as in OpenAI's API", param="best_of")
         return self._job(body, self._prompts(body), self.tokenizer.stop_tokens, COMPLETION, top is not None,
-                         top or 0, echo)
+                         top or 0, echo, candidates=best_of)
 
     def _dialog_tokens(self, body: Dict[str, Any], tools, choice) -> List[int]:
         """The chat prompt of `messages`, in the model's chat format, offering `tools`."""
@@ -321,8 +327,9 @@ class RequestReader:
                 for p in prompt]
 
     def _job(self, body: Dict[str, Any], prompts: List[List[int]], stop_tokens, shape: "ResponseShape",
-             logprobs: bool, top: int, echo: bool = False) -> CompletionJob:
-        """The engine requests for `prompts` (n choices each) with the body's sampling arguments, checked."""
+             logprobs: bool, top: int, echo: bool = False, candidates: Optional[int] = None) -> CompletionJob:
+        """The engine requests for `prompts` (n choices each, or `candidates` of which the best n
+        are kept: best_of) with the body's sampling arguments, checked."""
         temperature = 1.0 if body.get("temperature") is None else body["temperature"]  # OpenAI's defaults
         top_p = 1.0 if body.get("top_p") is None else body["top_p"]
         try:
@@ -330,9 +337,11 @@ class RequestReader:
         except LlamaError as exc:
             raise APIError(400, str(exc), param=str(exc).partition("=")[0]) from None
         n = _whole(body, "n", 1, MAX_CHOICES) or 1
+        keep, n = (n, candidates) if candidates is not None and candidates > n else (0, n)
         if n * len(prompts) > MAX_CHOICES:
-            raise APIError(400, f"n={n} choices for each of {len(prompts)} prompts is more than the {MAX_CHOICES} "
-                                f"choices one request may ask for; send several requests", param="n")
+            name = "best_of" if keep else "n"
+            raise APIError(400, f"{name}={n} choices for each of {len(prompts)} prompts is more than the "
+                                f"{MAX_CHOICES} choices one request may ask for; send several requests", param=name)
         controls = self._controls(body)
         max_tokens = _whole(body, "max_completion_tokens", 1)
         if max_tokens is None:  # 0 with echo: the prompt scored only
@@ -361,14 +370,15 @@ class RequestReader:
                 # seed s samples choice i as chat_completion([dialog] * n, seed=s)[i] does.
                 key = 0 if temperature == 0 else request_key(seed, index) if seed is not None \
                     else secrets.randbits(62)
+                # best_of ranks by the tokens' logprobs: computed even where they are not shown
                 request = Request(prompt, room if max_tokens is None else max_tokens, temperature, top_p, key,
-                                  tuple(stop_tokens), logprobs, prompt_logprobs=echo and logprobs,
+                                  tuple(stop_tokens), logprobs or bool(keep), prompt_logprobs=echo and logprobs,
                                   top_logprobs=top, controls=controls)
                 choices.append(Choice(index, request, context, prompt_text))
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
         return CompletionJob(choices, shape, stops, _flag(body, "stream"), include_usage, logprobs,
-                             sum(len(p) for p in prompts), echo)
+                             sum(len(p) for p in prompts), echo, keep=keep, candidates=n if keep else 0)
 
     def _controls(self, body: Dict[str, Any]) -> SamplingControls:
         """top_k, min_p, the penalties and logit_bias, checked as the library checks them."""

@@ -376,3 +376,23 @@ def test_a_chat_turn_and_n_choices_reuse_cached_prefixes(client, server, referen
     assert prefilled <= prompt + 3  # once, then each other choice its last token (4 * prompt without reuse)
     assert prefilled + after["prefix_reused_tokens"] - before["prefix_reused_tokens"] == 4 * prompt
     assert b"llama_prefix_reused_tokens" in httpx.get(f"{server}/metrics", headers=auth()).content
+
+
+def test_best_of_answers_the_n_samples_with_the_highest_mean_logprob(client, reference):
+    """best_of=5, n=2: five samples of the prompt (choice i sampled as the library's sample i
+    with the same seed), the two with the highest mean token logprob returned, best first;
+    usage counts all five. Streamed, or below n, it is refused by name."""
+    prompt = "Once upon a time"
+    answer = client.completions.create(model=MODEL, prompt=prompt, n=2, best_of=5, max_tokens=6, temperature=1.0,
+                                       top_p=0.9, seed=7, extra_body={"top_k": 5})
+    samples = reference.text_completion([prompt], temperature=1.0, top_p=0.9, max_gen_len=6, seed=7, top_k=5,
+                                        logprobs=True, n=5)[0]
+    ranked = sorted(samples, key=lambda s: -sum(s["logprobs"]) / len(s["logprobs"]))
+    # (the server's text continues the prompt's: its leading space is kept, the library's is not)
+    assert [c.text.lstrip() for c in answer.choices] == [s["generation"].lstrip() for s in ranked[:2]]
+    assert [c.index for c in answer.choices] == [0, 1] and answer.choices[0].logprobs is None
+    assert answer.usage.completion_tokens == sum(len(s["tokens"]) for s in samples)
+    for kwargs, match in ((dict(n=3, best_of=2), "best_of=2 must be at least n=3"),
+                          (dict(n=1, best_of=2, stream=True), "best_of=2 above n=1 cannot be streamed")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, **kwargs)

@@ -194,3 +194,23 @@ def test_tokenizer_and_chat_format_factories_run_init_once(monkeypatch, sp_token
     from llama.tokenizer import ChatFormat as MetaStyleImport  # Meta's Llama 3 scripts import it here
 
     assert MetaStyleImport is ChatFormat
+
+
+def test_every_mutant_of_tools_mutate_still_applies_and_names_existing_tests():
+    """tools/mutate.py edits one spot per mutant: when the code it names moves, the mutant must
+    move with it (a stale one would stop the whole run before it starts)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "mutate.py"
+    spec = importlib.util.spec_from_file_location("mutate_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    sys.modules["mutate_tool"] = tool  # dataclasses look their module up
+    try:
+        spec.loader.exec_module(tool)
+        repo = path.parents[1]
+        for mutant in tool.MUTATIONS:
+            tool._apply((repo / mutant.path).read_text(), mutant)  # raises naming a stale mutant
+            for test_file in mutant.tests:
+                assert (repo / test_file).is_file(), f"{mutant.name}: no {test_file}"
+    finally:
+        sys.modules.pop("mutate_tool", None)

@@ -57,3 +57,16 @@ def test_the_command_gets_its_flags_as_model_flags_and_its_own_as_they_are():
     assert "prompt: what to say." in main.__doc__ and "quantize: weight-only" in main.__doc__
     with pytest.raises(TypeError):
         main("hi", max_seq_len_typo=3)
+
+
+def test_the_reuse_flags_reach_the_engine(tiny_ckpt, sp_tokenizer):
+    """--noprefix_cache and --prompt_lookup_num_tokens (and the draft model's flags) arrive in
+    the engine every command builds."""
+    flags = ModelFlags(ckpt_dir=str(tiny_ckpt), tokenizer_path=sp_tokenizer, max_seq_len=32, max_batch_size=1,
+                       prefix_cache=False, prompt_lookup_num_tokens=3, draft_ckpt_dir=str(tiny_ckpt),
+                       num_assistant_tokens=2)
+    engine = flags.build().engine
+    assert (engine.prefix_cache, engine.prompt_lookup_num_tokens, engine.num_assistant_tokens) == (False, 3, 2)
+    assert engine.draft_model is not None
+    assert ModelFlags(ckpt_dir=str(tiny_ckpt), tokenizer_path=sp_tokenizer, max_seq_len=32,
+                      max_batch_size=1).build().engine.prefix_cache

@@ -126,3 +126,48 @@ def test_the_cache_holds_what_the_engine_says_after_rejected_drafts(tiny_ckpt, s
         for name in ("k", "v"):
             torch.testing.assert_close(getattr(ours.attention.cache, name)[0, : len(content)],
                                        getattr(theirs.attention.cache, name)[0, : len(content)], rtol=0, atol=1e-4)
+
+
+# ---- a draft model ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_ckpt(tmp_path_factory):
+    """Another tiny random model of the same shape and vocabulary: a draft that is mostly wrong."""
+    from llama.testing import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("draft"), seed=1)
+
+
+@pytest.mark.parametrize("draft", ["itself", "another model"])
+def test_a_draft_model_changes_the_speed_never_a_token(tiny_ckpt, other_ckpt, sp_tokenizer, draft):
+    """With the model itself as its draft every draft is kept; with another model most are
+    rejected; either way the tokens, greedy and sampled, are those of decoding one at a time."""
+    path = str(tiny_ckpt if draft == "itself" else other_ckpt)
+    fast = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=4, device="cpu", dtype="fp32",
+                       draft_ckpt_dir=path, num_assistant_tokens=4)
+    slow = Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=96, max_batch_size=4, device="cpu", dtype="fp32")
+    prompts = [fast.tokenizer.encode(t, bos=True, eos=False) for t in ("Hello world", "The capital of France is",
+                                                                       "Once upon a time, in a land far away,")]
+    stats = fast.engine.stats
+    for kwargs in (dict(temperature=0), dict(temperature=0.8, seed=4)):
+        before = (stats.draft_tokens, stats.draft_accepted, stats.decode_passes, slow.engine.stats.decode_passes)
+        got = fast.generate(prompts, max_gen_len=20, logprobs=True, stop_tokens=[], **kwargs)
+        expected = slow.generate(prompts, max_gen_len=20, logprobs=True, stop_tokens=[], **kwargs)
+        assert got[0] == expected[0], kwargs
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-4)
+        drafted, kept = stats.draft_tokens - before[0], stats.draft_accepted - before[1]
+        passes, plain_passes = stats.decode_passes - before[2], slow.engine.stats.decode_passes - before[3]
+        assert drafted > 0
+        if draft == "itself" and not kwargs["temperature"]:  # its own argmax: (all but) every draft kept
+            assert kept >= 0.9 * drafted and passes <= plain_passes / 3
+        elif draft != "itself":
+            assert kept < drafted / 4
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(tiny_ckpt, sp_tokenizer, tmp_path):
+    from llama import LlamaError
+    from llama.testing import TINY_PARAMS, write_tiny_checkpoint
+
+    small = write_tiny_checkpoint(tmp_path / "small", params={**TINY_PARAMS, "vocab_size": 1000})
+    with pytest.raises(LlamaError, match=r"^draft_ckpt_dir='.*small'.*32000.*1000.*share the model's tokenizer"):
+        Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=1, draft_ckpt_dir=str(small))
