@@ -67,7 +67,8 @@ def main(dst: str, n_shards: int = 1) -> None:
         n_shards: how many model-parallel shards to write.
     """
     if str(dst).startswith("-"):  # a mistyped flag, not a folder to write into
-        raise LlamaError(f"dst {dst!r} looks like a flag; give the folder to write, e.g. `python -m llama.testing tiny/`")
+        raise LlamaError(f"dst {dst!r} looks like a flag; give the folder to write, e.g. "
+                         f"`python -m llama.testing tiny/`")
     target = Path(dst)
     write_tiny_checkpoint(target, n_shards=whole_number(n_shards, "--n_shards", low=1))
     shutil.copy(fetch_wheel_file(*SENTENCEPIECE_32K), target / "tokenizer.model")

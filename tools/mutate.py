@@ -338,8 +338,8 @@ MUTATIONS: List[Mutation] = [
     # Reuse (issue 26): prefix caching, n, speculative decoding, best_of.
     M("prefix-content-misses-decoded-tokens", "llama/runtime/engine.py",
       [("            self._content[handle.row].append(handle.tokens[-1])", "            pass")],
-      ["tests/unit/test_prefix_cache.py"], "a row's cached prefix forgets the tokens it decoded: a later turn re-prefills "
-      "the answer"),
+      ["tests/unit/test_prefix_cache.py"],
+      "a row's cached prefix forgets the tokens it decoded: a later turn re-prefills the answer"),
     M("free-row-rides-at-position-0", "llama/runtime/engine.py",
       [("else self.params.max_seq_len - 1 for h in self.rows]", "else 0 for h in self.rows]")],
       ["tests/unit/test_prefix_cache.py"], "a free row riding along in a decode pass overwrites its cached prefix"),
@@ -356,10 +356,13 @@ MUTATIONS: List[Mutation] = [
         "            accepted = len(feed) - 1")],
       ["tests/unit/test_prompt_lookup.py"], "every draft token is kept, whatever the model says"),
     M("draft-content-takes-rejected-tokens", "llama/runtime/engine.py",
-      [("            self._content[handle.row].extend(feed[: accepted + 1])", "            self._content[handle.row].extend(feed)")],
-      ["tests/unit/test_prompt_lookup.py"], "the cache bookkeeping counts rejected draft tokens: later reuse is misaligned"),
+      [("            self._content[handle.row].extend(feed[: accepted + 1])",
+        "            self._content[handle.row].extend(feed)")],
+      ["tests/unit/test_prompt_lookup.py"],
+      "the cache bookkeeping counts rejected draft tokens: later reuse is misaligned"),
     M("draft-steps-not-advanced", "llama/runtime/engine.py",
-      [("        steps = [len(batch[i].tokens) + j for i in drafting", "        steps = [len(batch[i].tokens) for i in drafting")],
+      [("        steps = [len(batch[i].tokens) + j for i in drafting",
+        "        steps = [len(batch[i].tokens) for i in drafting")],
       ["tests/unit/test_prompt_lookup.py"], "a sampled draft position draws with the wrong step: other samples than "
       "decoding one at a time"),
     M("best-of-worst-first", "llama/serve/app.py",

@@ -491,8 +491,8 @@ class OpenAIServer:
                    "choices": [], "usage": usage(job, generated)}
 
 
-
-def best_choices(choices: List[Dict[str, Any]], scores: List[float], keep: int, per_prompt: int) -> List[Dict[str, Any]]:
+def best_choices(choices: List[Dict[str, Any]], scores: List[float], keep: int,
+                 per_prompt: int) -> List[Dict[str, Any]]:
     """best_of: of each prompt's `per_prompt` consecutive choices, the `keep` with the highest
     mean token logprob (`scores`), best first (a tie: the earlier sample), numbered as n choices are."""
     kept = []

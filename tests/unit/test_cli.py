@@ -70,3 +70,9 @@ def test_the_reuse_flags_reach_the_engine(tiny_ckpt, sp_tokenizer):
     assert engine.draft_model is not None
     assert ModelFlags(ckpt_dir=str(tiny_ckpt), tokenizer_path=sp_tokenizer, max_seq_len=32,
                       max_batch_size=1).build().engine.prefix_cache
+    import fire  # and as typed on a command line (a folder named 2024 stays a folder name)
+
+    seen = []
+    main = with_model_flags(max_seq_len=64, max_batch_size=2)(lambda model: seen.append(model))
+    fire.Fire(main, command=["--noprefix_cache", "--prompt_lookup_num_tokens", "4", "--draft_ckpt_dir", "2024"])
+    assert (seen[0].prefix_cache, seen[0].prompt_lookup_num_tokens, seen[0].draft_ckpt_dir) == (False, 4, "2024")

@@ -407,7 +407,8 @@ def test_first_use_work_is_left_out_of_tokens_per_s(tiny_ckpt, sp_tokenizer, mon
         if run == "batch":  # the job's closing line too
             from llama.batch import run_batch
 
-            (tmp_path / "in.jsonl").write_text("".join(f'{{"id": {i}, "prompt": "{p}"}}\n' for i, p in enumerate(PROMPTS)))
+            lines = [f'{{"id": {i}, "prompt": "{p}"}}\n' for i, p in enumerate(PROMPTS)]
+            (tmp_path / "in.jsonl").write_text("".join(lines))
             run_batch(g, str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl"), defaults=(0.0, 0.9, 8))
             assert re.search(r"tokens/s, after [1-9]\d* s of first-use work on this machine", capsys.readouterr().err)
             continue
