@@ -13,7 +13,8 @@ Parameters are created with torch.empty, so under `with torch.device("meta")` bu
 model allocates nothing; the weights then arrive from the checkpoint.
 """
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,27 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel import initialize as fs_init
 from torch import nn
 
+from .. import native
+
 Collective = Callable[[torch.Tensor], torch.Tensor]
+_FLOAT_LAYOUTS = {torch.float32: "f32", torch.bfloat16: "bf16"}
+_SMALL_PRODUCTS_MEASURED = [False]  # see measured_small_products()
+
+
+@contextlib.contextmanager
+def measured_small_products() -> Iterator[None]:
+    """Within the block, a float layer's product over 2 to native.MAX_NATIVE_ROWS rows on the
+    CPU runs on the kernel measured fastest for its shape and row count (native.linear: the
+    native kernels, oneDNN or PyTorch's plain GEMM), which reads the weight as it is. For the
+    passes that verify a draft, where PyTorch's GEMM at a few rows reads the weights far below
+    the memory's speed. Not the default: a product's rounding then depends on its row count,
+    so a request's tokens would depend on its batch mates in fp32 too."""
+    saved = _SMALL_PRODUCTS_MEASURED[0]
+    _SMALL_PRODUCTS_MEASURED[0] = True
+    try:
+        yield
+    finally:
+        _SMALL_PRODUCTS_MEASURED[0] = saved
 
 
 def model_parallel_size() -> int:
@@ -64,7 +85,13 @@ class ParallelLinear(nn.Module):
         self.kernel: Optional[nn.Module] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(F.linear(x, self.weight) if self.kernel is None else self.kernel(x))
+        if self.kernel is not None:
+            return self.combine(self.kernel(x))
+        if _SMALL_PRODUCTS_MEASURED[0] and x.device.type == "cpu" and 1 < x.numel() // x.shape[-1] <= \
+                native.MAX_NATIVE_ROWS and x.dtype == self.weight.dtype in _FLOAT_LAYOUTS and \
+                self.weight.shape[1] % native.BLOCK == 0 and self.weight.is_contiguous():
+            return self.combine(native.linear(x, self.weight, _FLOAT_LAYOUTS[x.dtype]))
+        return self.combine(F.linear(x, self.weight))
 
     def use_kernel(self, kernel: nn.Module) -> None:
         """Compute the product with `kernel` from now on; the float weight is let go."""

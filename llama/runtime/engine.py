@@ -64,6 +64,7 @@ import torch
 
 from ..errors import LlamaError
 from ..model import Transformer
+from ..model.parallel import measured_small_products
 from ..utils.checks import one_of_choices, token_ids, whole_number
 from . import backend
 from .sampling import ControlState, SamplingControls, check_sampling, sample, token_logprobs
@@ -556,9 +557,10 @@ class Engine:
         for i, feed in enumerate(feeds):
             tokens[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
         starts = [positions[h.row] for h in batch]
-        logits = self._forward(tokens.to(self.device), self._tensor(starts),
-                               kv_len=max(s + len(f) for s, f in zip(starts, feeds)),
-                               rows=self._tensor([h.row for h in batch]))  # [B, width, V]
+        with measured_small_products():  # a few rows: not PyTorch's GEMM, which reads weights slowly there
+            logits = self._forward(tokens.to(self.device), self._tensor(starts),
+                                   kv_len=max(s + len(f) for s, f in zip(starts, feeds)),
+                                   rows=self._tensor([h.row for h in batch]))  # [B, width, V]
         self.stats.decode_passes += 1
         self.stats.decode_rows += len(batch)
         self.stats.decode_useful += len(batch)

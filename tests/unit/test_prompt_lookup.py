@@ -171,3 +171,24 @@ def test_a_draft_model_of_another_vocabulary_is_refused(tiny_ckpt, sp_tokenizer,
     small = write_tiny_checkpoint(tmp_path / "small", params={**TINY_PARAMS, "vocab_size": 1000})
     with pytest.raises(LlamaError, match=r"^draft_ckpt_dir='.*small'.*32000.*1000.*share the model's tokenizer"):
         Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=32, max_batch_size=1, draft_ckpt_dir=str(small))
+
+
+def test_the_verifying_pass_runs_its_few_rows_on_the_measured_kernels(pair, monkeypatch):
+    """PyTorch's GEMM reads the weights slowly at a few rows: the verifying pass's products go to
+    native.linear (the kernel measured fastest for the shape); other passes keep F.linear."""
+    from llama.model import parallel
+
+    fast, slow = pair
+    rows_seen = []
+    real = parallel.native.linear
+
+    def spy(x, packed, layout, kernel=None):
+        rows_seen.append(x.numel() // x.shape[-1])
+        return real(x, packed, layout, kernel)
+
+    monkeypatch.setattr(parallel.native, "linear", spy)
+    slow.generate([PROMPT, PROMPT], max_gen_len=8, temperature=0, stop_tokens=[])
+    assert rows_seen == []
+    fast.generate([PROMPT], max_gen_len=8, temperature=0, stop_tokens=[])
+    assert rows_seen and all(1 < rows <= parallel.native.MAX_NATIVE_ROWS for rows in rows_seen)
+    assert not parallel._SMALL_PRODUCTS_MEASURED[0]  # left as it was
