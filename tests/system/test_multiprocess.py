@@ -23,6 +23,7 @@ NPROC = 2
 JOBS = ["mp2_from_2_shards", "mp2_from_1_shard", "mp2_from_vocab_split"]
 DEFAULT_DTYPE_JOB = "mp2_default_dtype"  # the 2-shard checkpoint with no dtype given (bf16 here)
 LOOKUP_JOB = "mp2_prompt_lookup"  # the 2-shard checkpoint, prompt-lookup speculative decoding on
+DRAFT_JOB = "mp2_draft_model"  # the same, drafted by a draft model (the model itself, sharded alike)
 GGML_MODES = ("q8_0", "q4_0")  # quantized on the native CPU kernels, each rank its own slice
 TIMEOUT_S = 180
 LOGPROB_ATOL = 1e-4
@@ -87,6 +88,8 @@ def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, repeat
                  {"name": "mp2_from_vocab_split", "ckpt": str(vocab_split_ckpt)},
                  {"name": DEFAULT_DTYPE_JOB, "ckpt": str(tiny_ckpt_mp2), "dtype": "default"},
                  {"name": LOOKUP_JOB, "ckpt": str(repeating_ckpts[2]), "prompt_lookup_num_tokens": 4},
+                 {"name": DRAFT_JOB, "ckpt": str(repeating_ckpts[2]), "draft_ckpt": str(repeating_ckpts[2]),
+                  "num_assistant_tokens": 3},
                  *({"name": f"mp2_{mode}", "ckpt": str(tiny_ckpt_mp2), "dtype": "bf16", "quantize": mode}
                    for mode in GGML_MODES)],
     }
@@ -192,10 +195,12 @@ def test_really_two_ranks(mp2_run, job):
         assert shapes["layers.0.attention.wo.weight"] == [64, 64 // NPROC]
 
 
-def test_mp2_with_prompt_lookup_matches_mp1_greedy(mp2_run, repeating_ckpts, sp_tokenizer):
-    """Speculative decoding at model-parallel size 2: every rank drafts and accepts alike (the
-    ranks agree exactly), and the greedy tokens are those of one process decoding one at a time."""
-    r0, r1 = _job(mp2_run, 0, LOOKUP_JOB), _job(mp2_run, 1, LOOKUP_JOB)
+@pytest.mark.parametrize("job", [LOOKUP_JOB, DRAFT_JOB])
+def test_mp2_with_speculative_decoding_matches_mp1_greedy(mp2_run, repeating_ckpts, sp_tokenizer, job):
+    """Speculative decoding at model-parallel size 2, drafted by prompt lookup or by a draft
+    model split over the same ranks: every rank drafts and accepts alike (the ranks agree
+    exactly), and the greedy tokens are those of one process decoding one at a time."""
+    r0, r1 = _job(mp2_run, 0, job), _job(mp2_run, 1, job)
     assert r0["drafted_rows"] == r1["drafted_rows"] > 10
     for key in ("text_greedy", "text_continued", "tokens_greedy", "tokens_again"):
         assert r0[key] == r1[key], key

@@ -31,7 +31,8 @@ def run_job(job: dict, spec: dict) -> dict:
                           max_batch_size=spec["max_batch_size"], device="cpu",
                           model_parallel_size=spec.get("model_parallel_size"),
                           dtype=None if dtype == "default" else dtype, quantize=job.get("quantize"),
-                          prompt_lookup_num_tokens=job.get("prompt_lookup_num_tokens", 0))
+                          prompt_lookup_num_tokens=job.get("prompt_lookup_num_tokens", 0),
+                          draft_ckpt_dir=job.get("draft_ckpt"), num_assistant_tokens=job.get("num_assistant_tokens", 5))
     finally:
         if saved is not None:
             os.environ["LLAMA_DTYPE"] = saved
