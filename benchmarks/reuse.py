@@ -99,6 +99,18 @@ def rewrite(generator) -> tuple:
     return len(out[0]) / (time.perf_counter() - start), out[0], generator.last_stats.tokens_per_draft
 
 
+def side_by_side(runs: int, on, off, case) -> tuple:
+    """case(generator) -> (figure, output, ...) run `runs` times on each of the two generators,
+    alternated (neither gets the other's warm caches): ({"on": figures, "off": figures}, medians
+    (on, off), the last run's results of each)."""
+    figures, last = {"on": [], "off": []}, {}
+    for _ in range(runs):
+        for name, generator in (("on", on), ("off", off)):
+            last[name] = case(generator)
+            figures[name].append(last[name][0])
+    return figures, (statistics.median(figures["on"]), statistics.median(figures["off"])), last
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -113,25 +125,15 @@ def main() -> int:
     exact = args.dtype == "fp32"
     cached, plain = build(True, args.dtype, 8), build(False, args.dtype, 8)
     if "chat" in cases:
-        times = {"on": [], "off": []}
-        answers = {}
-        for _ in range(args.runs):
-            for name, g in (("on", cached), ("off", plain)):
-                seconds, answers[name] = chat_turn8(g)
-                times[name].append(seconds)
-        on, off = statistics.median(times["on"]), statistics.median(times["off"])
+        times, (on, off), last = side_by_side(args.runs, cached, plain, chat_turn8)
+        answers = {name: result[1] for name, result in last.items()}
         results["chat_turn8_ttft"] = {"on_s": on, "off_s": off, "speedup": off / on, "runs": times,
                                       "target": 5.0, "same_answer": answers["on"] == answers["off"]}
         if answers["on"] != answers["off"] and exact:
             wrong.append("chat")
     if "system" in cases:
-        rates = {"on": [], "off": []}
-        outs = {}
-        for _ in range(args.runs):
-            for name, g in (("on", cached), ("off", plain)):
-                rate, outs[name] = system_job(g)
-                rates[name].append(rate)
-        on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+        rates, (on, off), last = side_by_side(args.runs, cached, plain, system_job)
+        outs = {name: result[1] for name, result in last.items()}
         same = sum(a == b for a, b in zip(outs["on"], outs["off"]))
         results["shared_system_prompt_256"] = {"on_tok_s": on, "off_tok_s": off, "speedup": on / off,
                                                "runs": rates, "target": 1.5, "same_rows": f"{same}/256"}
@@ -155,13 +157,8 @@ def main() -> int:
     if "lookup" in cases:
         drafting = build(True, args.dtype, 1, prompt_lookup_num_tokens=args.lookup_tokens)
         single = build(True, args.dtype, 1)
-        rates = {"on": [], "off": []}
-        for _ in range(args.runs):
-            rate, drafted, per_step = rewrite(drafting)
-            rates["on"].append(rate)
-            rate, plain_tokens, _ = rewrite(single)
-            rates["off"].append(rate)
-        on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+        rates, (on, off), last = side_by_side(args.runs, drafting, single, rewrite)
+        (_, drafted, per_step), (_, plain_tokens, _) = last["on"], last["off"]
         results["prompt_lookup_rewrite"] = {"on_tok_s": on, "off_tok_s": off, "speedup": on / off, "runs": rates,
                                             "tokens": len(drafted), "tokens_per_drafted_step": per_step,
                                             "same_text": drafted == plain_tokens, "target": 1.5,

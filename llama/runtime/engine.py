@@ -370,10 +370,19 @@ class Engine:
         """Nothing cached can be reused any more (new caches, or a failed pass)."""
         self._content = [[] for _ in self.rows]
 
-    def _forward(self, tokens: torch.Tensor, start_pos, **kwargs) -> torch.Tensor:
-        """The model on tokens [B, S], with the matmul kernels chosen for that shape."""
+    def _forward(self, tokens: torch.Tensor, start_pos, model: Optional[Transformer] = None,
+                 **kwargs) -> torch.Tensor:
+        """The model (or `model`, the draft model) on tokens [B, S], with the matmul kernels
+        chosen for that shape."""
         with backend.matmul_policy(tokens):
-            return self.model(tokens, start_pos, **kwargs)
+            return (model or self.model)(tokens, start_pos, **kwargs)
+
+    def _padded(self, feeds: List[List[int]]) -> torch.Tensor:
+        """Rows of token ids of different lengths as one [B, longest] tensor on the device, 0 after each."""
+        tokens = torch.zeros((len(feeds), max(len(f) for f in feeds)), dtype=torch.long)
+        for i, feed in enumerate(feeds):
+            tokens[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+        return tokens.to(self.device)
 
     def _tensor(self, values: List[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -384,11 +393,8 @@ class Engine:
         if not batch:
             return
         chunks = [h.request.prompt_tokens[h.prefilled: h.prefilled + self.prefill_chunk] for h in batch]
-        width = max(len(c) for c in chunks)
-        tokens = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, chunk in enumerate(chunks):
-            tokens[i, : len(chunk)] = torch.tensor(chunk, dtype=torch.long)
-        tokens = tokens.to(self.device)
+        tokens = self._padded(chunks)
+        width = tokens.shape[1]
         self._choose_prompt_attention()
         cache_rows = [h.row for h in batch]
         starts = [h.prefilled for h in batch]
@@ -519,16 +525,11 @@ class Engine:
         contexts = {r: wanted[r][0].request.prompt_tokens + wanted[r][0].tokens for r in rows}
         seen = {r: _shared(contexts[r], content[r], len(contexts[r]) - 1) for r in rows}
         feeds = [contexts[r][seen[r]:] for r in rows]
-        width = max(len(f) for f in feeds)
-        tokens = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, feed in enumerate(feeds):
-            tokens[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
         starts = [seen[r] for r in rows]
         cache_rows = self._tensor(rows)
-        with backend.matmul_policy(tokens):
-            logits = draft(tokens.to(self.device), self._tensor(starts), kv_len=max(s + len(f) for s, f in
-                                                                                     zip(starts, feeds)),
-                           last_index=self._tensor([len(f) - 1 for f in feeds]), rows=cache_rows)
+        logits = self._forward(self._padded(feeds), self._tensor(starts), draft,
+                               kv_len=max(s + len(f) for s, f in zip(starts, feeds)),
+                               last_index=self._tensor([len(f) - 1 for f in feeds]), rows=cache_rows)
         drafted = {r: [] for r in rows}
         for r in rows:
             content[r] = list(contexts[r])
@@ -541,8 +542,7 @@ class Engine:
                 break
             fed = self._tensor(chosen).unsqueeze(1)
             positions = self._tensor([len(contexts[r]) + step for r in rows])
-            with backend.matmul_policy(fed):
-                logits = draft(fed, positions, kv_len=int(positions.max()) + 1, rows=cache_rows)[:, -1]
+            logits = self._forward(fed, positions, draft, kv_len=int(positions.max()) + 1, rows=cache_rows)[:, -1]
             for r, token in zip(rows, chosen):
                 content[r].append(token)
         return {r: drafted[r][: wanted[r][1]] for r in rows}
@@ -552,13 +552,9 @@ class Engine:
         """One pass over every decoding row: its last token and its draft, if it has one (padded to
         the longest); rows without a draft sample from their first position as usual."""
         feeds = [[h.tokens[-1]] + drafts.get(h.row, []) for h in batch]
-        width = max(len(f) for f in feeds)
-        tokens = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, feed in enumerate(feeds):
-            tokens[i, : len(feed)] = torch.tensor(feed, dtype=torch.long)
         starts = [positions[h.row] for h in batch]
         with measured_small_products():  # a few rows: not PyTorch's GEMM, which reads weights slowly there
-            logits = self._forward(tokens.to(self.device), self._tensor(starts),
+            logits = self._forward(self._padded(feeds), self._tensor(starts),
                                    kv_len=max(s + len(f) for s, f in zip(starts, feeds)),
                                    rows=self._tensor([h.row for h in batch]))  # [B, width, V]
         self.stats.decode_passes += 1
