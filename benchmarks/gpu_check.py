@@ -13,12 +13,12 @@ folded one; fp32 logits and greedy tokens on the GPU against the CPU; a ragged b
 each prompt alone (fp32, the continuous-batching engine); the real-valued rotary form against
 the complex one; every weight of a 4-shard bf16 checkpoint loaded onto the GPU in bf16 and
 fp16, exactly the checkpoint's, build after build (issue 9's silent wrong-weights bug); int8
-quantization (refused, or its speed and memory).
+quantization refused by name (slower than bf16 on CUDA).
 
 Exits non-zero, naming them, when a required check fails (require()): decode with the math
 kernel off in the chosen form, fp32 logits and greedy tokens GPU against CPU, a ragged batch
 against each prompt alone, the real rotary form against the complex one, every weight of the
-4-shard checkpoint. The rest (speeds, bf16 agreements) are figures, printed and kept.
+4-shard checkpoint, int8 refused. The rest (speeds, bf16 agreements) are figures, printed and kept.
 """
 
 import argparse
@@ -177,22 +177,12 @@ def main() -> None:
         require(f"4-shard bf16 checkpoint loaded on the GPU in {dtype}: weights not the checkpoint's",
                 not wrong, sorted(wrong) or "none")
 
-    # int8: refused with a message, or measured.
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    # int8 on CUDA: refused by name (its kernel decoded slower than bf16: 131 vs 223 tok/s on an H200).
     try:
-        before = torch.cuda.memory_allocated()
-        q = build(dtype="bf16", quantize="int8")
-        check("int8 build", f"ok; peak {(torch.cuda.max_memory_allocated() - before) / 2**20:.0f} MiB, "
-                            f"after {(torch.cuda.memory_allocated() - before) / 2**20:.0f} MiB")
-        b = build(dtype="bf16")
-        check("decode b1 tok/s int8 / bf16",
-              f"{decode_tok_s(q, [prompt], 128):.1f} / {decode_tok_s(b, [prompt], 128):.1f}")
-        same = sum(a == c for a, c in zip(q.generate([prompt], 64, temperature=0)[0][0],
-                                          b.generate([prompt], 64, temperature=0)[0][0]))
-        check("int8 greedy agreement with bf16 (of 64)", same)
+        build(dtype="bf16", quantize="int8")
+        require("int8 on CUDA refused as slower than bf16", False, "built")
     except LlamaError as exc:
-        check("int8 build", f"refused: {exc}")
+        require("int8 on CUDA refused as slower than bf16", "slower than bf16" in str(exc), str(exc)[:120])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

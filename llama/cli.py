@@ -96,6 +96,7 @@ class ModelFlags:
     prompt_lookup_num_tokens: int = 0
     draft_ckpt_dir: Optional[str] = None
     num_assistant_tokens: int = 5
+    gpu_memory_fraction: Optional[float] = None
 
     def build(self, **more: Any) -> "Llama":
         """Llama.build with these flags (and `more` of its arguments, e.g. seed); the bundled
@@ -108,7 +109,8 @@ class ModelFlags:
                            max_batch_size=self.max_batch_size, model_parallel_size=self.model_parallel_size,
                            dtype=self.dtype, quantize=self.quantize, prefix_cache=self.prefix_cache,
                            prompt_lookup_num_tokens=self.prompt_lookup_num_tokens,
-                           draft_ckpt_dir=self.draft_ckpt_dir, num_assistant_tokens=self.num_assistant_tokens, **more)
+                           draft_ckpt_dir=self.draft_ckpt_dir, num_assistant_tokens=self.num_assistant_tokens,
+                           gpu_memory_fraction=self.gpu_memory_fraction, **more)
 
     def temperature(self, given: Optional[float], meta_default: float = 0.6) -> float:
         """The sampling temperature of an example script: `given`, else greedy (0) for the demo
@@ -136,6 +138,8 @@ MODEL_FLAG_DOCS = {
     "draft_ckpt_dir": "a smaller model with the same tokenizer that drafts the tokens instead (speculative "
                       "decoding); default: none",
     "num_assistant_tokens": "tokens the draft model drafts per step",
+    "gpu_memory_fraction": "size the KV cache to this fraction of the device's memory (beside the weights and "
+                           "a forward pass): as many rows as fit, up to --max_batch_size; default: off",
 }
 MODEL_FLAGS = tuple(f.name for f in fields(ModelFlags))
 

@@ -111,6 +111,8 @@ class Llama:
         prompt_lookup_num_tokens: int = 0,
         draft_ckpt_dir: Optional[str] = None,
         num_assistant_tokens: int = 5,
+        static_decode: Optional[bool] = None,
+        gpu_memory_fraction: Optional[float] = None,
     ) -> "Llama":
         """Load a Meta-layout checkpoint onto this process's share of the model.
 
@@ -139,10 +141,21 @@ class Llama:
             draft_ckpt_dir: a smaller model with the same tokenizer (Meta's layout, loaded as this
                 one is) whose greedy continuation, num_assistant_tokens tokens (HF's name), is
                 the draft instead; it changes the speed only, never a token.
+            static_decode: decode in fixed shapes with sampling on the device and no host read
+                inside a step (llama.runtime.static_step), captured once per batch-size and
+                context bucket as CUDA graphs; None (default): where CUDA graphs can capture it
+                (one process per model on a CUDA GPU); True: everywhere (eagerly elsewhere).
+            gpu_memory_fraction: size the KV cache to the device (vLLM's gpu_memory_utilization):
+                once the weights are in, as many rows of max_seq_len tokens as fit in this
+                fraction of the device's memory, beside what is in use and a forward pass's
+                activations, up to max_batch_size (give a large one to fill the device); the
+                choice is printed, and a LlamaError says so where not one row fits. On a machine
+                without an accelerator, the fraction is of the machine's memory.
         """
         loaded = load(ckpt_dir, tokenizer_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
                       model_parallel_size=model_parallel_size, seed=seed, device=device, dtype=dtype,
-                      quantize=quantize)
+                      quantize=quantize, gpu_memory_fraction=gpu_memory_fraction)
+        max_batch_size = loaded.model.params.max_batch_size  # the rows gpu_memory_fraction chose, if given
         draft = None
         if draft_ckpt_dir is not None:
             # The draft reads the model's tokenizer: a vocabulary it does not share is refused.
@@ -155,14 +168,14 @@ class Llama:
                                  f"model's tokenizer)") from None
         return Llama(loaded.model, loaded.tokenizer, loaded.ctx, loaded.chat_format, prefix_cache=prefix_cache,
                      prompt_lookup_num_tokens=prompt_lookup_num_tokens, draft_model=draft,
-                     num_assistant_tokens=num_assistant_tokens)
+                     num_assistant_tokens=num_assistant_tokens, static_decode=static_decode)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: Optional[DistContext] = None,
                  formatter: Optional[ChatFormat] = None, prefix_cache: bool = True,
                  prompt_lookup_num_tokens: int = 0, draft_model: Optional[Transformer] = None,
-                 num_assistant_tokens: int = 5):
+                 num_assistant_tokens: int = 5, static_decode: Optional[bool] = None):
         """formatter: the chat format; default: the one the tokenizer's vocabulary implies.
-        prefix_cache, prompt_lookup_num_tokens, num_assistant_tokens: see build(); draft_model:
+        prefix_cache, prompt_lookup_num_tokens, num_assistant_tokens, static_decode: see build(); draft_model:
         the model build() loads from draft_ckpt_dir."""
         self.model = model
         self.tokenizer = tokenizer
@@ -172,7 +185,8 @@ class Llama:
         # The scheduler over the KV cache's rows; every generation runs through it. The lock
         # serialises its steps: calls from several threads share its batch.
         self.engine = Engine(model, prefix_cache=prefix_cache, prompt_lookup_num_tokens=prompt_lookup_num_tokens,
-                             draft_model=draft_model, num_assistant_tokens=num_assistant_tokens)
+                             draft_model=draft_model, num_assistant_tokens=num_assistant_tokens,
+                             static_decode=static_decode)
         self._lock = threading.RLock()
         self._drivers: Dict[int, int] = collections.Counter()  # thread id -> calls in flight
 

@@ -371,6 +371,33 @@ MUTATIONS: List[Mutation] = [
     M("best-of-worst-first", "llama/serve/app.py",
       [("sorted(group, key=lambda i: -scores[i])", "sorted(group, key=lambda i: scores[i])")],
       ["tests/system/test_serve.py"], "best_of answers the worst samples"),
+    # GPU work testable on the CPU (issue 25): the fixed-shape step, fusion, memory sizing.
+    M("static-step-reads-host", "llama/runtime/static_step.py",
+      [("kv_len=length, static=True)", "kv_len=length)")],
+      ["tests/unit/test_static_decode.py"], "the captured step reads positions on the host (a sync per step; "
+      "capture fails)"),
+    M("unsettled-rows-kept", "llama/runtime/engine.py",
+      [("            if out.finite and out.settled:", "            if out.finite:")],
+      ["tests/unit/test_static_decode.py"], "a row whose nucleus reaches past the step's candidates keeps a "
+      "token from a truncated nucleus"),
+    M("fixed-sampler-greedy-for-all", "llama/runtime/sampling.py",
+      [("    tokens = torch.where(raced, race(ids, values, member, keys, steps), greedy)",
+        "    tokens = greedy")],
+      ["tests/unit/test_static_decode.py"], "sampled rows of the fixed-shape step decode greedily"),
+    M("fused-qkv-split-swapped", "llama/model/transformer.py",
+      [("split((q_dim, kv_dim, kv_dim), dim=-1)", "split((q_dim, kv_dim, kv_dim), dim=-1)[::-1]")],
+      ["tests/unit/test_fused_projections.py"], "the fused product's parts are taken in the wrong order"),
+    M("prefill-budget-ignored", "llama/runtime/engine.py",
+      [("            if count and max(width, len(chunk)) * (count + 1) > budget:", "            if False:")],
+      ["tests/unit/test_memory_sizing.py"], "a prefill pass of many rows outgrows the activations a build "
+      "left room for"),
+    M("sizing-forgets-activations", "llama/runtime/memory.py",
+      [("    room = int(fraction * total) - in_use - activations", "    room = int(fraction * total) - in_use")],
+      ["tests/unit/test_memory_sizing.py"], "gpu_memory_fraction gives the cache the activations' memory: "
+      "out of memory at the first long prefill"),
+    M("int8-on-cuda-allowed", "llama/model/quantize/int8.py",
+      [('    if device.type == "cuda":\n        raise', '    if False:\n        raise')],
+      ["tests/unit/test_quantize.py"], "int8 runs on CUDA, slower than bf16"),
 ]
 
 

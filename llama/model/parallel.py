@@ -14,7 +14,7 @@ model allocates nothing; the weights then arrive from the checkpoint.
 """
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,16 +87,38 @@ class ParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             return self.combine(self.kernel(x))
-        if _SMALL_PRODUCTS_MEASURED[0] and x.device.type == "cpu" and 1 < x.numel() // x.shape[-1] <= \
-                native.MAX_NATIVE_ROWS and x.dtype == self.weight.dtype in _FLOAT_LAYOUTS and \
-                self.weight.shape[1] % native.BLOCK == 0 and self.weight.is_contiguous():
-            return self.combine(native.linear(x, self.weight, _FLOAT_LAYOUTS[x.dtype]))
-        return self.combine(F.linear(x, self.weight))
+        return self.combine(float_product(x, self.weight))
 
     def use_kernel(self, kernel: nn.Module) -> None:
         """Compute the product with `kernel` from now on; the float weight is let go."""
         del self.weight
         self.kernel = kernel
+
+
+def float_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T for a float weight: F.linear, or within measured_small_products() the
+    kernel measured fastest for a few rows on the CPU."""
+    if _SMALL_PRODUCTS_MEASURED[0] and x.device.type == "cpu" and 1 < x.numel() // x.shape[-1] <= \
+            native.MAX_NATIVE_ROWS and x.dtype == weight.dtype in _FLOAT_LAYOUTS and \
+            weight.shape[1] % native.BLOCK == 0 and weight.is_contiguous():
+        return native.linear(x, weight, _FLOAT_LAYOUTS[x.dtype])
+    return F.linear(x, weight)
+
+
+def fuse_weights(layers: Sequence[ParallelLinear]) -> Optional[torch.Tensor]:
+    """One weight holding the weights of `layers` (column-parallel layers reading the same input,
+    no collective) one after another, so that one product computes all of theirs; each layer's
+    weight becomes a view of its rows, so its name, the state_dict and load_state_dict stay as
+    they were, and no memory is added. None (nothing changed) where a layer is quantized."""
+    if any(layer.kernel is not None or layer.combine is not no_collective for layer in layers):
+        return None
+    fused = torch.cat([layer.weight for layer in layers])
+    offset = 0
+    for layer in layers:
+        rows = layer.weight.shape[0]
+        layer.weight = nn.Parameter(fused[offset: offset + rows], requires_grad=False)
+        offset += rows
+    return fused
 
 
 class ColumnParallelLinear(ParallelLinear):

@@ -18,7 +18,8 @@ from torch import nn
 from .args import ModelArgs
 from .attention import attend
 from .cache import KVCache, kv_cache_dtype
-from .parallel import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from .parallel import (ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding,
+                       float_product, fuse_weights)
 from .rotary import apply_rotary, complex_rotation, rotation_table
 
 
@@ -46,6 +47,7 @@ class Attention(nn.Module):
         self.n_local_heads = self.wq.weight.shape[0] // self.head_dim
         self.n_local_kv_heads = self.wk.weight.shape[0] // self.head_dim
         self.cache: Optional[KVCache] = None
+        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv in one weight, once fused (fuse())
         # The dtype a prompt's attention over its own keys runs in; None: the cache's. Set from
         # outside, where it is chosen by measurement (llama.runtime.backend.prompt_attention_dtype).
         self.prompt_attention_dtype: Optional[torch.dtype] = None
@@ -54,9 +56,14 @@ class Attention(nn.Module):
                 rotation: torch.Tensor, mask: Optional[torch.Tensor],
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         batch, seqlen, _ = x.shape
-        q = self.wq(x).view(batch, seqlen, self.n_local_heads, self.head_dim)
-        k = self.wk(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            q_dim, kv_dim = self.n_local_heads * self.head_dim, self.n_local_kv_heads * self.head_dim
+            q, k, v = float_product(x, self.wqkv).split((q_dim, kv_dim, kv_dim), dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(batch, seqlen, self.n_local_heads, self.head_dim)
+        k = k.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
+        v = v.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
         dtype = self.cache.k.dtype  # attention runs in the cache's dtype (a fresh prompt's: see below)
         q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
@@ -68,6 +75,10 @@ class Attention(nn.Module):
         out = attend(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).to(x.dtype))
 
+    def fuse(self) -> None:
+        """Compute wq, wk and wv in one product from now on (llama.model.parallel.fuse_weights)."""
+        self.wqkv = fuse_weights((self.wq, self.wk, self.wv))
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -76,9 +87,17 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(args.dim, hidden)
         self.w2 = RowParallelLinear(hidden, args.dim)
         self.w3 = ColumnParallelLinear(args.dim, hidden)
+        self.w13: Optional[torch.Tensor] = None  # w1 and w3 in one weight, once fused (fuse())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = float_product(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def fuse(self) -> None:
+        """Compute w1 and w3 in one product from now on (llama.model.parallel.fuse_weights)."""
+        self.w13 = fuse_weights((self.w1, self.w3))
 
 
 class TransformerBlock(nn.Module):
@@ -116,21 +135,32 @@ class Transformer(nn.Module):
         self.output = ColumnParallelLinear(params.dim, params.vocab_size, gather_output=True)
         self.register_buffer("rope", torch.empty(0, dtype=torch.complex64), persistent=False)
 
+    def fuse_projections(self) -> None:
+        """Q/K/V and W1|W3 of every layer computed in one product each (fewer, larger kernels:
+        what a GPU wants), the weights kept under Meta's names as views of the fused ones. Call
+        it once the weights are on their device; quantized layers are left as they are."""
+        for layer in self.layers:
+            layer.attention.fuse()
+            layer.feed_forward.fuse()
+
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate KV caches and rotary tables on the weights' device, in their dtype."""
+        """Allocate KV caches and rotary tables on the weights' device, in their dtype; params
+        then give these sizes (the engine's rows and context)."""
         weight = self.norm.weight
         device, dtype = weight.device, weight.dtype
         self.rope = rotation_table(self.params, max_seq_len, complex_rotation(device)).to(device)
         cache_dtype = kv_cache_dtype(device, dtype)
         for layer in self.layers:
             attn = layer.attention
+            attn.cache = None  # the old cache goes before the new one is made
             attn.cache = KVCache(max_batch_size, max_seq_len, attn.n_local_kv_heads, attn.head_dim,
                                  cache_dtype, device)
+        self.params.max_batch_size, self.params.max_seq_len = max_batch_size, max_seq_len
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: Union[int, torch.Tensor] = 0,
                 kv_len: Optional[int] = None, last_index: Optional[torch.Tensor] = None,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rows: Optional[torch.Tensor] = None, static: bool = False) -> torch.Tensor:
         """Run tokens [B, S] through the model, appending them to the KV cache.
 
         start_pos: position of tokens[:, 0], an int shared by all rows (Meta's signature)
@@ -140,6 +170,8 @@ class Transformer(nn.Module):
         last_index: optional [B] index into S; if given, return logits only there, [B, V].
         rows: optional [B] cache rows the batch's sequences use (default: rows 0..B-1), so a
             scheduler can run any subset of the cache's rows.
+        static: read nothing on the host (for a captured step, llama.runtime.static_step): with
+            per-row positions and kv_len given, every row masks the keys past its position.
         Returns fp32 logits [B, S, V] (or [B, V]).
         """
         batch, seqlen = tokens.shape
@@ -158,7 +190,7 @@ class Transformer(nn.Module):
         # No mask (the fastest kernels) where every row's tokens sit at the end of the kv_len
         # positions read: a prefill from 0, or one new token per row at a common position;
         # otherwise each row masks keys past its own position.
-        if _rows_end_at(start_pos, seqlen, kv_len):
+        if not static and _rows_end_at(start_pos, seqlen, kv_len):
             mask = None
         else:
             cached = torch.arange(kv_len, device=tokens.device)

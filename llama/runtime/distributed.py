@@ -219,6 +219,15 @@ def all_ranks_agree(what: str, work_s: float = 0.0) -> Iterator[None]:
         raise error
 
 
+def smallest_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (a choice they must share); `value` in a world of one."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=control_group())
+    return min(values)
+
+
 def _release(error: BaseException) -> None:
     """Free what the failed block still holds through the error's traceback (its frames'
     locals: say, the weights loaded so far onto the device), and hand the freed memory back

@@ -67,6 +67,8 @@ from ..model import Transformer
 from ..model.parallel import measured_small_products
 from ..utils.checks import one_of_choices, token_ids, whole_number
 from . import backend
+from .memory import PREFILL_TOKENS_PER_PASS
+from .static_step import RowInput, StaticDecodeStep, bucket, graphs_available
 from .sampling import ControlState, SamplingControls, check_sampling, sample, token_logprobs
 
 POLICIES = ("continuous", "static")
@@ -187,7 +189,8 @@ class Engine:
 
     def __init__(self, model: Transformer, policy: str = "continuous", prefill_chunk: int = 512,
                  decode_rows: str = "prefix", prefix_cache: bool = True, prompt_lookup_num_tokens: int = 0,
-                 draft_model: Optional[Transformer] = None, num_assistant_tokens: int = 5):
+                 draft_model: Optional[Transformer] = None, num_assistant_tokens: int = 5,
+                 static_decode: Optional[bool] = None):
         self.model = model
         self.policy = one_of_choices(policy, POLICIES, "policy")
         self.prefill_chunk = whole_number(prefill_chunk, "prefill_chunk", low=1)
@@ -195,6 +198,10 @@ class Engine:
         if not isinstance(prefix_cache, bool):
             raise LlamaError(f"prefix_cache={prefix_cache!r:.40} must be True or False")
         self.prefix_cache = prefix_cache
+        if static_decode not in (None, True, False):
+            raise LlamaError(f"static_decode={static_decode!r:.40} must be True, False or None (automatic)")
+        self.static_decode = static_decode
+        self._static: Optional[Tuple[object, Optional[StaticDecodeStep]]] = None  # (its caches, the step)
         self.prompt_lookup_num_tokens = whole_number(prompt_lookup_num_tokens, "prompt_lookup_num_tokens", low=0,
                                                      high=64)
         self.draft_model = draft_model
@@ -393,6 +400,14 @@ class Engine:
         if not batch:
             return
         chunks = [h.request.prompt_tokens[h.prefilled: h.prefilled + self.prefill_chunk] for h in batch]
+        # At most PREFILL_TOKENS_PER_PASS tokens, padding included (the activations a build
+        # leaves room for); the first row always goes, the rest wait for the next step.
+        budget, width = max(PREFILL_TOKENS_PER_PASS, self.prefill_chunk), 0
+        for count, chunk in enumerate(chunks):
+            if count and max(width, len(chunk)) * (count + 1) > budget:
+                batch, chunks = batch[:count], chunks[:count]
+                break
+            width = max(width, len(chunk))
         tokens = self._padded(chunks)
         width = tokens.shape[1]
         self._choose_prompt_attention()
@@ -451,6 +466,48 @@ class Engine:
             self._decode_backend = (caches, backend.choose_decode_step(self.model, len(self.rows)))
         return self._decode_backend[1]
 
+    def _static_step(self) -> Optional[StaticDecodeStep]:
+        """The fixed-shape decode step (llama.runtime.static_step), captured as CUDA graphs where
+        the device allows; None where static_decode is off (by default: where it cannot capture)."""
+        caches = self.model.layers[0].attention.cache
+        if self._static is None or self._static[0] is not caches:
+            capture = graphs_available(self.model)
+            wanted = capture if self.static_decode is None else self.static_decode
+            self._static = (caches, StaticDecodeStep(self.model, capture) if wanted else None)
+        return self._static[1]
+
+    def _decode_static(self, step: StaticDecodeStep, batch: List[Handle], positions: Dict[int, int],
+                       events: List[Event]) -> None:
+        """One token for each decoding row from the fixed-shape step over rows 0..(highest busy
+        row): free rows ride along at their last position, prefilling ones at their next."""
+        busy = {h.row: h for h in batch}
+        inputs = []
+        for row in range(max(busy) + 1):
+            handle = busy.get(row)
+            if handle is None:  # free, or still prefilling: a position written again before it is read
+                other = self.rows[row]
+                pending = other.prefilled if other is not None else self.params.max_seq_len - 1
+                inputs.append(RowInput(0, min(pending, self.params.max_seq_len - 1)))
+            else:
+                request = handle.request
+                inputs.append(RowInput(handle.tokens[-1], positions[row], request.key, len(handle.tokens),
+                                       request.temperature, request.top_p))
+        outputs = step(inputs, max(positions.values()) + 1)
+        self.stats.decode_passes += 1
+        self.stats.decode_rows += bucket(len(inputs), len(self.rows))
+        self.stats.decode_useful += len(batch)
+        now = time.perf_counter()
+        again = []  # non-finite logits (reported as an error) or a nucleus past the step's candidates
+        for handle in batch:
+            self._content[handle.row].append(inputs[handle.row].token)  # in the cache now
+            out = outputs[handle.row]
+            if out.finite and out.settled:
+                self._record(handle, out.token, out.logprob, None, events, now)
+            else:
+                again.append(handle)
+        if again:
+            self._sample(again, torch.stack([step.logits(h.row) for h in again]), events)
+
     def _decode(self, events: List[Event]) -> None:
         """One token for every row whose latest token is pending, in one forward pass."""
         batch = [h for h in self.rows
@@ -461,6 +518,10 @@ class Engine:
         drafts = self._drafts(batch, positions) if self.prompt_lookup_num_tokens or self.draft_model else {}
         if drafts:
             self._decode_drafts(batch, positions, drafts, events)
+            return
+        static = self._static_step()
+        if static is not None and not any(h.controlled or h.request.top_logprobs for h in batch):
+            self._decode_static(static, batch, positions, events)
             return
         step = self._native_step()
         if step is not None and step.wants(len(batch)):

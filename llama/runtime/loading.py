@@ -30,11 +30,11 @@ from ..model import ModelArgs, Transformer
 from ..model.cache import kv_cache_dtype
 from ..model.quantize import quantize_model
 from ..tokenizer import Tokenizer, load_tokenizer
-from ..utils.checks import whole_number
+from ..utils.checks import real_number, whole_number
 from ..utils.ranks import print0, silence_non_main_ranks
 from .devices import resolve_dtype
-from .distributed import DistContext, all_ranks_agree, init_distributed
-from .memory import GIB, check_memory, kv_cache_bytes, rank_weight_bytes
+from .distributed import DistContext, all_ranks_agree, init_distributed, smallest_over_ranks
+from .memory import GIB, check_memory, kv_cache_bytes, kv_cache_rows, rank_weight_bytes
 
 # A slow network filesystem: what a build's wait for the slowest rank allows for reading.
 SLOW_READ_BYTES_PER_S = 25e6
@@ -53,11 +53,14 @@ class Loaded:
 
 def load(ckpt_dir: str, tokenizer_path: Optional[str] = None, *, max_seq_len: int = 512, max_batch_size: int = 4,
          model_parallel_size: Optional[int] = None, seed: int = 1, device: Union[str, torch.device, None] = None,
-         dtype: Union[str, torch.dtype, None] = None, quantize: Optional[str] = None) -> Loaded:
+         dtype: Union[str, torch.dtype, None] = None, quantize: Optional[str] = None,
+         gpu_memory_fraction: Optional[float] = None) -> Loaded:
     """Load a Meta-layout checkpoint onto this process's share of the model (the arguments
     are Llama.build's)."""
     max_seq_len = whole_number(max_seq_len, "max_seq_len", low=2)
     max_batch_size = whole_number(max_batch_size, "max_batch_size", low=1)
+    if gpu_memory_fraction is not None:
+        gpu_memory_fraction = real_number(gpu_memory_fraction, "gpu_memory_fraction", low=0, high=1, above=True)
     start = time.time()
     ctx = init_distributed(model_parallel_size, device, seed)
     silence_non_main_ranks()
@@ -79,12 +82,23 @@ def load(ckpt_dir: str, tokenizer_path: Optional[str] = None, *, max_seq_len: in
         states = open_shards(shards, shards_for_rank(len(shards), ctx.model_parallel_rank, ctx.model_parallel_size))
         check_shards(shards, states, args)
         dtype = resolve_dtype(dtype, ctx.device)
-        check_memory(args, ctx.model_parallel_size, ctx.device, dtype, max_batch_size, max_seq_len)
+        # With gpu_memory_fraction the cache takes what is left once the weights are in: one row must fit.
+        check_memory(args, ctx.model_parallel_size, ctx.device, dtype,
+                     1 if gpu_memory_fraction is not None else max_batch_size, max_seq_len)
     # Ranks read their weights at their own disks' speed: the first to finish wait for the
     # last up to LLAMA_DIST_TIMEOUT plus the time a slow disk needs for one rank's share.
     with all_ranks_agree("building the model", work_s=rank_weight_bytes(args, ctx.model_parallel_size, dtype)
                          / SLOW_READ_BYTES_PER_S):
-        model = model_on_device(args, shards, states, ctx, dtype, quantize, max_batch_size, max_seq_len)
+        model = model_on_device(args, shards, states, ctx, dtype, quantize, max_batch_size, max_seq_len,
+                                gpu_memory_fraction)
+    if gpu_memory_fraction is not None:
+        rows = smallest_over_ranks(args.max_batch_size)  # the ranks' caches must have the same rows
+        if rows < args.max_batch_size:
+            with all_ranks_agree("allocating the KV cache"):
+                setup_caches(model, rows, max_seq_len, ctx.device)
+        print0(f"KV cache: {rows} rows (max_batch_size) x max_seq_len={max_seq_len}, "
+               f"{kv_cache_bytes(args, rows, max_seq_len, ctx.model_parallel_size, kv_cache_dtype(ctx.device, dtype)) / GIB:.2f} GiB"
+               f" per rank, within gpu_memory_fraction={gpu_memory_fraction} of {ctx.device}'s memory")
     print0(f"Loaded in {time.time() - start:.2f} seconds")
     return Loaded(model, tokenizer, chat_format, ctx)
 
@@ -108,15 +122,28 @@ def build_model(args: ModelArgs, shards: List[Path], states: Dict[int, Dict[str,
 
 def model_on_device(args: ModelArgs, shards: List[Path], states: Dict[int, Dict[str, torch.Tensor]],
                     ctx: DistContext, dtype: torch.dtype, quantize: Optional[str], max_batch_size: int,
-                    max_seq_len: int) -> Transformer:
+                    max_seq_len: int, gpu_memory_fraction: Optional[float] = None) -> Transformer:
     """build_model, quantization and caches: what a build allocates. Everything it made stays
     in its frames (none in the caller's) when it fails, so all_ranks_agree can free it.
     Empties `states` once the model holds what it uses of the memory-mapped shards."""
     model = build_model(args, shards, states, ctx, dtype)
     states.clear()
     quantize_model(model, quantize)
+    if ctx.device.type == "cuda":  # fewer, larger kernels; on the CPU the native decode step reads each weight
+        model.fuse_projections()
+    if gpu_memory_fraction is not None:  # as many rows as fit, at most max_batch_size
+        _release_cached_memory(ctx.device)
+        max_batch_size = kv_cache_rows(args, ctx.model_parallel_size, ctx.device, dtype, max_batch_size, max_seq_len,
+                                       gpu_memory_fraction)
     setup_caches(model, max_batch_size, max_seq_len, ctx.device)
     return model
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    """Hand memory the allocator keeps but does not use back to the device (it counts as used)."""
+    empty_cache = getattr(getattr(torch, device.type, None), "empty_cache", None)
+    if device.type != "cpu" and empty_cache is not None:
+        empty_cache()
 
 
 def setup_caches(model: Transformer, max_batch_size: int, max_seq_len: int, device: torch.device) -> None:

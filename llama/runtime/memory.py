@@ -4,7 +4,7 @@ free, and the check that refuses a build that cannot fit before anything is allo
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -13,6 +13,9 @@ from ..model.args import ModelArgs
 from ..model.cache import kv_cache_dtype
 
 GIB = 2**30
+# The most tokens one prefill pass computes, padding included, unless one row's chunk is longer
+# (llama.runtime.engine): what a build budgets activations for, whatever max_batch_size is.
+PREFILL_TOKENS_PER_PASS = 4096
 
 
 def rank_weight_bytes(args: ModelArgs, mp: int, dtype: torch.dtype) -> int:
@@ -36,6 +39,62 @@ def rope_table_bytes(args: ModelArgs, max_seq_len: int) -> int:
     return max_seq_len * (args.head_dim // 2) * 8
 
 
+def activation_bytes(args: ModelArgs, mp: int, dtype: torch.dtype, tokens: int) -> int:
+    """An upper bound of the memory a forward pass over `tokens` tokens takes beside the
+    weights and caches: in a layer, the residual stream, the normed input and the attention
+    output (fp32 at most), the Q/K/V and their fp32 rotary copies, the feed-forward's three
+    hidden-width tensors; and fp32 logits for every token (a prompt's logprobs need them)."""
+    q, kv, hidden = args.dim // mp, args.kv_heads * args.head_dim // mp, args.ffn_hidden_dim // mp
+    per_token = 4 * (4 * args.dim + 2 * (q + 2 * kv) + 3 * hidden)
+    per_token += 4 * args.vocab_size * 2  # the logits and their log-softmax
+    return tokens * max(per_token, 1) * max(dtype.itemsize, 4) // 4
+
+
+def pass_tokens(max_batch_size: int, max_seq_len: int, prefill_chunk: int = 512) -> int:
+    """The most tokens one forward pass computes (see PREFILL_TOKENS_PER_PASS)."""
+    return min(max(PREFILL_TOKENS_PER_PASS, prefill_chunk), max_batch_size * max_seq_len)
+
+
+def device_memory(device: torch.device) -> Optional[Tuple[int, int]]:
+    """(free, total) bytes of `device`: an accelerator's own figures; on the CPU this rank's share
+    of the machine's available memory (available_memory) and of its total. None where unknown."""
+    if device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        return tuple(module.mem_get_info(device)) if hasattr(module, "mem_get_info") else None
+    free = available_memory(device)
+    try:
+        match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+    except OSError:
+        match = None
+    if free is None or match is None:
+        return None
+    return free, int(match.group(1)) * 1024 // _local_ranks()
+
+
+def kv_cache_rows(args: ModelArgs, mp: int, device: torch.device, dtype: torch.dtype, max_batch_size: int,
+                  max_seq_len: int, fraction: float) -> int:
+    """How many cache rows of max_seq_len tokens (at most max_batch_size) fit in `fraction` of
+    the device's memory beside what is in use (this rank's weights, once loaded, and whatever
+    else the device holds) and the activations of the largest forward pass (vLLM's
+    gpu_memory_utilization idea). A LlamaError with the numbers where not even one row fits."""
+    known = device_memory(device)
+    if known is None:
+        raise LlamaError(f"gpu_memory_fraction: the memory of {device} is unknown here; give max_batch_size instead")
+    free, total = known
+    in_use = total - free
+    activations = activation_bytes(args, mp, dtype, pass_tokens(max_batch_size, max_seq_len))
+    room = int(fraction * total) - in_use - activations - rope_table_bytes(args, max_seq_len)
+    per_row = kv_cache_bytes(args, 1, max_seq_len, mp, kv_cache_dtype(device, dtype))
+    rows = min(max_batch_size, max(room, 0) // per_row)
+    if rows < 1:
+        raise LlamaError(
+            f"gpu_memory_fraction={fraction} of {device}'s {total / GIB:.2f} GiB leaves no room for one KV cache "
+            f"row of max_seq_len={max_seq_len} ({per_row / GIB:.3f} GiB): {in_use / GIB:.2f} GiB is in use (the "
+            f"weights and anything else on the device) and a forward pass needs up to {activations / GIB:.2f} GiB; "
+            f"raise gpu_memory_fraction, lower max_seq_len, or run more model-parallel processes")
+    return rows
+
+
 def available_memory(device: torch.device) -> Optional[int]:
     """Bytes this process may still allocate on `device`; None where that is unknown.
     CPU: the kernel's MemAvailable (and the room left under a cgroup v2 limit), shared by
@@ -46,8 +105,13 @@ def available_memory(device: torch.device) -> Optional[int]:
     known = [room for room in (_meminfo_available(), _cgroup_room()) if room is not None]
     if not known:
         return None
+    return min(known) // _local_ranks()
+
+
+def _local_ranks() -> int:
+    """The processes of this job on this machine (LOCAL_WORLD_SIZE), which share its memory."""
     local_ranks = os.environ.get("LOCAL_WORLD_SIZE", "1")
-    return min(known) // (int(local_ranks) if local_ranks.isdigit() and int(local_ranks) > 0 else 1)
+    return int(local_ranks) if local_ranks.isdigit() and int(local_ranks) > 0 else 1
 
 
 def _meminfo_available() -> Optional[int]:
@@ -77,14 +141,15 @@ def check_memory(args: ModelArgs, mp: int, device: torch.device, dtype: torch.dt
     cache_dtype = kv_cache_dtype(device, dtype)
     weights = rank_weight_bytes(args, mp, dtype)
     caches = kv_cache_bytes(args, max_batch_size, max_seq_len, mp, cache_dtype) + rope_table_bytes(args, max_seq_len)
-    if available is None or weights + caches <= available:
+    activations = activation_bytes(args, mp, dtype, pass_tokens(max_batch_size, max_seq_len))
+    if available is None or weights + caches + activations <= available:
         return
     sharing = os.environ.get("LOCAL_WORLD_SIZE", "1")
     where = f"{device}" + (f" (shared by {sharing} ranks on this machine)" if sharing not in ("", "1") else "")
     per_token = kv_cache_bytes(args, 1, 1, mp, cache_dtype)
-    room = available - weights - rope_table_bytes(args, max_seq_len)
+    room = available - weights - rope_table_bytes(args, max_seq_len) - activations
     if room < per_token * max_batch_size * 2:
-        advice = ("the weights alone leave no room: run more model-parallel processes, or choose a "
+        advice = ("the weights and a forward pass leave no room: run more model-parallel processes, or choose a "
                   "smaller dtype (bf16 or fp16 take half of fp32)")
     else:
         tokens = room // per_token
@@ -94,5 +159,6 @@ def check_memory(args: ModelArgs, mp: int, device: torch.device, dtype: torch.dt
                   f"max_seq_len={min(max_seq_len, tokens)}; lower --max_batch_size or --max_seq_len")
     raise LlamaError(f"not enough memory on {where} for this build: the weights ({dtype}, this rank's "
                      f"share) take {weights / GIB:.2f} GiB and the KV cache for max_batch_size="
-                     f"{max_batch_size} x max_seq_len={max_seq_len} {caches / GIB:.2f} GiB, together "
-                     f"{(weights + caches) / GIB:.2f} GiB, but {available / GIB:.2f} GiB is available; {advice}")
+                     f"{max_batch_size} x max_seq_len={max_seq_len} {caches / GIB:.2f} GiB, and a forward pass "
+                     f"up to {activations / GIB:.2f} GiB, together {(weights + caches + activations) / GIB:.2f} "
+                     f"GiB, but {available / GIB:.2f} GiB is available; {advice}")

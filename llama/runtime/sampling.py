@@ -319,6 +319,32 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     return tokens
 
 
+def sample_fixed(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, keys: torch.Tensor,
+                 steps: torch.Tensor, candidates: int = 256) -> Tuple[torch.Tensor, torch.Tensor]:
+    """sample() without cuts in fixed shapes and no host reads (for a captured decode step):
+    every row is computed both ways and the greedy or the raced token kept per row.
+    Returns (tokens [B], settled [B] bool): a row is settled unless its nucleus may reach past
+    the `candidates` most likely tokens; such a row's token must be taken from sample() on its
+    logits instead (rare: the nucleus of a language model is usually a few tokens). A settled
+    row's token is the one sample() picks."""
+    greedy = logits.max(dim=-1).indices
+    probs = tempered_probs(logits, temperature)
+    if candidates < probs.shape[-1]:  # nucleus()'s first branch, without its trim
+        values, ids = torch.topk(probs, candidates, dim=-1)
+        ids, by_id = torch.sort(ids, dim=-1)
+        values, order = torch.sort(values.gather(1, by_id), dim=-1, descending=True, stable=True)
+        ids = ids.gather(1, order)
+        member = _members(values, top_p)
+        settled = values.masked_fill(~member, math.inf).min(dim=-1).values > values[:, -1]
+    else:  # the whole vocabulary is the candidates: nucleus()'s sort
+        values, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+        member = _members(values, top_p)
+        settled = torch.ones_like(greedy, dtype=torch.bool)
+    raced = temperature > 0
+    tokens = torch.where(raced, race(ids, values, member, keys, steps), greedy)
+    return tokens, settled | ~raced
+
+
 def sample_top_p(probs: torch.Tensor, p: Union[float, torch.Tensor], keys: Optional[torch.Tensor] = None,
                  steps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Meta's sample_top_p: one token per row from the nucleus of probs [B, V] -> [B, 1].

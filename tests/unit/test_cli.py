@@ -74,5 +74,14 @@ def test_the_reuse_flags_reach_the_engine(tiny_ckpt, sp_tokenizer):
 
     seen = []
     main = with_model_flags(max_seq_len=64, max_batch_size=2)(lambda model: seen.append(model))
-    fire.Fire(main, command=["--noprefix_cache", "--prompt_lookup_num_tokens", "4", "--draft_ckpt_dir", "2024"])
+    fire.Fire(main, command=["--noprefix_cache", "--prompt_lookup_num_tokens", "4", "--draft_ckpt_dir", "2024",
+                             "--gpu_memory_fraction", "0.9"])
     assert (seen[0].prefix_cache, seen[0].prompt_lookup_num_tokens, seen[0].draft_ckpt_dir) == (False, 4, "2024")
+    assert seen[0].gpu_memory_fraction == 0.9
+
+
+def test_gpu_memory_fraction_reaches_the_build(tiny_ckpt, sp_tokenizer, capsys):
+    flags = ModelFlags(ckpt_dir=str(tiny_ckpt), tokenizer_path=sp_tokenizer, max_seq_len=32, max_batch_size=3,
+                       gpu_memory_fraction=0.99)
+    assert len(flags.build().engine.rows) == 3  # this machine holds 3 rows of 32 tokens of the tiny model
+    assert "KV cache: 3 rows (max_batch_size) x max_seq_len=32" in capsys.readouterr().out

@@ -18,7 +18,7 @@ import llama.model
 import llama.model.cache
 import llama.runtime.memory
 from llama import Llama, LlamaError, ModelArgs
-from llama.runtime.memory import check_memory, kv_cache_bytes, rank_weight_bytes
+from llama.runtime.memory import activation_bytes, check_memory, kv_cache_bytes, pass_tokens, rank_weight_bytes
 from llama.testing import TINY_PARAMS, random_meta_weights
 
 FAST_S = 10  # every refusal here comes long before this
@@ -115,11 +115,12 @@ def test_absurd_context_is_refused(ckpt, sp_tokenizer, nothing_allocated):
 
 
 def test_what_the_refusal_suggests_fits(monkeypatch):
-    """With 1 MiB of room beside the weights (0.25 MiB of it for the rotary table at max_seq_len
+    """With 1 MiB of room beside the weights and a forward pass's activations (0.25 MiB of it for the rotary table at max_seq_len
     4096, 512 bytes per cached token), the suggested sizes pass the same check."""
     args = ModelArgs.from_params({**TINY_PARAMS, "vocab_size": 32000})
     weights = rank_weight_bytes(args, 1, torch.float32)
-    monkeypatch.setattr(llama.runtime.memory, "available_memory", lambda device: weights + 2**20)
+    activations = activation_bytes(args, 1, torch.float32, pass_tokens(8, 4096))  # the largest of the three
+    monkeypatch.setattr(llama.runtime.memory, "available_memory", lambda device: weights + activations + 2**20)
     cpu = torch.device("cpu")
     with pytest.raises(LlamaError, match="at most about 1536 cached tokens fit") as info:
         check_memory(args, 1, cpu, torch.float32, 8, 4096)
@@ -130,7 +131,7 @@ def test_what_the_refusal_suggests_fits(monkeypatch):
     check_memory(args, 1, cpu, torch.float32, 8, 192)
     check_memory(args, 1, cpu, torch.float32, 1, 1536)
     monkeypatch.setattr(llama.runtime.memory, "available_memory", lambda device: weights // 2)
-    with pytest.raises(LlamaError, match="the weights alone leave no room"):
+    with pytest.raises(LlamaError, match="the weights and a forward pass leave no room"):
         check_memory(args, 1, cpu, torch.float32, 1, 16)
 
 
