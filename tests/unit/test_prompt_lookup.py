@@ -85,14 +85,14 @@ def test_sampled_rows_draft_and_get_the_very_samples_of_decoding_one_at_a_time(t
     """A sampled row keeps a draft token when the race with its key picks it at that step (with
     the token's probability) and otherwise takes the race's own pick (a draw without it): the
     accept/reject rule, whose samples here are exactly those of decoding one token at a time.
-    Over 400 keys, what follows D is A about 62% of the time, as the model says."""
+    Over 200 keys, what follows D is A about 62% of the time, as the model says."""
     fast = steered(tiny_ckpt, sp_tokenizer, prompt_lookup_num_tokens=5, max_batch_size=64)
     slow = steered(tiny_ckpt, sp_tokenizer, max_batch_size=64)
-    got = fast.generate([PROMPT] * 400, max_gen_len=12, temperature=1.0, top_p=1.0, stop_tokens=[], seed=11)[0]
-    assert got == slow.generate([PROMPT] * 400, max_gen_len=12, temperature=1.0, top_p=1.0, stop_tokens=[],
+    got = fast.generate([PROMPT] * 200, max_gen_len=12, temperature=1.0, top_p=1.0, stop_tokens=[], seed=11)[0]
+    assert got == slow.generate([PROMPT] * 200, max_gen_len=12, temperature=1.0, top_p=1.0, stop_tokens=[],
                                 seed=11)[0]
     stats = fast.engine.stats
-    assert stats.draft_accepted > 1000 and stats.draft_tokens > stats.draft_accepted  # kept and rejected
+    assert stats.draft_accepted > 500 and stats.draft_tokens > stats.draft_accepted  # kept and rejected
     after_d = [answer[answer.index(D) + 1] for answer in got if D in answer[:-1]]
     share = sum(t == A for t in after_d) / len(after_d)
     sigma = (P_A_AFTER_D * (1 - P_A_AFTER_D) / len(after_d)) ** 0.5
