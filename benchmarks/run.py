@@ -251,6 +251,10 @@ def run_llamacpp(ids: Dict[str, List[int]], runs: int, scale: bool = False, layo
         return [tokens]
 
     result = measure_scale(gen, ids, runs, load_s) if scale else measure(gen, ids, runs, load_s, batched=False)
+    # Which build this is: the version and the CPU features compiled in (a user's pip install of
+    # llama-cpp-python builds with GGML_NATIVE, i.e. for the machine it is built on).
+    result["build"] = f"llama-cpp-python {llama_cpp.__version__}: " + \
+        llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     # as weight_bytes(): every tensor but the token embedding table, of which a step reads a row
     result["weight_bytes"] = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors
                                  if t.name != "token_embd.weight")
@@ -347,6 +351,7 @@ def main_scale(args) -> None:
             for name, r in results.items() if name.startswith("ours")))
     same_bits = [(ours, peer) for ours, peer in (("ours", "llamacpp-bf16"), ("ours-q8_0", "llamacpp-q8_0"),
                                                  ("ours-q4_0", "llamacpp-q4_0")) if ours in results and peer in results]
+    print_llamacpp_build(results)
     if same_bits:
         print("decode b1 vs llama.cpp at the same bit width: " + ", ".join(
             f"{ours} {results[ours]['decode_tok_s'] / results[peer]['decode_tok_s']:.2f}x" for ours, peer in same_bits))
@@ -356,6 +361,12 @@ def main_scale(args) -> None:
         {"machine": m, "bandwidth": bw, "model": SCALE_CONFIG,
          "workload": {"decode_tokens": SCALE_DECODE_TOKENS, "runs": args.runs}, "results": results},
         indent=2) + "\n")
+
+
+def print_llamacpp_build(results: Dict[str, dict]) -> None:
+    """Which llama.cpp build the llamacpp rows ran (its version and the CPU features compiled in)."""
+    for build in sorted({r["build"] for name, r in results.items() if name.startswith("llamacpp") and "build" in r}):
+        print(f"llama.cpp build: {build}")
 
 
 def main() -> None:
@@ -395,6 +406,7 @@ def main() -> None:
         print(f"{name:12}" + "".join(f"{'n/a' if v is None else f'{v:.3g}':>17}" for v in cells)
               + f"  {r.get('decode_backend', '')}")
 
+    print_llamacpp_build(results)
     ours = results.get("ours")
     if ours:
         print("\nours / peer (higher is better; time columns inverted)")

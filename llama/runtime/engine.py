@@ -67,7 +67,7 @@ from ..model import Transformer
 from ..model.parallel import measured_small_products
 from ..utils.checks import one_of_choices, token_ids, whole_number
 from . import backend
-from .memory import PREFILL_TOKENS_PER_PASS
+from .memory import PREFILL_TOKENS_PER_PASS, SCORED_TOKENS_PER_PASS
 from .static_step import RowInput, StaticDecodeStep, bucket, graphs_available
 from .sampling import ControlState, SamplingControls, check_sampling, sample, token_logprobs
 
@@ -400,9 +400,11 @@ class Engine:
         if not batch:
             return
         chunks = [h.request.prompt_tokens[h.prefilled: h.prefilled + self.prefill_chunk] for h in batch]
-        # At most PREFILL_TOKENS_PER_PASS tokens, padding included (the activations a build
-        # leaves room for); the first row always goes, the rest wait for the next step.
-        budget, width = max(PREFILL_TOKENS_PER_PASS, self.prefill_chunk), 0
+        # At most PREFILL_TOKENS_PER_PASS tokens, padding included, or SCORED_TOKENS_PER_PASS with
+        # a prompt to score (the activations a build leaves room for); the first row always goes,
+        # the rest wait for the next step.
+        most = SCORED_TOKENS_PER_PASS if any(h.prompt_logprobs is not None for h in batch) else PREFILL_TOKENS_PER_PASS
+        budget, width = max(most, self.prefill_chunk), 0
         for count, chunk in enumerate(chunks):
             if count and max(width, len(chunk)) * (count + 1) > budget:
                 batch, chunks = batch[:count], chunks[:count]

@@ -96,9 +96,9 @@ def load(ckpt_dir: str, tokenizer_path: Optional[str] = None, *, max_seq_len: in
         if rows < args.max_batch_size:
             with all_ranks_agree("allocating the KV cache"):
                 setup_caches(model, rows, max_seq_len, ctx.device)
-        print0(f"KV cache: {rows} rows (max_batch_size) x max_seq_len={max_seq_len}, "
-               f"{kv_cache_bytes(args, rows, max_seq_len, ctx.model_parallel_size, kv_cache_dtype(ctx.device, dtype)) / GIB:.2f} GiB"
-               f" per rank, within gpu_memory_fraction={gpu_memory_fraction} of {ctx.device}'s memory")
+        size = kv_cache_bytes(args, rows, max_seq_len, ctx.model_parallel_size, kv_cache_dtype(ctx.device, dtype))
+        print0(f"KV cache: {rows} rows (max_batch_size) x max_seq_len={max_seq_len}, {size / GIB:.2f} GiB per "
+               f"rank, within gpu_memory_fraction={gpu_memory_fraction} of {ctx.device}'s memory")
     print0(f"Loaded in {time.time() - start:.2f} seconds")
     return Loaded(model, tokenizer, chat_format, ctx)
 

@@ -14,8 +14,11 @@ from ..model.cache import kv_cache_dtype
 
 GIB = 2**30
 # The most tokens one prefill pass computes, padding included, unless one row's chunk is longer
-# (llama.runtime.engine): what a build budgets activations for, whatever max_batch_size is.
+# (llama.runtime.engine): what a build budgets activations for, whatever max_batch_size is. A
+# pass with a prompt to score (echo, prompt logprobs) keeps logits for every token: it takes
+# at most SCORED_TOKENS_PER_PASS.
 PREFILL_TOKENS_PER_PASS = 4096
+SCORED_TOKENS_PER_PASS = 1024
 
 
 def rank_weight_bytes(args: ModelArgs, mp: int, dtype: torch.dtype) -> int:
@@ -39,15 +42,16 @@ def rope_table_bytes(args: ModelArgs, max_seq_len: int) -> int:
     return max_seq_len * (args.head_dim // 2) * 8
 
 
-def activation_bytes(args: ModelArgs, mp: int, dtype: torch.dtype, tokens: int) -> int:
+def activation_bytes(args: ModelArgs, mp: int, tokens: int, chunk: int = 512) -> int:
     """An upper bound of the memory a forward pass over `tokens` tokens takes beside the
     weights and caches: in a layer, the residual stream, the normed input and the attention
-    output (fp32 at most), the Q/K/V and their fp32 rotary copies, the feed-forward's three
-    hidden-width tensors; and fp32 logits for every token (a prompt's logprobs need them)."""
-    q, kv, hidden = args.dim // mp, args.kv_heads * args.head_dim // mp, args.ffn_hidden_dim // mp
+    output, the Q/K/V and their rotary copies, the feed-forward's three hidden-width tensors
+    (each counted in fp32); and fp32 logits for the tokens of a scored pass, with one row's
+    chunk of their log-softmax (a prompt's logprobs)."""
+    q, kv, hidden = args.n_heads * args.head_dim // mp, args.kv_heads * args.head_dim // mp, args.ffn_hidden_dim // mp
     per_token = 4 * (4 * args.dim + 2 * (q + 2 * kv) + 3 * hidden)
-    per_token += 4 * args.vocab_size * 2  # the logits and their log-softmax
-    return tokens * max(per_token, 1) * max(dtype.itemsize, 4) // 4
+    logits = (min(tokens, SCORED_TOKENS_PER_PASS) + min(tokens, chunk)) * 4 * args.vocab_size
+    return tokens * per_token + logits
 
 
 def pass_tokens(max_batch_size: int, max_seq_len: int, prefill_chunk: int = 512) -> int:
@@ -82,7 +86,7 @@ def kv_cache_rows(args: ModelArgs, mp: int, device: torch.device, dtype: torch.d
         raise LlamaError(f"gpu_memory_fraction: the memory of {device} is unknown here; give max_batch_size instead")
     free, total = known
     in_use = total - free
-    activations = activation_bytes(args, mp, dtype, pass_tokens(max_batch_size, max_seq_len))
+    activations = activation_bytes(args, mp, pass_tokens(max_batch_size, max_seq_len))
     room = int(fraction * total) - in_use - activations - rope_table_bytes(args, max_seq_len)
     per_row = kv_cache_bytes(args, 1, max_seq_len, mp, kv_cache_dtype(device, dtype))
     rows = min(max_batch_size, max(room, 0) // per_row)
@@ -141,7 +145,7 @@ def check_memory(args: ModelArgs, mp: int, device: torch.device, dtype: torch.dt
     cache_dtype = kv_cache_dtype(device, dtype)
     weights = rank_weight_bytes(args, mp, dtype)
     caches = kv_cache_bytes(args, max_batch_size, max_seq_len, mp, cache_dtype) + rope_table_bytes(args, max_seq_len)
-    activations = activation_bytes(args, mp, dtype, pass_tokens(max_batch_size, max_seq_len))
+    activations = activation_bytes(args, mp, pass_tokens(max_batch_size, max_seq_len))
     if available is None or weights + caches + activations <= available:
         return
     sharing = os.environ.get("LOCAL_WORLD_SIZE", "1")

@@ -21,7 +21,7 @@ def fake_gpu(monkeypatch, free: int, total: int) -> None:
 
 def overhead(args: ModelArgs, rows: int) -> int:
     """What kv_cache_rows sets aside beside the memory in use: activations and the rotary table."""
-    return activation_bytes(args, 1, torch.bfloat16, pass_tokens(rows, SEQ)) + rope_table_bytes(args, SEQ)
+    return activation_bytes(args, 1, pass_tokens(rows, SEQ)) + rope_table_bytes(args, SEQ)
 
 
 @pytest.mark.parametrize("cap, expected", [(64, 3), (2, 2)])
@@ -88,3 +88,13 @@ def test_prefill_passes_stay_within_the_token_budget(monkeypatch, tiny_ckpt, sp_
     assert generator.text_completion(prompts, temperature=0, max_gen_len=4) == expected
     prefills = generator.engine.stats.prefill_passes - passes
     assert prefills >= 2 and max(widths) <= 24
+    # passes that score their prompts (echo) keep every token's logits: a smaller budget
+    monkeypatch.setattr(llama.runtime.engine, "PREFILL_TOKENS_PER_PASS", 4096)
+    monkeypatch.setattr(llama.runtime.engine, "SCORED_TOKENS_PER_PASS", 24)
+    widths.clear()
+    tokens = [generator.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    scored = generator.generate(tokens, max_gen_len=2, temperature=0, logprobs=True, echo=True)
+    assert max(widths) <= 24 and len(scored[0]) == 4
+    widths.clear()
+    generator.generate(tokens, max_gen_len=2, temperature=0)
+    assert max(widths) > 24  # the same prompts unscored: one pass

@@ -119,7 +119,7 @@ def test_what_the_refusal_suggests_fits(monkeypatch):
     4096, 512 bytes per cached token), the suggested sizes pass the same check."""
     args = ModelArgs.from_params({**TINY_PARAMS, "vocab_size": 32000})
     weights = rank_weight_bytes(args, 1, torch.float32)
-    activations = activation_bytes(args, 1, torch.float32, pass_tokens(8, 4096))  # the largest of the three
+    activations = activation_bytes(args, 1, pass_tokens(8, 4096))  # the largest of the three
     monkeypatch.setattr(llama.runtime.memory, "available_memory", lambda device: weights + activations + 2**20)
     cpu = torch.device("cpu")
     with pytest.raises(LlamaError, match="at most about 1536 cached tokens fit") as info:
