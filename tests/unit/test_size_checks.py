@@ -115,8 +115,9 @@ def test_absurd_context_is_refused(ckpt, sp_tokenizer, nothing_allocated):
 
 
 def test_what_the_refusal_suggests_fits(monkeypatch):
-    """With 1 MiB of room beside the weights and a forward pass's activations (0.25 MiB of it for the rotary table at max_seq_len
-    4096, 512 bytes per cached token), the suggested sizes pass the same check."""
+    """With 1 MiB of room beside the weights and a forward pass's activations (0.25 MiB of it
+    for the rotary table at max_seq_len 4096, 512 bytes per cached token), the suggested sizes
+    pass the same check."""
     args = ModelArgs.from_params({**TINY_PARAMS, "vocab_size": 32000})
     weights = rank_weight_bytes(args, 1, torch.float32)
     activations = activation_bytes(args, 1, pass_tokens(8, 4096))  # the largest of the three
