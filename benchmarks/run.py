@@ -19,7 +19,8 @@ and the fraction of this machine's measured read bandwidth that the decode speed
 quantized by llama.cpp itself), where llama-cpp-python is installed. Writes
 benchmarks/results/scale-<cpu model>.json.
 
-Every engine runs in its own process (so peak memory is its own) on the same prompt token
+Every engine runs in its own process (so peak memory is its own; ours without prefix caching,
+which would skip the repeated prompts: benchmarks/reuse.py measures that) on the same prompt token
 ids: SmolLM2-135M-Instruct, our converted checkpoint vs HF and llama.cpp on the same GGUF.
 Workloads: batch-1 decode (128 new tokens), prefill of a 512-token prompt, batch-16
 throughput (64 new tokens each), time to first token of a chat prompt, load time, peak
@@ -169,8 +170,10 @@ def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str, na
 
     start = time.perf_counter()
     ckpt = scale_dirs()["meta"] if scale else ensure_demo(quiet=True)
+    # Without prefix caching: each run repeats its prompts, which the cache would not compute
+    # again (TTFT, prefill and batch-16 would then measure nothing); benchmarks/reuse.py measures it.
     g = Llama.build(str(ckpt), max_seq_len=1024, max_batch_size=1 if scale else BATCH, device="cpu",
-                    dtype=dtype or None, quantize=quantize or None)
+                    dtype=dtype or None, quantize=quantize or None, prefix_cache=False)
     load_s = time.perf_counter() - start
 
     def gen(prompts, n):
