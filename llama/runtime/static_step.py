@@ -16,6 +16,7 @@ Where capture is unavailable (the CPU, MPS, model parallelism, no torch.cuda.gra
 code runs eagerly, with the same results: the engine's tests run it on the CPU.
 """
 
+import sys
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -25,9 +26,9 @@ from ..model.parallel import model_parallel_size
 from .sampling import sample_fixed, token_logprobs
 
 # Inputs, one row per cache row: token, position, key, step, temperature and top_p (float64 bits).
+# Outputs (float64), one column per row: token, logprob, finite (1.0 or 0.0), settled (1.0 or 0.0).
 _TOKEN, _POSITION, _KEY, _STEP, _TEMPERATURE, _TOP_P = range(6)
-# Outputs: token, logprob, finite (1.0 or 0.0), settled (1.0 or 0.0).
-SMALLEST_KV_BUCKET = 64
+SMALLEST_KV_BUCKET = 64  # positions: short contexts share one graph (reading 64 keys costs little)
 
 
 class RowInput(NamedTuple):
@@ -112,7 +113,14 @@ class StaticDecodeStep:
             return
         captured = self._graphs.get((size, length))
         if captured is None:
-            captured = self._graphs[(size, length)] = self._capture(size, length)
+            try:
+                captured = self._graphs[(size, length)] = self._capture(size, length)
+            except Exception as exc:  # noqa: BLE001 (any failure to capture: the same step, eagerly)
+                self.capture = False
+                print(f"llama: the decode step could not be captured as a CUDA graph "
+                      f"({type(exc).__name__}: {str(exc)[:200]}); it runs eagerly from now on", file=sys.stderr)
+                self._compute(size, length)
+                return
         graph, self._logits = captured
         graph.replay()
         self.replays += 1

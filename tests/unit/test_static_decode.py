@@ -81,6 +81,25 @@ def test_rows_whose_nucleus_is_not_among_the_candidates_are_sampled_again_alike(
                                            logprobs=True, seed=6))
 
 
+def test_a_step_that_cannot_be_captured_runs_eagerly_with_the_same_tokens(pair, capsys):
+    """Capture is not tried here (no CUDA); a failing capture is faked: the step says so once and
+    runs eagerly from then on, with the tokens of the eager step."""
+    static, eager = pair
+    step = static.engine._static_step()
+
+    def fail(size, length):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    step.capture, step._capture = True, fail
+    try:
+        got = static.text_completion(PROMPTS[:3], temperature=0, max_gen_len=8, logprobs=True)
+    finally:
+        del step._capture
+    assert not step.capture and step.replays == 0
+    assert capsys.readouterr().err.count("could not be captured as a CUDA graph") == 1
+    assert_same(got, eager.text_completion(PROMPTS[:3], temperature=0, max_gen_len=8, logprobs=True))
+
+
 # What reads a tensor on the host (a synchronisation on a GPU).
 HOST_READS = {"__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "cpu", "numpy",
               "masked_select", "unique", "__array__"}
