@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_check.sh          # there, with .gpu-check carried along
 #
 # With the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-check"]).
+# The whole may outlast one call's 10 minutes: SKIP_BENCH=1 leaves gpu_bench.py out (run it in a
+# call of its own), GPU_BENCH_ARGS="--sizes 1b --no-compile" shortens it.
 # Output goes to $OUT (the device tool's folder) or benchmarks/results/gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +54,13 @@ echo "== GPU checks"
 $PY benchmarks/gpu_check.py --out "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" || status=1
 
 echo "== GPU benchmark against HF transformers"
-$PY benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.txt" || status=1
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+    echo "skipped (SKIP_BENCH=1)"
+else
+    # shellcheck disable=SC2086  # GPU_BENCH_ARGS holds several flags, e.g. "--sizes 1b --no-compile"
+    $PY benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/gpu_bench.txt" \
+        || status=1
+fi
 
 echo "== 2-rank torchrun chat (NCCL on 2+ GPUs; with one GPU, the refusal to put two ranks on it)"
 CKPT=$(mktemp -d)/tiny2
