@@ -174,7 +174,7 @@ def graph_checks(report: dict, g: Llama, device: str, prompts: List[List[int]]) 
     step = g.engine._static_step()
     report["captured buckets"] = None if step is None else len(step._graphs)
     eager = Engine(g.model, static_decode=True)
-    eager._static = (g.model.layers[0].attention.cache, StaticDecodeStep(g.model, capture=False))
+    eager._static_step().capture = False  # the same step, never captured
     saved, g.engine = g.engine, eager
     original = StaticDecodeStep._run
 

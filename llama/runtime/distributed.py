@@ -234,6 +234,12 @@ def _release(error: BaseException) -> None:
     to the device, before the rank goes on to agree and to report."""
     traceback.clear_frames(error.__traceback__)
     gc.collect()
+    empty_device_cache()
+
+
+def empty_device_cache() -> None:
+    """Hand the memory the accelerator's allocator keeps but does not use back to the device
+    (a no-op on a CPU-only machine)."""
     if torch.accelerator.is_available():
         accel = torch.accelerator.current_accelerator()
         empty_cache = getattr(torch.accelerator, "empty_cache", None) or getattr(

@@ -33,7 +33,7 @@ from ..tokenizer import Tokenizer, load_tokenizer
 from ..utils.checks import real_number, whole_number
 from ..utils.ranks import print0, silence_non_main_ranks
 from .devices import resolve_dtype
-from .distributed import DistContext, all_ranks_agree, init_distributed, smallest_over_ranks
+from .distributed import DistContext, all_ranks_agree, empty_device_cache, init_distributed, smallest_over_ranks
 from .memory import GIB, check_memory, kv_cache_bytes, kv_cache_rows, rank_weight_bytes
 
 # A slow network filesystem: what a build's wait for the slowest rank allows for reading.
@@ -132,18 +132,11 @@ def model_on_device(args: ModelArgs, shards: List[Path], states: Dict[int, Dict[
     if ctx.device.type == "cuda":  # fewer, larger kernels; on the CPU the native decode step reads each weight
         model.fuse_projections()
     if gpu_memory_fraction is not None:  # as many rows as fit, at most max_batch_size
-        _release_cached_memory(ctx.device)
+        empty_device_cache()  # memory the allocator keeps counts as used
         max_batch_size = kv_cache_rows(args, ctx.model_parallel_size, ctx.device, dtype, max_batch_size, max_seq_len,
                                        gpu_memory_fraction)
     setup_caches(model, max_batch_size, max_seq_len, ctx.device)
     return model
-
-
-def _release_cached_memory(device: torch.device) -> None:
-    """Hand memory the allocator keeps but does not use back to the device (it counts as used)."""
-    empty_cache = getattr(getattr(torch, device.type, None), "empty_cache", None)
-    if device.type != "cpu" and empty_cache is not None:
-        empty_cache()
 
 
 def setup_caches(model: Transformer, max_batch_size: int, max_seq_len: int, device: torch.device) -> None:

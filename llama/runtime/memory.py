@@ -65,14 +65,10 @@ def device_memory(device: torch.device) -> Optional[Tuple[int, int]]:
     if device.type != "cpu":
         module = getattr(torch, device.type, None)
         return tuple(module.mem_get_info(device)) if hasattr(module, "mem_get_info") else None
-    free = available_memory(device)
-    try:
-        match = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
-    except OSError:
-        match = None
-    if free is None or match is None:
+    free, total = available_memory(device), _meminfo("MemTotal")
+    if free is None or total is None:
         return None
-    return free, int(match.group(1)) * 1024 // _local_ranks()
+    return free, total // _local_ranks()
 
 
 def kv_cache_rows(args: ModelArgs, mp: int, device: torch.device, dtype: torch.dtype, max_batch_size: int,
@@ -106,7 +102,7 @@ def available_memory(device: torch.device) -> Optional[int]:
     if device.type != "cpu":
         module = getattr(torch, device.type, None)
         return module.mem_get_info(device)[0] if hasattr(module, "mem_get_info") else None
-    known = [room for room in (_meminfo_available(), _cgroup_room()) if room is not None]
+    known = [room for room in (_meminfo("MemAvailable"), _cgroup_room()) if room is not None]
     if not known:
         return None
     return min(known) // _local_ranks()
@@ -118,9 +114,10 @@ def _local_ranks() -> int:
     return int(local_ranks) if local_ranks.isdigit() and int(local_ranks) > 0 else 1
 
 
-def _meminfo_available() -> Optional[int]:
+def _meminfo(field: str) -> Optional[int]:
+    """A /proc/meminfo field (MemAvailable, MemTotal) in bytes; None where it cannot be read."""
     try:
-        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
     except OSError:
         return None
     return int(match.group(1)) * 1024 if match else None

@@ -94,10 +94,9 @@ class StaticDecodeStep:
         host[_TOP_P].view(torch.float64)[:] = 1.0
         if count:
             columns = list(zip(*rows))
-            for index in (_TOKEN, _POSITION, _KEY, _STEP):
-                host[index, :count] = torch.tensor(columns[index], dtype=torch.long)
-            for index in (_TEMPERATURE, _TOP_P):
-                host[index, :count].view(torch.float64)[:] = torch.tensor(columns[index], dtype=torch.float64)
+            host[:_TEMPERATURE, :count] = torch.tensor(columns[:_TEMPERATURE], dtype=torch.long)
+            host[_TEMPERATURE:, :count].view(torch.float64)[:] = torch.tensor(columns[_TEMPERATURE:],
+                                                                             dtype=torch.float64)
         self._inputs.copy_(host, non_blocking=True)
         self._run(size, length)
         packed = self._outputs[:, :count].tolist()  # the step's one device-to-host copy

@@ -22,3 +22,26 @@ def _flags_from_cpuinfo() -> set:
 
 NATIVE_BF16_HERE = bool(_flags_from_cpuinfo() & {"avx512_bf16", "amx_bf16", "bf16"})
 DEFAULT_HERE = torch.bfloat16 if NATIVE_BF16_HERE else torch.float32
+
+
+# fp32: the same position computed in another pass shape (alone, inside a longer prefill, in a
+# wider fixed-shape step) rounds alike to this.
+FP32_LOGPROB_TOLERANCE = 1e-5
+
+
+def assert_same_completions(got, expected, atol: float = FP32_LOGPROB_TOLERANCE) -> None:
+    """Two lists of completions (with logprobs): the same tokens, logprobs within atol."""
+    assert [g["tokens"] for g in got] == [e["tokens"] for e in expected]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g["logprobs"], e["logprobs"], rtol=0, atol=atol)
+
+
+def switched_pair(ckpt, tokenizer, switch: str):
+    """The same weights built twice in fp32 on the CPU (4 rows of 256), with Llama.build's
+    boolean argument `switch` on and off."""
+    from llama import Llama
+
+    def build(on: bool):
+        return Llama.build(str(ckpt), tokenizer, max_seq_len=256, max_batch_size=4, device="cpu", dtype="fp32",
+                           **{switch: on})
+    return build(True), build(False)

@@ -5,25 +5,17 @@ within fp32 rounding (the reused positions were computed in another pass shape).
 import pytest
 import torch
 
+from helpers.precision import FP32_LOGPROB_TOLERANCE as LOGPROB_TOLERANCE
+from helpers.precision import assert_same_completions as assert_same
+from helpers.precision import switched_pair
 from llama import Llama
-
-LOGPROB_TOLERANCE = 1e-5  # fp32: a position computed alone vs inside a longer prefill
 SYSTEM = "You are a terse assistant who answers in one word, always, whatever the question is. " * 2
 
 
 @pytest.fixture(scope="module")
 def pair(tiny_ckpt, sp_tokenizer):
     """The same weights twice (fp32): with the prefix cache, and without."""
-    def build(prefix_cache):
-        return Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=256, max_batch_size=4, device="cpu",
-                           dtype="fp32", prefix_cache=prefix_cache)
-    return build(True), build(False)
-
-
-def assert_same(got, expected):
-    assert [g["tokens"] for g in got] == [e["tokens"] for e in expected]
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g["logprobs"], e["logprobs"], rtol=0, atol=LOGPROB_TOLERANCE)
+    return switched_pair(tiny_ckpt, sp_tokenizer, "prefix_cache")
 
 
 def test_each_turn_of_a_chat_reuses_the_last_and_answers_alike(pair):

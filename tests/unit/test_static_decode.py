@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+from helpers.precision import assert_same_completions as assert_same
+from helpers.precision import switched_pair
 from llama import Llama, LlamaError
 from llama.runtime.engine import Request
 from llama.runtime.sampling import request_key, sample, sample_fixed
 from llama.runtime.static_step import StaticDecodeStep, bucket
 
-LOGPROB_TOLERANCE = 1e-5  # fp32: another pass shape (more rows, more masked keys) rounds alike to this
 PROMPTS = ["Once upon a time", "The capital of France is a city that", "1 2 3", "A long prompt, " * 12, "x",
            "Hello there my friend", "Numbers: 4 5 6 7", "Why?"]
 
@@ -43,16 +44,7 @@ def test_buckets_are_powers_of_two_within_the_limit():
 @pytest.fixture(scope="module")
 def pair(tiny_ckpt, sp_tokenizer):
     """The same fp32 weights with the fixed-shape step and with the eager one."""
-    def build(static):
-        return Llama.build(str(tiny_ckpt), sp_tokenizer, max_seq_len=256, max_batch_size=4, device="cpu",
-                           dtype="fp32", static_decode=static)
-    return build(True), build(False)
-
-
-def assert_same(got, expected):
-    assert [g["tokens"] for g in got] == [e["tokens"] for e in expected]
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g["logprobs"], e["logprobs"], rtol=0, atol=LOGPROB_TOLERANCE)
+    return switched_pair(tiny_ckpt, sp_tokenizer, "static_decode")
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
