@@ -89,6 +89,9 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in [
     Setting("LLAMA_TUNE", "1", _choices("LLAMA_TUNE", ("0", "1"), "1: measure at first use; 0: never"),
             "`1` measures a matmul shape's kernels at its first use (small weights only), `0` takes the "
             "defaults until `python -m llama.tune` runs"),
+    Setting("LLAMA_INTERLEAVE", "1", _choices("LLAMA_INTERLEAVE", ("0", "1"), "1: where measured faster; 0: never"),
+            "quantized weights interleaved 16 rows at a time for the AVX-512 kernels: `1` where measured "
+            "faster (the default), `0` kept in GGML's block order"),
     Setting("LLAMA_PROGRESS", None, _choices("LLAMA_PROGRESS", ("0", "1"), "1: always; 0: never"),
             "progress bars on stderr: `1` always, `0` never; unset: when stderr is a terminal (rank 0 only)"),
     Setting("LLAMA_API_KEY", None, lambda text: check_api_key(text, "LLAMA_API_KEY"),

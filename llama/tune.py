@@ -9,9 +9,9 @@ import torch
 from .checkpoint.params import load_params
 from .errors import LlamaError
 from .model.args import ModelArgs
-from .native import available, build
-from .native.kernel_choice import ROW_BUCKETS, sample_weight, tune
-from .native.layouts import check_layout, packed_shape
+from .native import available, build, paths
+from .native.kernel_choice import INTERLEAVED_PATH, ROW_BUCKETS, sample_weight, tune
+from .native.layouts import GROUP_ROWS, INTERLEAVED, check_layout, packed_shape
 from .utils.cpu import cpu_model
 from .utils.measurements import verdict_file
 
@@ -47,6 +47,13 @@ def _items(value) -> List[str]:
     return [str(p).strip() for p in parts if str(p).strip()]
 
 
+def _forms(layout: str, n: int) -> List[str]:
+    """A layout, and its interleaved form where this machine could keep the weight in it."""
+    form = INTERLEAVED.get(layout)
+    usable = form and n % GROUP_ROWS == 0 and INTERLEAVED_PATH in paths()
+    return [layout, form] if usable else [layout]
+
+
 def main(model: str = "demo", layouts: str = "bf16,q8_0,q4_0,q4_1", rows: str = "1,2,4,8,16,32",
          dtype: str = "bf16") -> None:
     """Measure every kernel for a model's matmul shapes on this machine and cache the winners.
@@ -72,18 +79,19 @@ def main(model: str = "demo", layouts: str = "bf16,q8_0,q4_0,q4_1", rows: str = 
     shapes = _shapes_of(model)
     print(f"{cpu_model()}, torch {torch.__version__}, native kernels: "
           f"{'on' if available() else 'off (' + build.status()['reason'] + ')'}")
-    print(f"{'layout':6} {'matmul':7} {'N x K':>13} {'rows':>4}  {'best':18} {'GB/s':>6}  all (us)")
+    print(f"{'layout':7} {'matmul':7} {'N x K':>13} {'rows':>4}  {'best':18} {'GB/s':>6}  all (us)")
     for layout in layout_list:
         for name, (n, k) in shapes.items():
             n_bytes = packed_shape(layout, n, k)[0] * packed_shape(layout, n, k)[1] * \
                 {"f32": 4, "bf16": 2}.get(layout, 1)
-            weight = sample_weight(layout, n, k)
-            for m in row_list:
-                result = tune(layout, n, k, m, torch_dtype, weight)
-                best_us = result["us"][result["best"]]
-                others = ", ".join(f"{c} {t:.0f}" for c, t in result["us"].items())
-                print(f"{layout:6} {name:7} {n:>6} x {k:<5} {m:>4}  {result['best']:18} "
-                      f"{n_bytes / best_us / 1e3:6.1f}  {others}", flush=True)
+            for form in _forms(layout, n):  # the interleaved form too, which NativeLinear picks by these
+                weight = sample_weight(form, n, k)
+                for m in row_list:
+                    result = tune(form, n, k, m, torch_dtype, weight)
+                    best_us = result["us"][result["best"]]
+                    others = ", ".join(f"{c} {t:.0f}" for c, t in result["us"].items())
+                    print(f"{form:7} {name:7} {n:>6} x {k:<5} {m:>4}  {result['best']:18} "
+                          f"{n_bytes / best_us / 1e3:6.1f}  {others}", flush=True)
     print(f"saved to {verdict_file('kernels')}")
 
 

@@ -135,7 +135,7 @@ class NativeDecoder:
         if isinstance(kernel, NativeLinear):
             if layout is not None:
                 raise LlamaError(f"the model's projections are {kernel.layout} already; pass layout=None")
-            name, stored = kernel.layout, kernel.packed
+            name, stored = kernel.stored, kernel.packed  # blocks in the form they are kept in
         elif kernel is not None or not isinstance(getattr(module, "weight", None), torch.Tensor):
             raise LlamaError(f"NativeDecoder runs float or GGML-quantized (q8_0, q4_0, q4_1) projections; "
                              f"this model has {type(kernel or module).__name__} ones")

@@ -13,6 +13,10 @@ version of the kernels) never inherits this one's choices.
 A shape nobody measured yet is measured at first use when that is cheap (weights up to
 AUTO_TUNE_MAX_BYTES); otherwise a default applies until `python -m llama.tune` runs.
 LLAMA_TUNE=0 turns measuring at first use off.
+
+Quantized weights may also be kept interleaved 16 rows at a time (layouts.INTERLEAVED),
+which only the AVX-512 path reads: stored_layout() keeps the form whose fastest kernel at
+one row of x (a batch-1 decode step) measured faster, the interleaved one by default.
 """
 
 import sys
@@ -24,10 +28,11 @@ import torch
 from .. import settings
 from ..utils.measurements import best_time, kept, lookup, machine_fields, stable_times, verdict_file
 from ..utils.ranks import print0
-from .layouts import is_quantized, packed_shape
+from .layouts import GROUP_ROWS, INTERLEAVED, is_interleaved, is_quantized, packed_shape
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 BF16_ONLY_PATHS = ("avx512_bf16", "amx")  # own code for bf16 weights x bf16 activations only
+INTERLEAVED_PATH = "avx512"  # the code path that reads the interleaved layouts
 AUTO_TUNE_MAX_BYTES = 64 << 20  # measure at first use only for weights up to this size
 # First-use measurement may take this much of a process's time; the cases left take defaults
 # (not kept) until `python -m llama.tune` or a later run measures them.
@@ -61,6 +66,8 @@ def candidates(layout: str, dtype: torch.dtype) -> List[str]:
     from . import paths
 
     native = paths()
+    if is_interleaved(layout):  # only the AVX-512 path reads these
+        native = [p for p in native if p == INTERLEAVED_PATH]
     if len(native) > 1:  # the scalar path only matters where nothing faster exists
         native = native[1:]
     if not (layout == "bf16" and dtype == torch.bfloat16):
@@ -79,6 +86,8 @@ def default_kernel(layout: str, m: int, dtype: torch.dtype) -> str:
     if native == ["scalar"] and not is_quantized(layout):
         return "torch"
     usable = [p for p in native if p not in BF16_ONLY_PATHS or (layout == "bf16" and dtype == torch.bfloat16)]
+    if is_interleaved(layout):
+        usable = [INTERLEAVED_PATH]
     return f"native:{usable[-1]}"
 
 
@@ -137,6 +146,34 @@ def best_kernel(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.
             found = default_kernel(layout, m, dtype)
     _memo[memo] = found
     return found
+
+
+def stored_layout(layout: str, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The form to keep an [n, k] weight of `layout` in: its interleaved form (INTERLEAVED)
+    where the AVX-512 path runs and its fastest kernel at one row of x is not slower than the
+    plain form's, as measured (at first use when cheap, or by `python -m llama.tune`);
+    unmeasured, the interleaved form. LLAMA_INTERLEAVE=0 keeps every weight as it is."""
+    from . import paths
+
+    form = INTERLEAVED.get(layout)
+    if form is None or n % GROUP_ROWS or INTERLEAVED_PATH not in paths() or settings.get("LLAMA_INTERLEAVE") == "0":
+        return layout
+    memo = ("stored", layout, n, k, dtype)
+    if memo not in _memo:
+        times = [_fastest_us(candidate, n, k, dtype) for candidate in (layout, form)]
+        _memo[memo] = layout if None not in times and times[0] < times[1] else form
+    return _memo[memo]
+
+
+def _fastest_us(layout: str, n: int, k: int, dtype: torch.dtype) -> Optional[float]:
+    """The fastest kernel's time at one row of x, kept or measured now (when allowed); None
+    when unknown."""
+    entry = lookup(verdict_file("kernels"), verdict_key(layout, n, k, 1, dtype))
+    if entry is None and settings.get("LLAMA_TUNE") == "1" and _cheap(layout, n, k) and _within_budget():
+        start = time.perf_counter()
+        entry = tune(layout, n, k, 1, dtype, again=False)
+        _auto_spent[0] += time.perf_counter() - start
+    return None if entry is None else min(entry["us"].values())
 
 
 def _within_budget() -> bool:

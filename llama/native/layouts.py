@@ -12,6 +12,11 @@ The quantized layouts are GGML's block formats byte for byte (as in GGUF files):
 a block's nibbles holds element j in its low nibble and element j + 16 in its high nibble.
 The functions here are the fallback when the native library is not built; they round
 exactly as ggml-quants.c and the gguf package do.
+
+    "q8_0x16", "q4_0x16", "q4_1x16"   the same blocks, reordered at load 16 rows at a time
+                                      for the AVX-512 kernels (csrc/common.h); N % 16 == 0.
+                                      Made and undone by llama.native.interleave(); a weight
+                                      is never stored or saved in them.
 """
 
 from typing import Dict, Tuple
@@ -23,8 +28,11 @@ from ..errors import LlamaError
 BLOCK = 32  # weights per block
 BLOCK_BYTES: Dict[str, int] = {"q8_0": 34, "q4_0": 18, "q4_1": 20}
 FLOAT_LAYOUTS: Dict[str, torch.dtype] = {"f32": torch.float32, "bf16": torch.bfloat16}
-LAYOUTS: Tuple[str, ...] = ("f32", "bf16", "q8_0", "q4_0", "q4_1")
+INTERLEAVED: Dict[str, str] = {"q8_0": "q8_0x16", "q4_0": "q4_0x16", "q4_1": "q4_1x16"}
+GROUP_ROWS = 16  # rows of an interleaved group
+LAYOUTS: Tuple[str, ...] = ("f32", "bf16", "q8_0", "q4_0", "q4_1", *INTERLEAVED.values())
 LAYOUT_IDS: Dict[str, int] = {name: i for i, name in enumerate(LAYOUTS)}  # as in csrc/common.h
+_BASE: Dict[str, str] = {interleaved: base for base, interleaved in INTERLEAVED.items()}
 
 _ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # bounds the temporaries of the PyTorch quantizers
 
@@ -34,8 +42,17 @@ def check_layout(layout: str) -> None:
         raise LlamaError(f"layout={layout!r} is not a weight layout; use one of {', '.join(LAYOUTS)}")
 
 
+def base_layout(layout: str) -> str:
+    """The block format of a layout ("q4_0" for "q4_0x16")."""
+    return _BASE.get(layout, layout)
+
+
+def is_interleaved(layout: str) -> bool:
+    return layout in _BASE
+
+
 def is_quantized(layout: str) -> bool:
-    return layout in BLOCK_BYTES
+    return base_layout(layout) in BLOCK_BYTES
 
 
 def packed_shape(layout: str, n: int, k: int) -> Tuple[int, int]:
@@ -43,17 +60,22 @@ def packed_shape(layout: str, n: int, k: int) -> Tuple[int, int]:
     check_layout(layout)
     if k % BLOCK:
         raise LlamaError(f"in_features={k} is not a multiple of {BLOCK}, which layout {layout!r} needs")
-    return (n, k // BLOCK * BLOCK_BYTES[layout]) if is_quantized(layout) else (n, k)
+    if is_interleaved(layout) and n % GROUP_ROWS:
+        raise LlamaError(f"out_features={n} is not a multiple of {GROUP_ROWS}, which layout {layout!r} needs")
+    return (n, k // BLOCK * BLOCK_BYTES[base_layout(layout)]) if is_quantized(layout) else (n, k)
 
 
 def in_features(layout: str, packed: torch.Tensor) -> int:
     """K of a stored weight."""
     if not is_quantized(layout):
         return packed.shape[-1]
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] % BLOCK_BYTES[layout]:
-        raise LlamaError(f"a {layout} weight must be uint8 [N, K/32*{BLOCK_BYTES[layout]}]; "
+    size = BLOCK_BYTES[base_layout(layout)]
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] % size or \
+            (is_interleaved(layout) and packed.shape[0] % GROUP_ROWS):
+        rows = f"N a multiple of {GROUP_ROWS}, " if is_interleaved(layout) else ""
+        raise LlamaError(f"a {layout} weight must be uint8 [N, K/32*{size}] ({rows}K a multiple of {BLOCK}); "
                          f"got {packed.dtype} {list(packed.shape)}")
-    return packed.shape[1] // BLOCK_BYTES[layout] * BLOCK
+    return packed.shape[1] // size * BLOCK
 
 
 def _round_away(v: torch.Tensor) -> torch.Tensor:

@@ -161,9 +161,18 @@ def _paths():
 def test_kernels_match_pytorch(layout, path, concurrent_build):
     if path not in native.paths():
         pytest.skip(f"this CPU does not run the {path} path")
+    interleaved = layouts.is_interleaved(layout)
+    if interleaved and path in ("scalar", "avx2"):
+        with pytest.raises(LlamaError, match=f"layout '{layout}' runs on the avx512"):
+            native.native_linear(torch.randn(1, 64), native.pack(torch.randn(16, 64), layout), layout, path)
+        return
     checked = 0
-    for n, k in [(37, 96), (67, 320), (4, 1024)]:  # odd N; an odd and an even number of blocks
-        packed, w = _gguf_weights(layout, n, k, seed=n)
+    # odd N (interleaved: N in groups of 16); an odd and an even number of blocks
+    shapes = [(48, 96), (80, 320), (16, 1024)] if interleaved else [(37, 96), (67, 320), (4, 1024)]
+    for n, k in shapes:
+        packed, w = _gguf_weights(layouts.base_layout(layout), n, k, seed=n)
+        if interleaved:
+            packed = native.interleave(packed, layout)
         for m in (1, 2, 7, 16, 32):
             x = _exact_activations(m, k, seed=m)
             ref = x @ w.T
@@ -204,7 +213,7 @@ def test_threads_give_the_same_answer(concurrent_build):
 def test_native_linear_module_any_rows(layout, concurrent_build):
     w = torch.randn(48, 128)
     layer = native.NativeLinear(w, layout)
-    deq = native.dequantize(layer.packed, layout)
+    deq = native.dequantize(layer.blocks(), layout)
     assert layer.in_features == 128 and layer.out_features == 48
     for shape in [(1, 1, 128), (2, 3, 128), (2, 40, 128)]:  # decode, small batch, prefill (torch GEMM)
         x = torch.randn(*shape)
@@ -214,8 +223,57 @@ def test_native_linear_module_any_rows(layout, concurrent_build):
         assert ((y - ref).norm() / ref.norm()).item() < 0.01
     # the stored blocks themselves (e.g. a GGUF tensor's bytes) are used as they are
     if layout == "q4_1":
-        again = native.NativeLinear(layer.packed, layout)
+        again = native.NativeLinear(layer.blocks(), layout)
         assert torch.equal(again.packed, layer.packed)
+
+
+# ---- interleaved forms ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", QUANTIZED)
+def test_interleaved_form_is_the_same_blocks(layout, concurrent_build):
+    """Interleaving reorders GGML's blocks and undoes exactly; dequantized, both forms give
+    gguf's values; every byte moves (a group is not its rows)."""
+    form = layouts.INTERLEAVED[layout]
+    blocks = torch.from_numpy(quants.quantize(_awkward_weights(n=32, k=96).numpy(), GGML_TYPE[layout]))
+    grouped = native.interleave(blocks, form)
+    assert grouped.shape == blocks.shape and not torch.equal(grouped, blocks)
+    assert torch.equal(native.interleave(grouped, form, inverse=True), blocks)
+    expected = torch.from_numpy(quants.dequantize(blocks.numpy(), GGML_TYPE[layout]))
+    assert torch.equal(native.dequantize(grouped, form), expected)
+    assert torch.equal(native.dequantize(grouped, form, torch.bfloat16), expected.to(torch.bfloat16))
+    assert torch.equal(native.dequantize(grouped, form, torch.float16), expected.to(torch.float16))
+    with pytest.raises(LlamaError, match="multiple of 16"):
+        native.interleave(blocks[:24], form)
+
+
+def test_native_linear_keeps_the_measured_form(concurrent_build, monkeypatch, tmp_path):
+    """On AVX-512 a q4_0 layer is kept interleaved unless its plain form measured faster at one
+    row; either way it computes the same product and its state_dict holds GGML's blocks."""
+    if "avx512" not in native.paths():
+        pytest.skip("only the AVX-512 path reads the interleaved forms")
+    monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
+    w = torch.randn(64, 128)
+    x = torch.randn(3, 128)
+    results = {}
+    for plain_us, form_us, want in [(None, None, "q4_0x16"), (5.0, 9.0, "q4_0"), (9.0, 5.0, "q4_0x16")]:
+        tune.forget()
+        measured = {"q4_0": plain_us, "q4_0x16": form_us}
+        monkeypatch.setattr(tune, "_fastest_us", lambda layout, *args: measured[layout])
+        layer = native.NativeLinear(w, "q4_0")
+        assert layer.stored == want
+        results[want] = layer(x)
+        blocks = layer.state_dict()["packed"]
+        assert torch.equal(blocks, native.quantize(w, "q4_0"))
+        fresh = native.NativeLinear(torch.zeros(64, 128), "q4_0")
+        given = {"packed": blocks.clone()}
+        fresh.load_state_dict(given)
+        assert torch.equal(fresh.packed, layer.packed) and torch.equal(given["packed"], blocks)
+    torch.testing.assert_close(results["q4_0x16"], results["q4_0"], rtol=1e-5, atol=1e-5)
+    assert native.NativeLinear(torch.randn(40, 128), "q4_0").stored == "q4_0"  # N not in groups of 16
+    tune.forget()
+    monkeypatch.setenv("LLAMA_INTERLEAVE", "0")
+    assert native.NativeLinear(w, "q4_0").stored == "q4_0"
+    tune.forget()
 
 
 def test_bad_input_is_a_llama_error():

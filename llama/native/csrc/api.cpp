@@ -11,7 +11,7 @@ namespace {
 
 using namespace llama;
 
-constexpr int ABI_VERSION = 2;
+constexpr int ABI_VERSION = 3;
 
 enum Error : int { OK = 0, BAD_LAYOUT = -1, BAD_PATH = -2, BAD_SHAPE = -3, BAD_DTYPE = -4 };
 
@@ -52,6 +52,9 @@ bool cpu_has(int path) {
 
 bool quantized(int layout) { return layout == Q8_0 || layout == Q4_0 || layout == Q4_1; }
 
+// An interleaved layout's row count must fill its groups.
+bool rows_fit(int layout, int64_t rows) { return !interleaved(layout) || rows % GROUP_ROWS == 0; }
+
 }  // namespace
 
 extern "C" {
@@ -79,9 +82,9 @@ int llama_native_threads(void) {
 // threads: 1 for the calling thread only, else the OpenMP team.
 int llama_linear(int layout, int path, const void* x, int x_dtype, int64_t m, int64_t k, const void* w,
                  int64_t n, void* y, int y_dtype, int threads) {
-    if (layout < F32 || layout > Q4_1) return BAD_LAYOUT;
+    if (layout < F32 || layout > LAST_LAYOUT) return BAD_LAYOUT;
     if (!cpu_has(path)) return BAD_PATH;
-    if (m < 1 || n < 1 || k < QK || k % QK != 0) return BAD_SHAPE;
+    if (m < 1 || n < 1 || k < QK || k % QK != 0 || !rows_fit(layout, n)) return BAD_SHAPE;
     if ((x_dtype != DT_F32 && x_dtype != DT_BF16) || (y_dtype != DT_F32 && y_dtype != DT_BF16)) return BAD_DTYPE;
     return run_linear({layout, m, n, k, x, x_dtype, (const uint8_t*)w, y, y_dtype, threads}, path);
 }
@@ -102,21 +105,47 @@ void quantize_rows(const void* ctx, int64_t begin, int64_t end) {
         quantize_row(j.layout, (const float*)j.src + r * j.k, j.k, (uint8_t*)j.dst + r * rb);
 }
 
+void dequantize_row_to(const RowsJob& j, const uint8_t* in, int64_t r, float* tmp) {
+    if (j.dtype == DT_F32) {
+        dequantize_row(j.layout, in, j.k, (float*)j.dst + r * j.k);
+    } else {
+        dequantize_row(j.layout, in, j.k, tmp);
+        uint16_t* out = (uint16_t*)j.dst + r * j.k;
+        for (int64_t i = 0; i < j.k; i++) out[i] = f32_to_bf16(tmp[i]);
+    }
+}
+
 void dequantize_rows(const void* ctx, int64_t begin, int64_t end) {
     const RowsJob& j = *(const RowsJob*)ctx;
     const size_t rb = row_bytes(j.layout, j.k);
     float* tmp = (float*)scratch(sizeof(float) * j.k, SCRATCH_SLOTS - 1);  // per thread
-    for (int64_t r = begin; r < end; r++) {
-        const uint8_t* in = (const uint8_t*)j.src + r * rb;
-        if (j.dtype == DT_F32) {
-            dequantize_row(j.layout, in, j.k, (float*)j.dst + r * j.k);
-        } else {
-            dequantize_row(j.layout, in, j.k, tmp);
-            uint16_t* out = (uint16_t*)j.dst + r * j.k;
-            for (int64_t i = 0; i < j.k; i++) out[i] = f32_to_bf16(tmp[i]);
-        }
+    for (int64_t r = begin; r < end; r++) dequantize_row_to(j, (const uint8_t*)j.src + r * rb, r, tmp);
+}
+
+// An interleaved layout: each group back to 16 base-layout rows (in scratch), then those.
+void dequantize_groups(const void* ctx, int64_t begin, int64_t end) {
+    const RowsJob& j = *(const RowsJob*)ctx;
+    const RowsJob rows{base_layout(j.layout), j.k, nullptr, j.dst, j.dtype};
+    const size_t rb = row_bytes(j.layout, j.k);
+    float* tmp = (float*)scratch(sizeof(float) * j.k, SCRATCH_SLOTS - 1);
+    uint8_t* plain = (uint8_t*)scratch(GROUP_ROWS * rb, SCRATCH_SLOTS - 2);
+    for (int64_t g = begin; g < end; g++) {
+        interleave_group(j.layout, plain, j.k, (uint8_t*)j.src + g * GROUP_ROWS * rb, true);
+        for (int i = 0; i < GROUP_ROWS; i++) dequantize_row_to(rows, plain + i * rb, g * GROUP_ROWS + i, tmp);
     }
 }
+
+void interleave_groups(const void* ctx, int64_t begin, int64_t end, bool inverse) {
+    const RowsJob& j = *(const RowsJob*)ctx;
+    const size_t group_bytes = GROUP_ROWS * row_bytes(j.layout, j.k);
+    for (int64_t g = begin; g < end; g++) {
+        uint8_t* rows = (uint8_t*)(inverse ? j.dst : j.src) + g * group_bytes;
+        uint8_t* group = (uint8_t*)(inverse ? j.src : j.dst) + g * group_bytes;
+        interleave_group(j.layout, rows, j.k, group, inverse);
+    }
+}
+void interleave_forward(const void* ctx, int64_t begin, int64_t end) { interleave_groups(ctx, begin, end, false); }
+void interleave_inverse(const void* ctx, int64_t begin, int64_t end) { interleave_groups(ctx, begin, end, true); }
 }  // namespace
 
 // src fp32 [rows, k] -> dst blocks [rows, row_bytes], as ggml-quants.c does it.
@@ -128,13 +157,25 @@ int llama_quantize(int layout, const float* src, int64_t rows, int64_t k, void* 
     return OK;
 }
 
-// src blocks [rows, row_bytes] -> dst [rows, k] in fp32 or bf16 (dtype).
+// src blocks [rows, row_bytes] (a quantized or interleaved layout) -> dst [rows, k] in
+// fp32 or bf16 (dtype).
 int llama_dequantize(int layout, const void* src, int64_t rows, int64_t k, void* dst, int dtype, int threads) {
-    if (!quantized(layout)) return BAD_LAYOUT;
-    if (rows < 0 || k < QK || k % QK != 0) return BAD_SHAPE;
+    if (!quantized(base_layout(layout))) return BAD_LAYOUT;
+    if (rows < 0 || k < QK || k % QK != 0 || !rows_fit(layout, rows)) return BAD_SHAPE;
     if (dtype != DT_F32 && dtype != DT_BF16) return BAD_DTYPE;
     const RowsJob j{layout, k, src, dst, dtype};
-    parallel_ranges(&j, rows, dequantize_rows, threads);
+    if (interleaved(layout)) parallel_ranges(&j, rows / GROUP_ROWS, dequantize_groups, threads);
+    else parallel_ranges(&j, rows, dequantize_rows, threads);
+    return OK;
+}
+
+// Base-layout blocks [rows, row_bytes] -> interleaved `layout` (the same bytes reordered;
+// see common.h), or back when `inverse`. rows: a multiple of 16.
+int llama_interleave(int layout, const void* src, int64_t rows, int64_t k, void* dst, int inverse, int threads) {
+    if (!interleaved(layout)) return BAD_LAYOUT;
+    if (rows < 0 || k < QK || k % QK != 0 || !rows_fit(layout, rows)) return BAD_SHAPE;
+    const RowsJob j{layout, k, src, dst, DT_F32};
+    parallel_ranges(&j, rows / GROUP_ROWS, inverse ? interleave_inverse : interleave_forward, threads);
     return OK;
 }
 

@@ -7,6 +7,15 @@
 //   Q4_1: fp16 d, fp16 m, uint8 nibbles[16]      value = q * d + m
 // where byte j of the nibbles holds element j in its low nibble and element j + 16 in its
 // high nibble. BF16 and F32 rows are plain arrays.
+//
+// The interleaved layouts (Q8_0_X16, Q4_0_X16, Q4_1_X16) hold the same blocks reordered at
+// load for the AVX-512 kernels, 16 rows at a time, so that one 512-bit load holds 4 bytes
+// of each of 16 rows and the integer dot products land one row per lane (no horizontal sums).
+// A group of 16 rows takes the bytes of 16 rows of its base layout, block after block: the
+// block's 16 scales (fp16 d of rows 0..15; Q4_1: then their 16 fp16 m), then its quantized
+// bytes in chunks of 4 per row: chunk c = bytes 4c..4c+3 of rows 0..15 (one sequential
+// stream: measured faster than the scales apart). Q8_0_X16 stores q + 128 (unsigned, as
+// VPDPBUSD takes it). N must be a multiple of 16.
 #pragma once
 
 #include <cstddef>
@@ -24,7 +33,13 @@
 
 namespace llama {
 
-enum Layout : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4 };
+enum Layout : int { F32 = 0, BF16 = 1, Q8_0 = 2, Q4_0 = 3, Q4_1 = 4, Q8_0_X16 = 5, Q4_0_X16 = 6, Q4_1_X16 = 7 };
+constexpr int LAST_LAYOUT = Q4_1_X16;
+constexpr int GROUP_ROWS = 16;  // rows of an interleaved group
+
+static inline bool interleaved(int layout) { return layout >= Q8_0_X16 && layout <= Q4_1_X16; }
+// The block format of a layout (an interleaved layout's blocks are its base's).
+static inline int base_layout(int layout) { return interleaved(layout) ? layout - Q8_0_X16 + Q8_0 : layout; }
 enum Path : int { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 4 };
 enum DType : int { DT_F32 = 0, DT_BF16 = 1 };
 
@@ -38,7 +53,7 @@ static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(Block
 
 // Bytes of one row of k weights in a layout.
 static inline size_t row_bytes(int layout, int64_t k) {
-    switch (layout) {
+    switch (base_layout(layout)) {
         case F32: return 4 * (size_t)k;
         case BF16: return 2 * (size_t)k;
         case Q8_0: return sizeof(BlockQ8_0) * (size_t)(k / QK);

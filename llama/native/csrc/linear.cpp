@@ -135,6 +135,7 @@ void scalar_quant_range(const void* vctx, int64_t begin, int64_t end) {
 }  // namespace
 
 int plan_scalar(Plan& p, int base) {
+    if (interleaved(p.args.layout)) return -1;  // only the AVX-512 path reads these
     ScalarCtx& c = plan_context<ScalarCtx>(p);
     const LinearArgs& a = p.args;
     c.a = &p.args;

@@ -235,6 +235,123 @@ inline void float_tile(const LinearArgs& a, const float* xf, const uint8_t* cons
     reduce_tile(acc, out, add_vectors, sum_lanes);
 }
 
+// ---- interleaved layouts (see common.h) ---------------------------------------------------
+// One 512-bit load holds 4 weight bytes of each of 16 rows; its dot product with 4
+// activation bytes broadcast to every lane gives each row's partial sum in its own lane.
+// A block's 16 scales are one fp16 vector. x rows share each weight load, R at a time.
+
+constexpr int XR = 4;  // x rows per pass over a group
+
+// x quantized per block: q [m, k] in natural order, d [m, k/32] and c [m, k/32]: the int32
+// each block's dot product starts from (the -8 or -128 offset of the weights times sum(q)).
+struct XBlocks {
+    const int8_t* q;
+    const float* d;
+    const int32_t* c;
+    const float* s;  // Q4_1: d * sum(q), for the offset term
+};
+
+XBlocks prepare_x_blocks(const LinearArgs& a, int base) {
+    const float* xf = activations_f32(a, base);
+    const int64_t nb = a.k / QK, layout = base_layout(a.layout);
+    int8_t* q = (int8_t*)scratch(a.m * a.k, base + 1);
+    float* d = (float*)scratch(sizeof(float) * a.m * nb, base + 2);
+    int32_t* c = (int32_t*)scratch(sizeof(int32_t) * a.m * nb, base + 3);
+    float* s = (float*)scratch(sizeof(float) * a.m * nb, base + 4);
+    const int32_t offset = layout == Q8_0 ? -128 : layout == Q4_0 ? -8 : 0;
+    for (int64_t i = 0; i < a.m * nb; i++) {
+        int32_t sum = 0;
+        quantize_block(xf + i * QK, q + i * QK, d + i, &sum);
+        c[i] = offset * sum;
+        s[i] = d[i] * (float)sum;
+    }
+    return {q, d, c, s};
+}
+
+template <int L, int R>
+inline void group_rows(const LinearArgs& a, const XBlocks& x, const uint8_t* group, int64_t m0, __m512 out[XR]) {
+    constexpr bool Q8 = L == Q8_0_X16, OFFSET = L == Q4_1_X16;
+    constexpr int scale_bytes = OFFSET ? 64 : 32, quant_bytes = Q8 ? 512 : 256;
+    const int64_t nb = a.k / QK;
+    const int32_t* xw[R];  // x rows as 32-bit words: word 8b + c holds elements 4c .. 4c+3 of block b
+    for (int r = 0; r < R; r++) xw[r] = (const int32_t*)(x.q + (m0 + r) * a.k);
+    __m512 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t* block = group + b * (scale_bytes + quant_bytes);  // scales, then quants
+        const uint8_t* wb = block + scale_bytes;
+        __m512i even[R], odd[R];  // two dot-product chains per x row
+        for (int r = 0; r < R; r++) {
+            even[r] = _mm512_set1_epi32(x.c[(m0 + r) * nb + b]);
+            odd[r] = _mm512_setzero_si512();
+        }
+        if constexpr (Q8) {
+            for (int c = 0; c < 8; c += 2) {
+                const __m512i w0 = _mm512_loadu_si512(wb + 64 * c), w1 = _mm512_loadu_si512(wb + 64 * c + 64);
+                for (int r = 0; r < R; r++) {
+                    even[r] = _mm512_dpbusd_epi32(even[r], w0, _mm512_set1_epi32(xw[r][8 * b + c]));
+                    odd[r] = _mm512_dpbusd_epi32(odd[r], w1, _mm512_set1_epi32(xw[r][8 * b + c + 1]));
+                }
+            }
+        } else {
+            for (int c = 0; c < 4; c++) {  // low nibbles: elements 4c.., high nibbles: 16 + 4c..
+                const __m512i w = _mm512_loadu_si512(wb + 64 * c);
+                const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+                for (int r = 0; r < R; r++) {
+                    even[r] = _mm512_dpbusd_epi32(even[r], lo, _mm512_set1_epi32(xw[r][8 * b + c]));
+                    odd[r] = _mm512_dpbusd_epi32(odd[r], hi, _mm512_set1_epi32(xw[r][8 * b + 4 + c]));
+                }
+            }
+        }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)block));
+        for (int r = 0; r < R; r++) {
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r]));
+            acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(x.d[(m0 + r) * nb + b])), acc[r]);
+        }
+        if constexpr (OFFSET) {
+            const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(block + 32)));
+            for (int r = 0; r < R; r++) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x.s[(m0 + r) * nb + b]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+struct GroupCtx {
+    const LinearArgs* a;
+    XBlocks x;
+};
+
+template <int L>
+void group_range(const void* vctx, int64_t begin, int64_t end) {
+    const GroupCtx& c = *(const GroupCtx*)vctx;
+    const LinearArgs& a = *c.a;
+    const size_t group_bytes = GROUP_ROWS * row_bytes(L, a.k);
+    __m512 out[XR];
+    for (int64_t g = begin; g < end; g++) {
+        const uint8_t* group = a.w + g * group_bytes;
+        for (int64_t m0 = 0; m0 < a.m; m0 += XR) {
+            const int r = (int)std::min<int64_t>(XR, a.m - m0);
+            switch (r) {
+                case 1: group_rows<L, 1>(a, c.x, group, m0, out); break;
+                case 2: group_rows<L, 2>(a, c.x, group, m0, out); break;
+                case 3: group_rows<L, 3>(a, c.x, group, m0, out); break;
+                default: group_rows<L, 4>(a, c.x, group, m0, out); break;
+            }
+            for (int i = 0; i < r; i++) {
+                const int64_t at = (m0 + i) * a.n + g * GROUP_ROWS;
+                if (a.y_dtype == DT_F32) {
+                    _mm512_storeu_ps((float*)a.y + at, out[i]);
+                } else {
+                    alignas(64) float lanes[GROUP_ROWS];
+                    _mm512_store_ps(lanes, out[i]);
+                    for (int j = 0; j < GROUP_ROWS; j++) ((uint16_t*)a.y)[at + j] = f32_to_bf16(lanes[j]);
+                }
+            }
+        }
+    }
+}
+
 // ---- driver -------------------------------------------------------------------------------
 
 struct Ctx {
@@ -281,6 +398,16 @@ int plan_avx512(Plan& p, int base) {
         case Q8_0: p.fn = column_range<Q8_0>; break;
         case Q4_0: p.fn = column_range<Q4_0>; break;
         case Q4_1: p.fn = column_range<Q4_1>; break;
+        case Q8_0_X16: case Q4_0_X16: case Q4_1_X16: {
+            if (a.n % GROUP_ROWS) return -1;
+            GroupCtx& g = plan_context<GroupCtx>(p);
+            g.a = &p.args;
+            g.x = prepare_x_blocks(a, base);
+            p.count = a.n / GROUP_ROWS;
+            p.fn = a.layout == Q8_0_X16 ? group_range<Q8_0_X16> : a.layout == Q4_0_X16 ? group_range<Q4_0_X16>
+                                                                                      : group_range<Q4_1_X16>;
+            return 0;
+        }
         default: return -1;
     }
     c.act = prepare_activations(a, base);

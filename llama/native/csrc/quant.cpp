@@ -96,4 +96,29 @@ void quantize_activation_row(const float* x, int64_t k, int8_t* q, float* d, int
     }
 }
 
+void interleave_group(int layout, uint8_t* rows, int64_t k, uint8_t* group, bool inverse) {
+    const int base = base_layout(layout);
+    const int64_t nb = k / QK;
+    const size_t rb = row_bytes(base, k);
+    const int sb = base == Q4_1 ? 4 : 2, qb = base == Q8_0 ? QK : QK / 2;  // per row and block
+    const uint8_t flip = base == Q8_0 ? 0x80 : 0;  // int8 q <-> unsigned q + 128
+    for (int r = 0; r < GROUP_ROWS; r++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t* blk = rows + r * rb + b * (sb + qb);
+            uint8_t* scales = group + b * GROUP_ROWS * (sb + qb);
+            uint8_t* chunks = scales + GROUP_ROWS * sb + 4 * r;
+            if (inverse) {
+                std::memcpy(blk, scales + 2 * r, 2);
+                if (base == Q4_1) std::memcpy(blk + 2, scales + 2 * GROUP_ROWS + 2 * r, 2);
+                for (int c = 0; c < qb / 4; c++)
+                    for (int i = 0; i < 4; i++) blk[sb + 4 * c + i] = chunks[64 * c + i] ^ flip;
+            } else {
+                std::memcpy(scales + 2 * r, blk, 2);
+                if (base == Q4_1) std::memcpy(scales + 2 * GROUP_ROWS + 2 * r, blk + 2, 2);
+                for (int c = 0; c < qb / 4; c++)
+                    for (int i = 0; i < 4; i++) chunks[64 * c + i] = blk[sb + 4 * c + i] ^ flip;
+            }
+        }
+}
+
 }  // namespace llama
