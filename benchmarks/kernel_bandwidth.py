@@ -15,6 +15,7 @@ processes.
 """
 
 import argparse
+import ctypes
 import json
 import platform
 import statistics
@@ -55,11 +56,16 @@ def timings(calls: List[Callable[[], object]], reps: int) -> Dict[str, float]:
 
 def bandwidth(reps: int) -> Dict[str, float]:
     """Memory bandwidth with torch's threads on a 1 GB tensor: reading it (the best of a
-    few reductions that PyTorch runs at memory speed; no single one always does) and
-    copying it (read + write)."""
+    few reductions, PyTorch's and the native library's XOR of 64-bit words; no single one
+    always runs at memory speed) and copying it (read + write)."""
     a = torch.ones(256 << 20)  # 1 GB of fp32
     nbytes = a.numel() * 4
     probes = {"dot": lambda: torch.dot(a, a), "sum": lambda: a.sum(), "max_uint8": lambda: a.view(torch.uint8).max()}
+    lib = native._lib()
+    if lib is not None:  # the kernels' own plain loads: PyTorch's reductions fell short of them
+        lib.llama_read_probe.restype = ctypes.c_uint64
+        lib.llama_read_probe.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
+        probes["native_xor"] = lambda: lib.llama_read_probe(a.data_ptr(), nbytes, 0)
     read = {name: nbytes / timings([probe], reps)["best_s"] / 1e9 for name, probe in probes.items()}
     b = torch.empty_like(a)
     copy = 2 * nbytes / timings([lambda: b.copy_(a)], reps)["best_s"] / 1e9

@@ -179,4 +179,22 @@ int llama_interleave(int layout, const void* src, int64_t rows, int64_t k, void*
     return OK;
 }
 
+// Reads `bytes` of memory (a multiple of 8) on the thread team and returns the XOR of its
+// 64-bit words: a probe of the memory bandwidth that the kernels' own loads can reach
+// (benchmarks/kernel_bandwidth.py), where PyTorch's reductions may fall short of it.
+uint64_t llama_read_probe(const void* data, int64_t bytes, int threads) {
+    struct Job { const uint64_t* words; uint64_t result; } job{(const uint64_t*)data, 0};
+    constexpr int64_t PAGE = 4096 / 8;  // words per unit of work
+    parallel_ranges(&job, bytes / 8 / PAGE, [](const void* ctx, int64_t begin, int64_t end) {
+        Job& j = *(Job*)ctx;
+        uint64_t acc = 0;
+        const uint64_t* w = j.words + begin * PAGE;
+        const int64_t n = (end - begin) * PAGE;
+#pragma omp simd reduction(^ : acc)
+        for (int64_t i = 0; i < n; i++) acc ^= w[i];
+        __atomic_fetch_xor(&j.result, acc, __ATOMIC_RELAXED);
+    }, threads);
+    return job.result;
+}
+
 }  // extern "C"
