@@ -398,6 +398,25 @@ MUTATIONS: List[Mutation] = [
     M("int8-on-cuda-allowed", "llama/model/quantize/int8.py",
       [('    if device.type == "cuda":\n        raise', '    if False:\n        raise')],
       ["tests/unit/test_quantize.py"], "int8 runs on CUDA, slower than bf16"),
+    # CPU performance round 3 (issue 28): interleaved quantized weights, the native prompt attention.
+    M("interleave-q8-sign-kept", "llama/native/csrc/quant.cpp",
+      [("    const uint8_t flip = base == Q8_0 ? 0x80 : 0;", "    const uint8_t flip = 0;")],
+      ["tests/unit/test_native.py"], "q8_0x16 keeps int8 q where the kernel reads q + 128"),
+    M("interleaved-q4-halves-swapped", "llama/native/csrc/linear_avx512.cpp",
+      [("_mm512_set1_epi32(xw[r][8 * b + 4 + c])", "_mm512_set1_epi32(xw[r][8 * b + c + 0])")],
+      ["tests/unit/test_native.py"], "the high nibbles of a q4 block meet the wrong activations"),
+    M("interleaved-state-dict-raw", "llama/native/__init__.py",
+      [('        destination[prefix + "packed"] = self.blocks()', '        destination[prefix + "packed"] = self.packed')],
+      ["tests/unit/test_native.py"], "a saved quantized layer holds the interleaved bytes, not GGML's blocks"),
+    M("attention-diagonal-hidden", "llama/native/csrc/attention_avx512_bf16.cpp",
+      [("_mm512_cmple_epi32_mask(", "_mm512_cmplt_epi32_mask(")],
+      ["tests/unit/test_native_attention.py"], "a query does not see its own key"),
+    M("attention-rescale-skipped", "llama/native/csrc/attention_avx512_bf16.cpp",
+      [("            if (alpha != 1.0f)", "            if (false)")],
+      ["tests/unit/test_native_attention.py"], "the online softmax forgets to rescale the output of earlier blocks"),
+    M("native-prompt-attention-never-runs", "llama/model/transformer.py",
+      [("            if self.prompt_attention_native:", "            if False:")],
+      ["tests/unit/test_native_attention.py"], "the measured native attention is never used"),
 ]
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native.attention import causal_attention
 from .args import ModelArgs
 from .attention import attend
 from .cache import KVCache, kv_cache_dtype
@@ -49,8 +50,10 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
         self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv in one weight, once fused (fuse())
         # The dtype a prompt's attention over its own keys runs in; None: the cache's. Set from
-        # outside, where it is chosen by measurement (llama.runtime.backend.prompt_attention_dtype).
+        # outside, where it is chosen by measurement (llama.runtime.backend.prompt_attention_dtype),
+        # as is whether it runs on the native bf16 kernel (backend.prompt_attention_native).
         self.prompt_attention_dtype: Optional[torch.dtype] = None
+        self.prompt_attention_native = False
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
                 rotation: torch.Tensor, mask: Optional[torch.Tensor],
@@ -71,6 +74,10 @@ class Attention(nn.Module):
         fresh = mask is None and kv_len == seqlen
         keys, values = self.cache.update(positions, k, v, kv_len, rows, fresh=fresh)
         if fresh and seqlen > 1 and self.prompt_attention_dtype is not None:  # the cache keeps its dtype
+            if self.prompt_attention_native:  # in the projections' own layout: [B, S, heads, D]
+                dtype = self.prompt_attention_dtype
+                out = causal_attention(q.to(dtype), k.to(dtype), v.to(dtype))
+                return self.wo(out.view(batch, seqlen, -1).to(x.dtype))
             q, keys, values = (t.to(self.prompt_attention_dtype) for t in (q, keys, values))
         out = attend(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seqlen, -1).to(x.dtype))

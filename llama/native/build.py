@@ -44,6 +44,7 @@ _SOURCES = {name: (name, []) for name in ("api.cpp", "linear.cpp", "quant.cpp", 
 _X86_SOURCES = {"linear_avx2.cpp": ("linear_avx2.cpp", _AVX2), "linear_avx512.cpp": ("linear_avx512.cpp", _AVX512),
                 "linear_avx512_bf16.cpp": ("linear_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
                 "linear_amx.cpp": ("linear_amx.cpp", _AVX512 + ["-mavx512bf16"]),
+                "attention_avx512_bf16.cpp": ("attention_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
                 "decode_avx512.cpp": ("decode.cpp", _AVX512 + ["-DLLAMA_DECODE_AVX512"])}
 _AMX = ["-mamx-tile", "-mamx-bf16"]  # added to linear_amx.cpp where the compiler takes them
 

@@ -6,8 +6,9 @@ the model and applied around its calls (by the engine), never by flags flipped i
 - choose_decode_step(): the decode step on PyTorch (eager, with that rule) or the native
   step (llama.native.decode: one call per step) on one of its code paths, by timing real
   steps of the model on this machine, once per machine, software and model shape.
-- prompt_attention_dtype(): a prompt's attention over its own keys in the KV cache's fp32 or
-  the model's bf16/fp16, by timing PyTorch's attention in both.
+- prompt_attention_dtype() and prompt_attention_native(): a prompt's attention over its own
+  keys in the KV cache's fp32 or the model's bf16/fp16, on PyTorch's attention or the native
+  bf16 kernel, by timing them.
 
 Every choice is kept per machine (llama.utils.measurements), so every process here makes the
 same one.
@@ -22,6 +23,7 @@ import torch
 from .. import native, settings
 from ..model import Transformer
 from ..model.quantize import quantized_layout
+from ..native.attention import attention_problem, causal_attention
 from ..native.build import sources_digest
 from ..native.decode import NativeDecoder, decode_problem
 from ..native.kernel_choice import BF16_ONLY_PATHS
@@ -42,20 +44,35 @@ def matmul_policy(tokens: torch.Tensor) -> Iterator[None]:
         torch.backends.mkldnn.enabled = saved
 
 
-# ---- a prompt's attention: in the KV cache's fp32 or the model's dtype, by measurement ---------
+# ---- a prompt's attention: in the KV cache's fp32, the model's dtype or natively, by measurement ----
 
 PROMPT_TOKENS_TIMED = 256
-PROMPT_ATTENTION_MARGIN = 0.8  # the model's dtype must be this much faster: no flip-flop near a tie
+PROMPT_ATTENTION_MARGIN = 0.8  # a challenger must be this much faster: no flip-flop near a tie
 
 
 def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     """The dtype for a prompt's attention over its own keys, where the KV cache is kept in
     another dtype than the model's (fp32 on the CPU, see llama.model.cache.kv_cache_dtype): the
-    model's (bf16, fp16) where PyTorch's CPU flash attention ran a 256-token prompt faster in it
-    on this machine, else None (the cache's). Measured once per machine, software and head
-    shape and kept in $LLAMA_CACHE/tune/prompt-attention.json, so that every process here makes
-    the same choice (a server and a script, the ranks of a job, agree to the last bit). Decode
-    steps keep the cache's dtype: bf16 is slower for one query (docs/benchmarks.md)."""
+    model's (bf16, fp16) where its attention ran a 256-token prompt faster than the cache's on
+    this machine (PyTorch's CPU flash attention in that dtype, or the native bf16 kernel: see
+    prompt_attention_native), else None (the cache's). Measured once per machine, software and
+    head shape and kept in $LLAMA_CACHE/tune/prompt-attention.json, so that every process here
+    makes the same choice (a server and a script, the ranks of a job, agree to the last bit).
+    Decode steps keep the cache's dtype: bf16 is slower for one query (docs/benchmarks.md)."""
+    verdict = _prompt_attention_verdict(model)
+    return None if verdict is None or not (verdict["model_dtype"] or verdict.get("native")) \
+        else model.norm.weight.dtype
+
+
+def prompt_attention_native(model: Transformer) -> bool:
+    """Whether a prompt's attention over its own keys runs on the native bf16 kernel
+    (llama.native.attention), measured faster than PyTorch's in either dtype (the same verdict
+    as prompt_attention_dtype's)."""
+    verdict = _prompt_attention_verdict(model)
+    return bool(verdict and verdict.get("native"))
+
+
+def _prompt_attention_verdict(model: Transformer) -> Optional[dict]:
     attention = model.layers[0].attention
     cache_dtype, model_dtype = attention.cache.k.dtype, model.norm.weight.dtype
     if attention.cache.k.device.type != "cpu" or model_dtype == cache_dtype:
@@ -65,25 +82,44 @@ def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
     def measure(_) -> dict:
         ms = {str(d).replace("torch.", ""): 1e3 * time_prompt_attention(d, *shape) for d in (model_dtype, cache_dtype)}
         model_ms, cache_ms = ms.values()
-        return {"ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms}
+        native_s = time_native_prompt_attention(*shape) if model_dtype == torch.bfloat16 else None
+        native = native_s is not None and 1e3 * native_s < PROMPT_ATTENTION_MARGIN * min(model_ms, cache_ms)
+        if native_s is not None:
+            ms["native"] = 1e3 * native_s
+        return {"ms": ms, "model_dtype": model_ms < PROMPT_ATTENTION_MARGIN * cache_ms, "native": native}
 
-    entry = kept(verdict_file("prompt-attention"), {"": prompt_attention_key(model_dtype, cache_dtype, shape)},
-                 measure, "the prompt-attention measurement")[""]
-    return model_dtype if entry["model_dtype"] else None
+    return kept(verdict_file("prompt-attention"), {"": prompt_attention_key(model_dtype, cache_dtype, shape)},
+                measure, "the prompt-attention measurement")[""]
 
 
 def prompt_attention_key(model_dtype: torch.dtype, cache_dtype: torch.dtype, shape: Sequence[int]) -> dict:
-    """What the prompt-attention verdict depends on: machine, software, heads, dtypes, threads."""
-    return {**machine_fields(), "heads": list(shape), "dtypes": [str(model_dtype), str(cache_dtype)]}
+    """What the prompt-attention verdict depends on: machine, software (the native kernels'
+    sources too), heads, dtypes, threads."""
+    return {**machine_fields(), "kernels": sources_digest()[:16], "heads": list(shape),
+            "dtypes": [str(model_dtype), str(cache_dtype)]}
 
 
-def time_prompt_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> float:
-    """Seconds of one causal attention of a PROMPT_TOKENS_TIMED-token prompt: the best of 10."""
+def _prompt_inputs(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> tuple:
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, PROMPT_TOKENS_TIMED, head_dim, generator=g).to(dtype)
     k = torch.randn(1, kv_heads, PROMPT_TOKENS_TIMED, head_dim, generator=g).to(dtype)
+    return q, k
+
+
+def time_prompt_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> float:
+    """Seconds of PyTorch's causal attention over a PROMPT_TOKENS_TIMED-token prompt: the best of 10."""
+    q, k = _prompt_inputs(dtype, heads, kv_heads, head_dim)
     return best_time([lambda: torch.nn.functional.scaled_dot_product_attention(q, k, k, is_causal=True,
                                                                                enable_gqa=True)], 10)
+
+
+def time_native_prompt_attention(heads: int, kv_heads: int, head_dim: int) -> Optional[float]:
+    """Seconds of the native bf16 kernel on the same prompt (the best of 10), or None where it
+    cannot run (no AVX512-BF16, a head size it does not take)."""
+    q, k = (t.transpose(1, 2) for t in _prompt_inputs(torch.bfloat16, heads, kv_heads, head_dim))
+    if attention_problem(q, k) is not None:
+        return None
+    return best_time([lambda: causal_attention(q, k, k)], 10)
 
 
 # ---- the decode step: PyTorch or the native step, chosen by measurement ----------------------

@@ -451,13 +451,15 @@ class Engine:
             self._sample(complete, torch.stack(complete_logits), events)
 
     def _choose_prompt_attention(self) -> None:
-        """The dtype of prompts' attention, asked of llama.runtime.backend (a measured choice)
-        once per model and caches, before the first prefill."""
+        """The dtype and kernel of prompts' attention, asked of llama.runtime.backend (a measured
+        choice) once per model and caches, before the first prefill."""
         caches = self.model.layers[0].attention.cache
         if self._prompt_attention_for is not caches:
             dtype = backend.prompt_attention_dtype(self.model)
+            native = dtype is not None and backend.prompt_attention_native(self.model)
             for layer in self.model.layers:
                 layer.attention.prompt_attention_dtype = dtype
+                layer.attention.prompt_attention_native = native
             self._prompt_attention_for = caches
 
     def _native_step(self) -> Optional[backend.NativeDecodeStep]:

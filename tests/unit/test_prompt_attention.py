@@ -19,8 +19,10 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog", "Hello", "Once upon a 
 
 @pytest.fixture(autouse=True)
 def _own_cache(monkeypatch, tmp_path):
-    """Verdicts in a fresh cache, so that each test measures (or fakes) its own."""
+    """Verdicts in a fresh cache, so that each test measures (or fakes) its own; the native
+    kernel's timing faked as unavailable unless a test says otherwise."""
     monkeypatch.setenv("LLAMA_CACHE", str(tmp_path))
+    monkeypatch.setattr(backend, "time_native_prompt_attention", lambda *shape: None)
 
 
 def _build(tiny_ckpt, sp_tokenizer, dtype: str) -> Llama:
@@ -47,6 +49,17 @@ def test_the_models_dtype_is_chosen_only_where_clearly_faster(bf16_seconds, chos
     a = model.layers[0].attention
     assert {d for d, *_ in timed} == {torch.bfloat16, torch.float32}
     assert {tuple(shape) for _, *shape in timed} == {(a.n_local_heads, a.n_local_kv_heads, a.head_dim)}
+
+
+@pytest.mark.parametrize("native_seconds, native", [(0.3, True), (0.45, False), (None, False)])
+def test_the_native_kernel_is_chosen_only_where_clearly_faster(native_seconds, native, tiny_ckpt, sp_tokenizer,
+                                                               monkeypatch):
+    """Against PyTorch's best (bf16 at 0.5 s here), with the same margin; None: it cannot run."""
+    model = _build(tiny_ckpt, sp_tokenizer, "bf16").model
+    monkeypatch.setattr(backend, "time_prompt_attention", lambda dtype, *shape: 0.5 if dtype == torch.bfloat16 else 1.0)
+    monkeypatch.setattr(backend, "time_native_prompt_attention", lambda *shape: native_seconds)
+    assert backend.prompt_attention_native(model) is native
+    assert backend.prompt_attention_dtype(model) == torch.bfloat16
 
 
 def test_the_verdict_is_kept_for_every_process_on_the_machine(tiny_ckpt, sp_tokenizer, monkeypatch):
@@ -78,6 +91,7 @@ def test_the_engine_asks_once_per_model_and_caches(tiny_ckpt, sp_tokenizer, monk
     gen = _build(tiny_ckpt, sp_tokenizer, "bf16")
     asked = []
     monkeypatch.setattr(backend, "prompt_attention_dtype", lambda model: asked.append(model) or torch.bfloat16)
+    monkeypatch.setattr(backend, "prompt_attention_native", lambda model: False)
     prompts = [gen.tokenizer.encode(t, bos=True, eos=False) for t in PROMPTS]
     gen.generate(prompts, 3, temperature=0)
     gen.generate(prompts[:1], 3, temperature=0)
@@ -95,6 +109,7 @@ def test_only_a_prompt_over_its_own_keys_runs_in_the_chosen_dtype(tiny_ckpt, sp_
     gen = _build(tiny_ckpt, sp_tokenizer, "bf16")
     gen.engine.prefill_chunk = 4
     monkeypatch.setattr(backend, "prompt_attention_dtype", lambda model: torch.bfloat16)
+    monkeypatch.setattr(backend, "prompt_attention_native", lambda model: False)
     calls, real = [], F.scaled_dot_product_attention
 
     def spy(q, k, v, *args, **kwargs):

@@ -1,5 +1,6 @@
 // The C ABI that llama/native loads with ctypes. All pointers are to contiguous memory
 // owned by the caller (torch tensors); every function returns 0 or a negative error code.
+#include "attention.h"
 #include "linear.h"
 #include "quant.h"
 
@@ -177,6 +178,26 @@ int llama_interleave(int layout, const void* src, int64_t rows, int64_t k, void*
     const RowsJob j{layout, k, src, dst, DT_F32};
     parallel_ranges(&j, rows / GROUP_ROWS, inverse ? interleave_inverse : interleave_forward, threads);
     return OK;
+}
+
+// A prompt's causal attention over its own keys in bf16 (see attention.h): q, k, v with
+// the given token and batch strides (in elements), out contiguous [batch, seqlen, heads,
+// head_dim]. AVX512-BF16 CPUs; head_dim a multiple of 64 up to 256.
+int llama_causal_attention(const void* q, const void* k, const void* v, void* out, int64_t batch, int64_t seqlen,
+                           int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t q_token, int64_t k_token,
+                           int64_t v_token, int64_t q_batch, int64_t k_batch, int64_t v_batch, float scale,
+                           int threads) {
+    if (!cpu_has(AVX512_BF16)) return BAD_PATH;
+    if (batch < 1 || seqlen < 1 || heads < 1 || kv_heads < 1 || heads % kv_heads || head_dim % 64 || head_dim > 256)
+        return BAD_SHAPE;
+#ifdef LLAMA_X86
+    const AttentionArgs a{(const uint16_t*)q, (const uint16_t*)k, (const uint16_t*)v, (uint16_t*)out,
+                          batch, seqlen, heads, kv_heads, head_dim, q_token, k_token, v_token,
+                          q_batch, k_batch, v_batch, scale, threads};
+    return causal_attention_bf16(a);
+#else
+    return BAD_PATH;
+#endif
 }
 
 // Reads `bytes` of memory (a multiple of 8) on the thread team and returns the XOR of its
