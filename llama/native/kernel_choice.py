@@ -15,8 +15,8 @@ AUTO_TUNE_MAX_BYTES); otherwise a default applies until `python -m llama.tune` r
 LLAMA_TUNE=0 turns measuring at first use off.
 
 Quantized weights may also be kept interleaved 16 rows at a time (layouts.INTERLEAVED),
-which only the AVX-512 path reads: stored_layout() keeps the form whose fastest kernel at
-one row of x (a batch-1 decode step) measured faster, the interleaved one by default.
+which only the AVX-512 path reads: stored_layout() keeps that form unless the plain one's
+fastest kernel at one row of x (a batch-1 decode step) measured clearly faster.
 """
 
 import sys
@@ -33,6 +33,7 @@ from .layouts import GROUP_ROWS, INTERLEAVED, is_interleaved, is_quantized, pack
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32)
 BF16_ONLY_PATHS = ("avx512_bf16", "amx")  # own code for bf16 weights x bf16 activations only
 INTERLEAVED_PATH = "avx512"  # the code path that reads the interleaved layouts
+PLAIN_FORM_MARGIN = 0.85  # a weight stays in GGML's order only where that is this much faster at one row
 AUTO_TUNE_MAX_BYTES = 64 << 20  # measure at first use only for weights up to this size
 # First-use measurement may take this much of a process's time; the cases left take defaults
 # (not kept) until `python -m llama.tune` or a later run measures them.
@@ -150,9 +151,11 @@ def best_kernel(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.
 
 def stored_layout(layout: str, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
     """The form to keep an [n, k] weight of `layout` in: its interleaved form (INTERLEAVED)
-    where the AVX-512 path runs and its fastest kernel at one row of x is not slower than the
-    plain form's, as measured (at first use when cheap, or by `python -m llama.tune`);
-    unmeasured, the interleaved form. LLAMA_INTERLEAVE=0 keeps every weight as it is."""
+    where the AVX-512 path runs, unless the plain form's fastest kernel at one row of x measured
+    clearly faster (PLAIN_FORM_MARGIN: the interleaved form is 1.7-2.7x faster from 4 rows up,
+    so a tie at one row, or a noisy measurement of one, keeps it); measured at first use when
+    cheap, or by `python -m llama.tune`; unmeasured, interleaved. LLAMA_INTERLEAVE=0 keeps every
+    weight as it is."""
     from . import paths
 
     form = INTERLEAVED.get(layout)
@@ -161,7 +164,7 @@ def stored_layout(layout: str, n: int, k: int, dtype: torch.dtype = torch.bfloat
     memo = ("stored", layout, n, k, dtype)
     if memo not in _memo:
         times = [_fastest_us(candidate, n, k, dtype) for candidate in (layout, form)]
-        _memo[memo] = layout if None not in times and times[0] < times[1] else form
+        _memo[memo] = layout if None not in times and times[0] < PLAIN_FORM_MARGIN * times[1] else form
     return _memo[memo]
 
 
