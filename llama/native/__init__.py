@@ -68,6 +68,7 @@ def _lib() -> Optional[ctypes.CDLL]:
         lib.llama_quantize.argtypes = [i32, vp, i64, i64, vp, i32]
         lib.llama_dequantize.argtypes = [i32, vp, i64, i64, vp, i32, i32]
         lib.llama_interleave.argtypes = [i32, vp, i64, i64, vp, i32, i32]
+        lib.llama_causal_attention.argtypes = [vp] * 4 + [i64] * 11 + [ctypes.c_float, i32]
         lib._typed = True
     return lib
 
@@ -132,8 +133,7 @@ def dequantize(packed: torch.Tensor, layout: str, dtype: torch.dtype = torch.flo
     lib = _lib()
     if is_interleaved(layout) and dtype not in _DTYPE_IDS:
         return dequantize(packed, layout).to(dtype)
-    if is_interleaved(layout) and (lib is None or packed.device.type != "cpu"):
-        return torch_dequantize(interleave(packed, layout, inverse=True), base_layout(layout), dtype)
+    _check_interleaved_here(layout, packed, lib)
     if lib is None or packed.device.type != "cpu" or dtype not in _DTYPE_IDS:
         return torch_dequantize(packed, layout, dtype)
     packed = packed.contiguous()
@@ -160,6 +160,13 @@ def pack(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return weight.detach().to(FLOAT_LAYOUTS[layout]).contiguous()
 
 
+def _check_interleaved_here(layout: str, packed: torch.Tensor, lib) -> None:
+    """LlamaError where an interleaved form cannot be made or read: off the CPU or without the library."""
+    if is_interleaved(layout) and (lib is None or packed.device.type != "cpu"):
+        raise LlamaError(f"layout {layout!r} exists for the native CPU kernels: it needs a CPU tensor and the "
+                         f"native library ({'on' if lib else 'off: ' + build.status()['reason']})")
+
+
 def interleave(packed: torch.Tensor, layout: str, inverse: bool = False) -> torch.Tensor:
     """Blocks of a base layout [N, K/32 * block bytes] -> the same bytes in the interleaved
     `layout` ("q8_0x16", "q4_0x16", "q4_1x16"; N a multiple of 16), or back when `inverse`.
@@ -169,9 +176,7 @@ def interleave(packed: torch.Tensor, layout: str, inverse: bool = False) -> torc
         raise LlamaError(f"interleave() makes q8_0x16, q4_0x16 or q4_1x16, not {layout!r}")
     k = in_features(layout, packed)
     lib = _lib()
-    if lib is None:
-        raise LlamaError(f"layout {layout!r} needs the native library, which is off "
-                         f"({build.status()['reason']})")
+    _check_interleaved_here(layout, packed, lib)
     src = packed.contiguous()
     out = torch.empty_like(src)
     _check(lib.llama_interleave(LAYOUT_IDS[layout], src.data_ptr(), src.shape[0], k, out.data_ptr(), int(inverse), 0),

@@ -10,7 +10,6 @@ probabilities enter the second product in bf16 (csrc/attention_avx512_bf16.cpp).
 runs instead of PyTorch's attention is decided by measurement (llama.runtime.backend).
 """
 
-import ctypes
 import math
 from typing import Optional
 
@@ -57,10 +56,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threads:
         raise LlamaError(f"causal_attention(): k {list(k.shape)} and v {list(v.shape)} (bf16) must be "
                          f"[{batch}, {seqlen}, kv_heads, {dim}] for q {list(q.shape)}")
     out = torch.empty(batch, seqlen, heads, dim, dtype=torch.bfloat16)
-    lib = _lib()
-    fn = lib.llama_causal_attention
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_float, ctypes.c_int]
-    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch, seqlen, heads, k.shape[2], dim,
+    rc = _lib().llama_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), batch, seqlen, heads, k.shape[2], dim,
             q.stride(1), k.stride(1), v.stride(1), q.stride(0), k.stride(0), v.stride(0), 1 / math.sqrt(dim), threads)
     if rc != 0:
         raise RuntimeError(f"native causal attention failed with code {rc}")

@@ -15,8 +15,8 @@ exactly as ggml-quants.c and the gguf package do.
 
     "q8_0x16", "q4_0x16", "q4_1x16"   the same blocks, reordered at load 16 rows at a time
                                       for the AVX-512 kernels (csrc/common.h); N % 16 == 0.
-                                      Made and undone by llama.native.interleave(); a weight
-                                      is never stored or saved in them.
+                                      Made and undone by llama.native.interleave(); kept in
+                                      memory only, never saved (state_dict gives the blocks).
 """
 
 from typing import Dict, Tuple
