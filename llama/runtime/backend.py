@@ -125,6 +125,7 @@ def time_native_prompt_attention(heads: int, kv_heads: int, head_dim: int) -> Op
 # ---- the decode step: PyTorch or the native step, chosen by measurement ----------------------
 
 DECODE_BACKENDS = ("torch", "native")
+TORCH_STEP_MARGIN = 0.9  # PyTorch's step is kept only where it takes at most this share of the native one's time
 _MEASURED_STEPS = 5  # timed decode steps per backend and batch size (after 2 unmeasured ones)
 
 
@@ -188,12 +189,24 @@ def choose_decode_backends(model: Transformer, batch_sizes: Sequence[int], nativ
 
     def measured(batch: int) -> dict:
         best, rounds = stable_times(lambda: measure(batch), STABLE_ROUNDS)
-        return {"ms": {b: round(t, 3) for b, t in best.items()}, "best": min(best, key=best.get), "rounds": rounds}
+        return {"ms": {b: round(t, 3) for b, t in best.items()}, "best": _decode_winner(best), "rounds": rounds}
 
     # Native steps run at model-parallel size 1 only: no collective inside the measurement.
     entries = kept(verdict_file("decode-backend"), {b: decode_key(model, b) for b in sorted(set(batch_sizes))},
                    measured, "the decode-backend measurement")
     return {batch: entry["best"] for batch, entry in entries.items()}
+
+
+def _decode_winner(ms: Dict[str, float]) -> str:
+    """The backend to keep from measured step times: the fastest native step unless PyTorch's
+    is clearly faster (TORCH_STEP_MARGIN). A verdict is kept for good, and on a shared machine
+    a tie can fall either way (a Llama-3.2-1B-shaped bf16 step measured 89.4 ms in PyTorch
+    against 89.8 natively in a busy moment, where the native step otherwise takes 70-84)."""
+    natives = {name: t for name, t in ms.items() if name != "torch"}
+    if not natives:
+        return "torch"
+    fastest = min(natives, key=natives.get)
+    return "torch" if "torch" in ms and ms["torch"] < TORCH_STEP_MARGIN * natives[fastest] else fastest
 
 
 class NativeDecodeStep:

@@ -55,6 +55,17 @@ def test_a_moment_of_load_does_not_decide_the_verdict(tiny_ckpt, sp_tokenizer):
     assert entry["rounds"] == 3 and entry["ms"] == {"torch": 1.0, "native": 2.0}
 
 
+@pytest.mark.parametrize("times, chosen", [({"torch": 1.0, "native": 1.05}, "native"),
+                                           ({"torch": 1.0, "native:amx": 1.3, "native:avx512_bf16": 1.08},
+                                            "native:avx512_bf16"),
+                                           ({"torch": 1.0, "native": 1.2}, "torch")])
+def test_pytorch_wins_only_where_clearly_faster(times, chosen, tiny_ckpt, sp_tokenizer):
+    """A near tie keeps the native step (a verdict is kept for good, and a busy moment can make
+    a tie fall either way); PyTorch's step must take at most 90% of the fastest native one's."""
+    model = _model(tiny_ckpt, sp_tokenizer)
+    assert backend.choose_decode_backends(model, [2], None, lambda batch: dict(times)) == {2: chosen}
+
+
 @pytest.mark.parametrize("faster", backend.DECODE_BACKENDS)
 def test_the_faster_backend_wins_and_the_verdict_is_kept(faster, tiny_ckpt, sp_tokenizer):
     model = _model(tiny_ckpt, sp_tokenizer)
