@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
@@ -122,12 +123,24 @@ def test_quantizers_are_bit_exact_with_gguf(layout, concurrent_build):
 
 @pytest.mark.parametrize("layout", QUANTIZED)
 def test_dequantizers_read_gguf_blocks(layout, concurrent_build):
-    blocks = quants.quantize(_awkward_weights(seed=1).numpy(), GGML_TYPE[layout])
+    """Every dequantizer (the scalar and AVX-512 code, on either form; PyTorch's) gives gguf's values."""
+    weights = _awkward_weights(n=32, seed=1)
+    weights[6, 32:64] = float("nan")  # a NaN scale stays NaN in bf16
+    with np.errstate(invalid="ignore"):  # gguf casting the NaN block's quants
+        blocks = quants.quantize(weights.numpy(), GGML_TYPE[layout])
     expected = torch.from_numpy(quants.dequantize(blocks, GGML_TYPE[layout]))
     packed = torch.from_numpy(blocks)
-    assert torch.equal(native.dequantize(packed, layout), expected)
-    assert torch.equal(layouts.torch_dequantize(packed, layout), expected)
-    assert torch.equal(native.dequantize(packed, layout, torch.bfloat16), expected.to(torch.bfloat16))
+    torch.testing.assert_close(native.dequantize(packed, layout), expected, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(layouts.torch_dequantize(packed, layout), expected, rtol=0, atol=0, equal_nan=True)
+    paths = [p for p in ("scalar", "avx512") if p in native.paths()]
+    assert paths, native.paths()
+    for path in paths:
+        for form in (layout, layouts.INTERLEAVED[layout]):
+            stored = packed if form == layout else native.interleave(packed, form)
+            for dtype in (torch.float32, torch.bfloat16):
+                got = native._dequantize_into(stored, form, torch.empty(32, 96, dtype=dtype), path)
+                torch.testing.assert_close(got, expected.to(dtype), rtol=0, atol=0, equal_nan=True,
+                                           msg=f"{path} {form} {dtype}")
 
 
 # ---- matmul kernels against PyTorch on gguf-dequantized weights -----------------------------

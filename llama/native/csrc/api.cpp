@@ -159,12 +159,24 @@ int llama_quantize(int layout, const float* src, int64_t rows, int64_t k, void* 
 }
 
 // src blocks [rows, row_bytes] (a quantized or interleaved layout) -> dst [rows, k] in
-// fp32 or bf16 (dtype).
-int llama_dequantize(int layout, const void* src, int64_t rows, int64_t k, void* dst, int dtype, int threads) {
+// fp32 or bf16 (dtype). path: SCALAR or AVX512, or -1 for the faster this CPU runs.
+int llama_dequantize(int layout, const void* src, int64_t rows, int64_t k, void* dst, int dtype, int threads,
+                     int path) {
+    if (path < 0) path = cpu_has(AVX512) ? AVX512 : SCALAR;
+    if ((path != SCALAR && path != AVX512) || !cpu_has(path)) return BAD_PATH;
     if (!quantized(base_layout(layout))) return BAD_LAYOUT;
     if (rows < 0 || k < QK || k % QK != 0 || !rows_fit(layout, rows)) return BAD_SHAPE;
     if (dtype != DT_F32 && dtype != DT_BF16) return BAD_DTYPE;
     const RowsJob j{layout, k, src, dst, dtype};
+#ifdef LLAMA_X86
+    if (path == AVX512) {
+        parallel_ranges(&j, rows, [](const void* ctx, int64_t begin, int64_t end) {
+            const RowsJob& job = *(const RowsJob*)ctx;
+            dequantize_rows_avx512(job.layout, (const uint8_t*)job.src, job.k, begin, end, job.dst, job.dtype);
+        }, threads);
+        return OK;
+    }
+#endif
     if (interleaved(layout)) parallel_ranges(&j, rows / GROUP_ROWS, dequantize_groups, threads);
     else parallel_ranges(&j, rows, dequantize_rows, threads);
     return OK;

@@ -75,6 +75,11 @@ int plan_avx512(Plan& p, int base);
 int plan_avx512_bf16(Plan& p, int base);
 int plan_amx(Plan& p, int base);
 
+// Rows [begin, end) of a quantized weight (GGML's blocks or an interleaved form) to fp32 or
+// bf16 rows of k (dtype), as dequantize_row does them, with AVX-512 (CPUs that have it).
+void dequantize_rows_avx512(int layout, const uint8_t* w, int64_t k, int64_t begin, int64_t end, void* out,
+                            int dtype);
+
 // Whether this process may use the AMX tile unit (asks Linux once; false where not built).
 bool amx_usable();
 

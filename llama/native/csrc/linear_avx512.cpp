@@ -352,6 +352,93 @@ void group_range(const void* vctx, int64_t begin, int64_t end) {
     }
 }
 
+// ---- dequantizing (prefill: the weights for PyTorch's GEMM) ---------------------------------
+
+// 16 fp32 lanes -> 16 bf16, round to nearest even; NaN stays NaN (as f32_to_bf16).
+inline __m256i to_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+inline void store_values(void* out, int dtype, int64_t at, __m512 lo, __m512 hi) {
+    if (dtype == DT_F32) {
+        _mm512_storeu_ps((float*)out + at, lo);
+        _mm512_storeu_ps((float*)out + at + 16, hi);
+    } else {
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + at), to_bf16(lo));
+        _mm256_storeu_si256((__m256i*)((uint16_t*)out + at + 16), to_bf16(hi));
+    }
+}
+
+inline float half_at(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
+inline int32_t word_at(const uint8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+
+}  // namespace
+
+void dequantize_rows_avx512(int layout, const uint8_t* w, int64_t k, int64_t begin, int64_t end, void* out,
+                            int dtype) {
+    const int base = base_layout(layout);
+    const bool grouped = interleaved(layout);
+    const int64_t nb = k / QK;
+    const size_t rb = row_bytes(layout, k), bsz = rb / nb;  // bytes of a row, of one block of a row
+    const int sb = base == Q4_1 ? 4 : 2;                      // scale bytes of one block of a row
+    for (int64_t r = begin; r < end; r++) {
+        const int64_t i = r % GROUP_ROWS;
+        for (int64_t b = 0; b < nb; b++) {
+            // where row r's block b keeps its d, m and quantized bytes (see common.h)
+            const uint8_t *d, *m;
+            __m256i q8;
+            __m128i q4;
+            if (grouped) {
+                const uint8_t* block = w + (r - i) * rb + b * GROUP_ROWS * bsz;
+                d = block + 2 * i;
+                m = block + 2 * GROUP_ROWS + 2 * i;
+                const uint8_t* quants = block + GROUP_ROWS * sb + 4 * i;
+                if (base == Q8_0)
+                    q8 = _mm256_xor_si256(_mm256_setr_epi32(word_at(quants), word_at(quants + 64), word_at(quants + 128),
+                                                            word_at(quants + 192), word_at(quants + 256),
+                                                            word_at(quants + 320), word_at(quants + 384),
+                                                            word_at(quants + 448)),
+                                          _mm256_set1_epi8((char)0x80));  // q + 128 -> q
+                else
+                    q4 = _mm_setr_epi32(word_at(quants), word_at(quants + 64), word_at(quants + 128), word_at(quants + 192));
+            } else {
+                const uint8_t* block = w + r * rb + b * bsz;
+                d = block;
+                m = block + 2;
+                if (base == Q8_0) q8 = _mm256_loadu_si256((const __m256i*)(block + sb));
+                else q4 = _mm_loadu_si128((const __m128i*)(block + sb));
+            }
+            const __m512 scale = _mm512_set1_ps(half_at(d));
+            __m512 lo, hi;
+            if (base == Q8_0) {
+                lo = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q8))), scale);
+                hi = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q8, 1))), scale);
+            } else {  // byte j: element j in its low nibble, j + 16 in its high one
+                const __m128i mask = _mm_set1_epi8(0x0f);
+                lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(q4, mask)));
+                hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(q4, 4), mask)));
+                if (base == Q4_0) {
+                    lo = _mm512_mul_ps(_mm512_sub_ps(lo, _mm512_set1_ps(8.0f)), scale);
+                    hi = _mm512_mul_ps(_mm512_sub_ps(hi, _mm512_set1_ps(8.0f)), scale);
+                } else {  // q * d + m, rounded after each, as dequantize_row
+                    const __m512 offset = _mm512_set1_ps(half_at(m));
+                    lo = _mm512_add_ps(_mm512_mul_ps(lo, scale), offset);
+                    hi = _mm512_add_ps(_mm512_mul_ps(hi, scale), offset);
+                }
+            }
+            store_values(out, dtype, r * k + b * QK, lo, hi);
+        }
+    }
+}
+
+namespace {
+
 // ---- driver -------------------------------------------------------------------------------
 
 struct Ctx {
