@@ -212,8 +212,8 @@ int llama_causal_attention(const void* q, const void* k, const void* v, void* ou
 #endif
 }
 
-// Reads `bytes` of memory (a multiple of 8) on the thread team and returns the XOR of its
-// 64-bit words: a probe of the memory bandwidth that the kernels' own loads can reach
+// Reads the whole 4 KB pages of `bytes` of memory on the thread team and returns the XOR of
+// their 64-bit words: a probe of the memory bandwidth that the kernels' own loads can reach
 // (benchmarks/kernel_bandwidth.py), where PyTorch's reductions may fall short of it.
 uint64_t llama_read_probe(const void* data, int64_t bytes, int threads) {
     struct Job { const uint64_t* words; uint64_t result; } job{(const uint64_t*)data, 0};
