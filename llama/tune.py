@@ -9,9 +9,9 @@ import torch
 from .checkpoint.params import load_params
 from .errors import LlamaError
 from .model.args import ModelArgs
-from .native import available, build, paths
-from .native.kernel_choice import INTERLEAVED_PATH, ROW_BUCKETS, sample_weight, tune
-from .native.layouts import GROUP_ROWS, INTERLEAVED, check_layout, packed_shape
+from .native import available, build
+from .native.kernel_choice import ROW_BUCKETS, interleaved_form, sample_weight, tune
+from .native.layouts import check_layout, packed_shape
 from .utils.cpu import cpu_model
 from .utils.measurements import verdict_file
 
@@ -49,9 +49,8 @@ def _items(value) -> List[str]:
 
 def _forms(layout: str, n: int) -> List[str]:
     """A layout, and its interleaved form where this machine could keep the weight in it."""
-    form = INTERLEAVED.get(layout)
-    usable = form and n % GROUP_ROWS == 0 and INTERLEAVED_PATH in paths()
-    return [layout, form] if usable else [layout]
+    form = interleaved_form(layout, n)
+    return [layout] if form is None else [layout, form]
 
 
 def main(model: str = "demo", layouts: str = "bf16,q8_0,q4_0,q4_1", rows: str = "1,2,4,8,16,32",

@@ -133,20 +133,20 @@ def best_kernel(layout: str, n: int, k: int, m: int, dtype: torch.dtype = torch.
     found = _memo.get(memo)
     if found is not None:
         return found
-    if row_bucket(m) is None:
-        found = default_kernel(layout, m, dtype)
-    else:
-        entry = lookup(verdict_file("kernels"), verdict_key(layout, n, k, m, dtype))
-        if entry is not None:
-            found = entry["best"]
-        elif settings.get("LLAMA_TUNE") == "1" and _cheap(layout, n, k) and _within_budget():
-            start = time.perf_counter()
-            found = tune(layout, n, k, row_bucket(m), dtype, again=False)["best"]
-            _auto_spent[0] += time.perf_counter() - start
-        else:
-            found = default_kernel(layout, m, dtype)
-    _memo[memo] = found
+    entry = None if row_bucket(m) is None else _verdict(layout, n, k, m, dtype)
+    found = _memo[memo] = default_kernel(layout, m, dtype) if entry is None else entry["best"]
     return found
+
+
+def _verdict(layout: str, n: int, k: int, m: int, dtype: torch.dtype) -> Optional[dict]:
+    """The kept verdict for this case ({"best", "us"}), or measured now where first-use timing
+    may (LLAMA_TUNE=1, a cheap weight, within the budget); None when unknown."""
+    entry = lookup(verdict_file("kernels"), verdict_key(layout, n, k, m, dtype))
+    if entry is None and settings.get("LLAMA_TUNE") == "1" and _cheap(layout, n, k) and _within_budget():
+        start = time.perf_counter()
+        entry = tune(layout, n, k, row_bucket(m), dtype, again=False)
+        _auto_spent[0] += time.perf_counter() - start
+    return entry
 
 
 def stored_layout(layout: str, n: int, k: int, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -156,10 +156,8 @@ def stored_layout(layout: str, n: int, k: int, dtype: torch.dtype = torch.bfloat
     so a tie at one row, or a noisy measurement of one, keeps it); measured at first use when
     cheap, or by `python -m llama.tune`; unmeasured, interleaved. LLAMA_INTERLEAVE=0 keeps every
     weight as it is."""
-    from . import paths
-
-    form = INTERLEAVED.get(layout)
-    if form is None or n % GROUP_ROWS or INTERLEAVED_PATH not in paths() or settings.get("LLAMA_INTERLEAVE") == "0":
+    form = interleaved_form(layout, n)
+    if form is None or settings.get("LLAMA_INTERLEAVE") == "0":
         return layout
     memo = ("stored", layout, n, k, dtype)
     if memo not in _memo:
@@ -168,14 +166,17 @@ def stored_layout(layout: str, n: int, k: int, dtype: torch.dtype = torch.bfloat
     return _memo[memo]
 
 
+def interleaved_form(layout: str, n: int) -> Optional[str]:
+    """The interleaved form an [n, ...] weight of `layout` could be kept in on this machine, or None."""
+    from . import paths
+
+    form = INTERLEAVED.get(layout)
+    return form if form is not None and n % GROUP_ROWS == 0 and INTERLEAVED_PATH in paths() else None
+
+
 def _fastest_us(layout: str, n: int, k: int, dtype: torch.dtype) -> Optional[float]:
-    """The fastest kernel's time at one row of x, kept or measured now (when allowed); None
-    when unknown."""
-    entry = lookup(verdict_file("kernels"), verdict_key(layout, n, k, 1, dtype))
-    if entry is None and settings.get("LLAMA_TUNE") == "1" and _cheap(layout, n, k) and _within_budget():
-        start = time.perf_counter()
-        entry = tune(layout, n, k, 1, dtype, again=False)
-        _auto_spent[0] += time.perf_counter() - start
+    """The fastest kernel's time at one row of x (_verdict); None when unknown."""
+    entry = _verdict(layout, n, k, 1, dtype)
     return None if entry is None else min(entry["us"].values())
 
 
