@@ -92,6 +92,11 @@ SETTINGS: Dict[str, Setting] = {s.name: s for s in [
     Setting("LLAMA_INTERLEAVE", "1", _choices("LLAMA_INTERLEAVE", ("0", "1"), "1: where measured faster; 0: never"),
             "quantized weights interleaved 16 rows at a time for the AVX-512 kernels: `1` where measured "
             "faster (the default), `0` kept in GGML's block order"),
+    Setting("LLAMA_KV_CACHE", "auto",
+            _choices("LLAMA_KV_CACHE", ("auto", "fp32", "bf16"), "auto: fp32 on the CPU, the model's dtype elsewhere"),
+            "the dtype the KV cache is kept in: `bf16` halves its memory and what a long-context decode step "
+            "reads (accuracy in docs/native-kernels.md), `fp32`; `auto`: fp32 on the CPU, the model's dtype "
+            "elsewhere"),
     Setting("LLAMA_PROGRESS", None, _choices("LLAMA_PROGRESS", ("0", "1"), "1: always; 0: never"),
             "progress bars on stderr: `1` always, `0` never; unset: when stderr is a terminal (rank 0 only)"),
     Setting("LLAMA_API_KEY", None, lambda text: check_api_key(text, "LLAMA_API_KEY"),

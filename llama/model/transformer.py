@@ -68,7 +68,7 @@ class Attention(nn.Module):
         k = k.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         v = v.view(batch, seqlen, self.n_local_kv_heads, self.head_dim)
         assert self.cache is not None, "call Transformer.setup_caches() before forward()"
-        dtype = self.cache.k.dtype  # attention runs in the cache's dtype (a fresh prompt's: see below)
+        dtype = self.cache.attention_dtype  # the cache's, or fp32 on the CPU (a fresh prompt's: see below)
         q, k = apply_rotary(q, rotation, dtype), apply_rotary(k, rotation, dtype)
         # fresh (no gather from the cache) only where the keys are exactly these S tokens
         fresh = mask is None and kv_len == seqlen

@@ -31,7 +31,7 @@ from ..utils.locking import hold
 from ..utils.measurements import first_use_work
 from ..utils.ranks import is_main_rank, print0
 
-ABI_VERSION = 3  # csrc/api.cpp
+ABI_VERSION = 4  # csrc/api.cpp
 CSRC = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libllama_native.so"
 

@@ -6,7 +6,7 @@
 
 is `model(tokens[:, None], positions, slots=rows)[:, -1]` without Python or per-op dispatch between the
 ~45 small operations of each layer (see csrc/decode.cpp). It reads the model's own
-weights, rotary table and KV caches (`layers[i].attention.cache.k/v`, fp32 [B, S, K, D]),
+weights, rotary table and KV caches (`layers[i].attention.cache.k/v`, fp32 or bf16 [B, S, K, D]),
 so prefill can stay in PyTorch and decode continue here on the same caches. With
 `layout="q8_0"` (or "q4_0", "q4_1") the projections run on quantized copies; projections
 whose product already is a NativeLinear (a model quantized to blocks by llama.model.quantize)
@@ -45,7 +45,8 @@ class _Model(ctypes.Structure):
                                                        "hidden", "vocab", "max_batch", "max_seq")]
                 + [("norm_eps", ctypes.c_float), ("param_dtype", ctypes.c_int32), ("act_dtype", ctypes.c_int32),
                    ("tok_embeddings", ctypes.c_void_p), ("norm", ctypes.c_void_p), ("output", _Matrix),
-                   ("rope", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer))])
+                   ("rope", ctypes.c_void_p), ("layers", ctypes.POINTER(_Layer)), ("cache_dtype", ctypes.c_int32),
+                   ("path", ctypes.c_int32)])
 
 
 def decode_problem(model) -> Optional[str]:
@@ -66,8 +67,8 @@ def decode_problem(model) -> Optional[str]:
     if p.head_dim % 2 or p.head_dim > 512:
         return f"head_dim {p.head_dim} is odd or above 512, which the native decode step does not take"
     cache = attention.cache
-    if cache is None or cache.k.dtype != torch.float32:
-        return "the model has no fp32 KV cache (call setup_caches)"
+    if cache is None or cache.k.dtype not in _DTYPE_IDS:
+        return "the model has no fp32 or bf16 KV cache (call setup_caches)"
     if not torch.is_complex(model.rope):
         return "the model's rotary table is real-valued (the MPS form); the native step reads the complex one"
     kernel = attention.wq.kernel
@@ -108,7 +109,8 @@ class NativeDecoder:
             max_batch=cache.k.shape[0], max_seq=cache.k.shape[1], norm_eps=p.norm_eps,
             param_dtype=_DTYPE_IDS[dtype], act_dtype=_DTYPE_IDS[dtype],
             tok_embeddings=self._pointer(model.tok_embeddings.weight), norm=self._pointer(model.norm.weight),
-            output=self._matrix(model.output, layout), rope=self._pointer(torch.view_as_real(model.rope)))
+            output=self._matrix(model.output, layout), rope=self._pointer(torch.view_as_real(model.rope)),
+            cache_dtype=_DTYPE_IDS[cache.k.dtype], path=PATHS.index(self.path))
         self._layers = (_Layer * p.n_layers)()
         for spec, block in zip(self._layers, model.layers):
             spec.attention_norm = self._pointer(block.attention_norm.weight)

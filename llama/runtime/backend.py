@@ -51,8 +51,8 @@ PROMPT_ATTENTION_MARGIN = 0.8  # a challenger must be this much faster: no flip-
 
 
 def prompt_attention_dtype(model: Transformer) -> Optional[torch.dtype]:
-    """The dtype for a prompt's attention over its own keys, where the KV cache is kept in
-    another dtype than the model's (fp32 on the CPU, see llama.model.cache.kv_cache_dtype): the
+    """The dtype for a prompt's attention over its own keys, where attention over the KV cache
+    runs in another dtype than the model's (fp32 on the CPU, llama.model.cache.attention_dtype): the
     model's (bf16, fp16) where its attention ran a 256-token prompt faster than the cache's on
     this machine (PyTorch's CPU flash attention in that dtype, or the native bf16 kernel: see
     prompt_attention_native), else None (the cache's). Measured once per machine, software and
@@ -74,7 +74,7 @@ def prompt_attention_native(model: Transformer) -> bool:
 
 def _prompt_attention_verdict(model: Transformer) -> Optional[dict]:
     attention = model.layers[0].attention
-    cache_dtype, model_dtype = attention.cache.k.dtype, model.norm.weight.dtype
+    cache_dtype, model_dtype = attention.cache.attention_dtype, model.norm.weight.dtype  # what decode attends in
     if attention.cache.k.device.type != "cpu" or model_dtype == cache_dtype:
         return None
     shape = (attention.n_local_heads, attention.n_local_kv_heads, attention.head_dim)
@@ -130,11 +130,13 @@ _MEASURED_STEPS = 5  # timed decode steps per backend and batch size (after 2 un
 
 
 def decode_key(model: Transformer, batch: int) -> Dict[str, object]:
-    """What a measured verdict depends on: machine, software, model shape, dtype, threads, batch."""
+    """What a measured verdict depends on: machine, software, model shape, dtypes (the KV
+    cache's too), threads, batch."""
     p = model.params
     return {**machine_fields(), "kernels": sources_digest()[:16],
             "shape": [p.dim, p.n_layers, p.n_heads, p.kv_heads, p.ffn_hidden_dim, model.vocab_size],
             "dtype": str(model.norm.weight.dtype).replace("torch.", ""),
+            "cache": str(model.layers[0].attention.cache.k.dtype).replace("torch.", ""),
             "weights": quantized_layout(model) or "float", "batch": batch}
 
 

@@ -29,7 +29,7 @@ def _model(tiny_ckpt, sp_tokenizer, dtype="fp32", batch=4, quantize=None):
                        dtype=dtype, quantize=quantize).model
 
 
-def test_the_key_names_machine_software_model_dtype_threads_and_batch(tiny_ckpt, sp_tokenizer):
+def test_the_key_names_machine_software_model_dtype_threads_and_batch(tiny_ckpt, sp_tokenizer, monkeypatch):
     fp32, bf16 = _model(tiny_ckpt, sp_tokenizer), _model(tiny_ckpt, sp_tokenizer, "bf16")
     key = backend.decode_key(fp32, 1)
     assert key["cpu"] and key["flags"] and key["cores"] and key["torch"] == torch.__version__
@@ -43,6 +43,8 @@ def test_the_key_names_machine_software_model_dtype_threads_and_batch(tiny_ckpt,
     finally:
         torch.set_num_threads(saved)
     assert backend.decode_key(_model(tiny_ckpt, sp_tokenizer, quantize="q4_0"), 1)["weights"] == "q4_0"
+    monkeypatch.setenv("LLAMA_KV_CACHE", "bf16")  # the same model on a cache half the size: another verdict
+    assert backend.decode_key(_model(tiny_ckpt, sp_tokenizer), 1)["cache"] != key["cache"]
 
 
 def test_a_moment_of_load_does_not_decide_the_verdict(tiny_ckpt, sp_tokenizer):

@@ -12,7 +12,7 @@ namespace {
 
 using namespace llama;
 
-constexpr int ABI_VERSION = 3;
+constexpr int ABI_VERSION = 4;
 
 enum Error : int { OK = 0, BAD_LAYOUT = -1, BAD_PATH = -2, BAD_SHAPE = -3, BAD_DTYPE = -4 };
 

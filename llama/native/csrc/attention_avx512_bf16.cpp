@@ -34,6 +34,21 @@ inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+// Lane j of the result: the sum of v[j]'s 16 lanes (a transposing tree: 15 adds, 30 shuffles).
+inline __m512 sum16(const __m512* v) {
+    __m512 a[8], c[4], e[2];
+    for (int i = 0; i < 8; i++)  // per 128-bit lane: x0+x2, y0+y2, x1+x3, y1+y3 (x, y = v[2i], v[2i+1])
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)  // per 128-bit lane: that lane's sums of v[4i] .. v[4i + 3]
+        c[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++)  // 128-bit lanes: v[8i..8i+3] over lanes 0-1, then 2-3; v[8i+4..8i+7] alike
+        e[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(e[0], e[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
 struct Packed {
     const uint32_t* keys;    // per (batch, kv head): [head_dim/2][padded] pairs of bf16
     const uint32_t* values;  // per (batch, kv head): [padded/2][head_dim] pairs of bf16
@@ -161,6 +176,122 @@ int causal_attention_bf16(const AttentionArgs& a) {
             attend_rows(a, p, bh / a.heads, bh % a.heads, tile * ROWS);
         }
     }
+    return 0;
+}
+
+// ---- a decode step's attention over a bf16 KV cache ----------------------------------------
+// Keys and values are read in place (no reordering: each is read once per step), 16
+// positions at a time, so that a block's cache lines are all taken while they are in L1:
+//   scores: VDPBF16PS of a bf16 query with a key row leaves 16 pair sums per position; 16
+//           positions' sums are folded into one vector of 16 scores (sum16);
+//   values: rows s and s+1 interleaved (unpacklo/hi) give pairs (V[s][d], V[s+1][d]) for
+//           VDPBF16PS against the pair (p[s], p[s+1]); the accumulators hold the dims in
+//           that interleaved order until the end.
+
+constexpr int64_t DECODE_AHEAD = 32;  // positions prefetched ahead of the block being read
+
+// Prefetch positions s .. s + 15 (those below len) of the task's KV heads (span elements).
+inline void prefetch_rows(const uint16_t* first, int64_t s, int64_t len, int64_t stride, int64_t span) {
+    for (int64_t r = s; r < std::min(s + 16, len); r++)
+        for (int64_t i = 0; i < span; i += 32) _mm_prefetch((const char*)(first + r * stride + i), _MM_HINT_T0);
+}
+
+int decode_attention_bf16(const DecodeAttentionArgs& a) {
+    const int64_t hd = a.head_dim, G = a.heads, len = a.len, stride = a.kv_heads * hd;
+    if (hd % 32 || len < 1) return -1;
+    const int64_t first_kv = a.h0 / a.group, last_kv = (a.h0 + G - 1) / a.group, span = (last_kv - first_kv + 1) * hd;
+    const int64_t pairs = (len + 1) / 2 * 2;  // probabilities per head, padded with a zero to pairs
+    uint16_t* qb = a.scratch16;               // [G, hd] bf16 queries
+    uint16_t* pb = qb + G * hd;               // [G, pairs] bf16 probabilities
+    for (int64_t i = 0; i < G * hd; i++) qb[i] = f32_to_bf16(a.q[i]);
+    const __m512 scale = _mm512_set1_ps(a.scale);
+
+    // scores[g][s] = scale * q_g . K[s]
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+        const int64_t n = std::min<int64_t>(16, len - s0);
+        prefetch_rows(a.keys + first_kv * hd, s0 + DECODE_AHEAD, len, stride, span);
+        for (int64_t kvh = first_kv; kvh <= last_kv; kvh++) {
+            const uint16_t* row[16];  // past the last position: the last one again (its lanes are not kept)
+            for (int r = 0; r < 16; r++) row[r] = a.keys + (s0 + std::min<int64_t>(r, n - 1)) * stride + kvh * hd;
+            const int64_t g_end = std::min(G, (kvh + 1) * a.group - a.h0);
+            for (int64_t g = std::max<int64_t>(0, kvh * a.group - a.h0); g < g_end; g++) {
+                __m512 part[16];
+                for (int r = 0; r < 16; r++) part[r] = _mm512_setzero_ps();
+                for (int64_t d = 0; d < hd; d += 32) {
+                    const __m512bh qd = as_bh(_mm512_loadu_si512(qb + g * hd + d));
+                    for (int r = 0; r < 16; r++) part[r] = _mm512_dpbf16_ps(part[r], qd, as_bh(_mm512_loadu_si512(row[r] + d)));
+                }
+                _mm512_mask_storeu_ps(a.scores + g * a.score_stride + s0, (__mmask16)((1u << n) - 1),
+                                      _mm512_mul_ps(sum16(part), scale));
+            }
+        }
+    }
+
+    // softmax in fp32; the probabilities rounded to bf16
+    for (int64_t g = 0; g < G; g++) {
+        float* sg = a.scores + g * a.score_stride;
+        __m512 top = _mm512_set1_ps(-INFINITY);
+        for (int64_t s = 0; s < len; s += 16)
+            top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, (__mmask16)((1u << std::min<int64_t>(16, len - s)) - 1), sg + s));
+        const __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t s = 0; s < len; s += 16) {
+            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(16, len - s)) - 1);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + s), high));
+            total = _mm512_add_ps(total, _mm512_maskz_mov_ps(k, e));
+            _mm512_mask_storeu_ps(sg + s, k, e);
+        }
+        const float inv = 1.0f / _mm512_reduce_add_ps(total);
+        for (int64_t s = 0; s < len; s++) pb[g * pairs + s] = f32_to_bf16(sg[s] * inv);
+        if (pairs > len) pb[g * pairs + len] = 0;
+    }
+
+    // acc[g] = sum over s of p_g[s] V[s], in interleaved dim order
+    for (int64_t i = 0; i < G * hd; i++) a.acc[i] = 0.0f;
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t s0 = 0; s0 < len; s0 += 16) {
+        const int64_t end = std::min(s0 + 16, len);
+        prefetch_rows(a.values + first_kv * hd, s0 + DECODE_AHEAD, len, stride, span);
+        for (int64_t kvh = first_kv; kvh <= last_kv; kvh++) {
+            const int64_t g_begin = std::max<int64_t>(0, kvh * a.group - a.h0), g_end = std::min(G, (kvh + 1) * a.group - a.h0);
+            for (int64_t g0 = g_begin; g0 < g_end; g0 += 4) {
+                const int nh = (int)std::min<int64_t>(4, g_end - g0);
+                for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+                    const int nc = (int)std::min<int64_t>(2, (hd - d0) / 32);  // 32-dim chunks here
+                    __m512 acc[4][4];  // [head][lo0, hi0, lo1, hi1]
+                    for (int h = 0; h < 4; h++)
+                        for (int j = 0; j < 4; j++)
+                            acc[h][j] = h < nh && j < 2 * nc ? _mm512_loadu_ps(a.acc + (g0 + h) * hd + d0 + 16 * j)
+                                                             : _mm512_setzero_ps();
+                    for (int64_t s = s0; s < end; s += 2) {
+                        const uint16_t* v0 = a.values + s * stride + kvh * hd + d0;
+                        __m512bh pairs_of[4];
+                        for (int c = 0; c < 2; c++) {
+                            if (c >= nc) break;
+                            const __m512i x = _mm512_loadu_si512(v0 + 32 * c);
+                            const __m512i y = s + 1 < len ? _mm512_loadu_si512(v0 + stride + 32 * c) : zero;
+                            pairs_of[2 * c] = as_bh(_mm512_unpacklo_epi16(x, y));
+                            pairs_of[2 * c + 1] = as_bh(_mm512_unpackhi_epi16(x, y));
+                        }
+                        for (int h = 0; h < 4; h++) {
+                            if (h >= nh) break;
+                            const __m512bh p = pair_of(pb + (g0 + h) * pairs + s);
+                            for (int j = 0; j < 4; j++)
+                                if (j < 2 * nc) acc[h][j] = _mm512_dpbf16_ps(acc[h][j], pairs_of[j], p);
+                        }
+                    }
+                    for (int h = 0; h < nh; h++)
+                        for (int j = 0; j < 2 * nc; j++) _mm512_storeu_ps(a.acc + (g0 + h) * hd + d0 + 16 * j, acc[h][j]);
+                }
+            }
+        }
+    }
+    // back to dim order: in each 32-dim chunk, lane 4L + i of the lo vector is dim 8L + i, of the hi vector 8L + 4 + i
+    for (int64_t g = 0; g < G; g++)
+        for (int64_t c = 0; c < hd; c += 32)
+            for (int half = 0; half < 2; half++)
+                for (int lane = 0; lane < 16; lane++)
+                    a.out[g * hd + c + 8 * (lane / 4) + 4 * half + lane % 4] = a.acc[g * hd + c + 16 * half + lane];
     return 0;
 }
 

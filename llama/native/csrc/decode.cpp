@@ -1,7 +1,7 @@
 // One decode step of a LLaMA transformer in a single native call (model-parallel size 1,
 // CPU): embedding, then per layer RMSNorm, q/k/v projections, interleaved-pair rotary
-// (Meta's layout), KV-cache write at each row's own position, attention over the cache in
-// fp32 with grouped-query heads, wo and the residual, RMSNorm, SwiGLU, w2 and the
+// (Meta's layout), KV-cache write at each row's own position, attention over the cache
+// (kept in fp32 or bf16) in fp32 with grouped-query heads, wo and the residual, RMSNorm, SwiGLU, w2 and the
 // residual; then the final norm and the output projection.
 //
 // It all runs in one OpenMP parallel region on torch's thread team: the matmuls split
@@ -13,6 +13,7 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "attention.h"
 #include "linear.h"
 
 namespace llama {
@@ -28,8 +29,8 @@ struct LayerWeights {
     const void* attention_norm;  // [dim], param_dtype
     const void* ffn_norm;        // [dim], param_dtype
     Matrix wq, wk, wv, wo, w1, w2, w3;
-    float* cache_k;              // [max_batch, max_seq, n_kv_heads, head_dim]
-    float* cache_v;
+    void* cache_k;               // [max_batch, max_seq, n_kv_heads, head_dim], cache_dtype
+    void* cache_v;
 };
 
 struct ModelWeights {
@@ -42,6 +43,9 @@ struct ModelWeights {
     Matrix output;
     const float* rope;           // [max_seq, head_dim / 2, 2]: cos, sin of each position's angles
     const LayerWeights* layers;
+    int32_t cache_dtype;         // of the KV cache: DT_F32 or DT_BF16 (half the bytes a step reads)
+    int32_t path;                // the newest code path this CPU runs: from AVX512_BF16 on, attention
+                                 // over a bf16 cache runs on VDPBF16PS (decode_attention_bf16)
 };
 
 namespace {
@@ -51,6 +55,20 @@ inline float load_param(const void* p, int dtype, int64_t i) {
 }
 
 inline float round_to(int dtype, float v) { return dtype == DT_BF16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+// A KV-cache element: fp32, or bf16 (stored rounded to nearest even, as PyTorch's .to() does).
+inline float cache_load(const float* p, int64_t i) { return p[i]; }
+inline float cache_load(const uint16_t* p, int64_t i) { return bf16_to_f32(p[i]); }
+inline void cache_store(float* p, int64_t i, float v) { p[i] = v; }
+inline void cache_store(uint16_t* p, int64_t i, float v) { p[i] = f32_to_bf16(v); }
+
+// A thread's buffers for attention tasks (sized in step_all).
+struct AttentionScratch {
+    float* scores;   // [heads_per_task, max_seq]
+    float* out;      // [heads_per_task, head_dim]
+    float* acc;      // [heads_per_task, head_dim]
+    uint16_t* half;  // [heads_per_task, head_dim + max_seq + 1]
+};
 
 // Barriers between phases; FOR_EACH shares a loop's iterations across the team (and ends
 // in a barrier).
@@ -169,9 +187,15 @@ struct Step {
         for (int64_t i = 0; i < hd; i++) x[i] = round_to(xdt(), x[i]);
         rotate(x, pos);
         const int64_t slot = ((rows[b] * m.max_seq + pos) * m.n_kv_heads + kvh) * hd;
-        for (int64_t i = 0; i < hd; i++) {
-            lw.cache_k[slot + i] = x[i];
-            lw.cache_v[slot + i] = round_to(xdt(), v[t * hd + i]);
+        if (m.cache_dtype == DT_BF16) write_cache((uint16_t*)lw.cache_k, (uint16_t*)lw.cache_v, slot, x, v + t * hd);
+        else write_cache((float*)lw.cache_k, (float*)lw.cache_v, slot, x, v + t * hd);
+    }
+
+    template <typename C>
+    void write_cache(C* keys, C* values, int64_t slot, const float* key, const float* value) const {
+        for (int64_t i = 0; i < m.head_dim; i++) {
+            cache_store(keys, slot + i, key[i]);
+            cache_store(values, slot + i, round_to(xdt(), value[i]));
         }
     }
 
@@ -194,26 +218,44 @@ struct Step {
 
     // For query heads h0 .. h0 + G - 1 (G = heads_per_task) of token b:
     // softmax(q . K / sqrt(D)) . V over the token's cache row, slots 0 .. positions[b], each
-    // head on its KV head's keys and values. scores: [G, max_seq] and out: [G, head_dim] of
-    // this thread.
-    void attend(const LayerWeights& lw, int64_t task, float* scores, float* out) const {
+    // head on its KV head's keys and values, in this thread's buffers.
+    void attend(const LayerWeights& lw, int64_t task, const AttentionScratch& buf) const {
+        if (m.cache_dtype == DT_BF16) attend_as((const uint16_t*)lw.cache_k, (const uint16_t*)lw.cache_v, task, buf);
+        else attend_as((const float*)lw.cache_k, (const float*)lw.cache_v, task, buf);
+    }
+
+    template <typename C>  // the cache's element type: each loop compiled per type, so that it vectorizes
+    void attend_as(const C* cache_k, const C* cache_v, int64_t task, const AttentionScratch& buf) const {
         const int64_t hd = m.head_dim, G = heads_per_task, tasks_per_token = m.n_heads / G;
         const int64_t b = task / tasks_per_token, h0 = task % tasks_per_token * G, group = m.n_heads / m.n_kv_heads;
         const int64_t first_kv = h0 / group, last_kv = (h0 + G - 1) / group;
         const int64_t len = positions[b] + 1, ms = m.max_seq, stride = m.n_kv_heads * hd;
         const int64_t span = (last_kv - first_kv + 1) * hd, ahead = 8 * stride;  // prefetch 8 slots ahead
         const float* qv = q + (b * m.n_heads + h0) * hd;
-        const float* keys = lw.cache_k + rows[b] * m.max_seq * stride;
-        const float* values = lw.cache_v + rows[b] * m.max_seq * stride;
+        const C* keys = cache_k + rows[b] * m.max_seq * stride;
+        const C* values = cache_v + rows[b] * m.max_seq * stride;
         const float scale = 1.0f / std::sqrt((float)hd);
+        float *scores = buf.scores, *out = buf.out;
+#ifdef LLAMA_X86
+        if constexpr (std::is_same_v<C, uint16_t>) {
+            if (m.path >= AVX512_BF16 && hd % 32 == 0) {
+                const DecodeAttentionArgs args{qv, keys, values, m.n_kv_heads, group, hd, h0, G, len, scale,
+                                               scores, ms, buf.half, buf.acc, out};
+                decode_attention_bf16(args);
+                for (int64_t i = 0; i < G * hd; i++) store_act(att, (b * m.n_heads + h0) * hd + i, out[i]);
+                return;
+            }
+        }
+#endif
         for (int64_t s = 0; s < len; s++) {
-            const float* ks = keys + s * stride;
-            for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(ks + first_kv * hd + ahead + i);
+            const C* ks = keys + s * stride;
+            for (int64_t i = 0; i < span; i += 64 / sizeof(C)) __builtin_prefetch(ks + first_kv * hd + ahead + i);
             for (int64_t g = 0; g < G; g++) {
-                const float *qg = qv + g * hd, *kv = ks + (h0 + g) / group * hd;
+                const float* qg = qv + g * hd;
+                const C* kv = ks + (h0 + g) / group * hd;
                 float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-                for (int64_t i = 0; i < hd; i++) dot += qg[i] * kv[i];
+                for (int64_t i = 0; i < hd; i++) dot += qg[i] * cache_load(kv, i);
                 scores[g * ms + s] = dot * scale;
             }
         }
@@ -229,13 +271,14 @@ struct Step {
             for (int64_t i = 0; i < hd; i++) out[g * hd + i] = 0.0f;
         }
         for (int64_t s = 0; s < len; s++) {
-            const float* vs = values + s * stride;
-            for (int64_t i = 0; i < span; i += 16) __builtin_prefetch(vs + first_kv * hd + ahead + i);
+            const C* vs = values + s * stride;
+            for (int64_t i = 0; i < span; i += 64 / sizeof(C)) __builtin_prefetch(vs + first_kv * hd + ahead + i);
             for (int64_t g = 0; g < G; g++) {
-                const float p = scores[g * ms + s], *vv = vs + (h0 + g) / group * hd;
+                const float p = scores[g * ms + s];
+                const C* vv = vs + (h0 + g) / group * hd;
                 float* og = out + g * hd;
 #pragma omp simd
-                for (int64_t i = 0; i < hd; i++) og[i] += p * vv[i];
+                for (int64_t i = 0; i < hd; i++) og[i] += p * cache_load(vv, i);
             }
         }
         for (int64_t i = 0; i < G * hd; i++) store_act(att, (b * m.n_heads + h0) * hd + i, out[i]);
@@ -267,14 +310,17 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
     FOR_EACH(b, st.batch)
         for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
     // this thread's attention buffers
-    float* scores = (float*)scratch(sizeof(float) * st.heads_per_task * m.max_seq, SCRATCH_SLOTS - 2);
-    float* out = (float*)scratch(sizeof(float) * st.heads_per_task * m.head_dim, SCRATCH_SLOTS - 6);
+    const int64_t heads = st.heads_per_task;
+    float* scores = (float*)scratch(sizeof(float) * heads * ((m.max_seq + 15) / 16 * 16), SCRATCH_SLOTS - 2);
+    float* out = (float*)scratch(sizeof(float) * 2 * heads * m.head_dim, SCRATCH_SLOTS - 6);
+    uint16_t* half = (uint16_t*)scratch(sizeof(uint16_t) * heads * (m.head_dim + m.max_seq + 1), SCRATCH_SLOTS - 7);
+    const AttentionScratch buf{scores, out, out + heads * m.head_dim, half};
     for (int64_t l = 0; l < m.n_layers; l++) {
         const LayerWeights& lw = m.layers[l];
         FOR_EACH(b, st.batch) st.add_and_norm(b, l > 0, lw.attention_norm);
         st.matmuls({&lw.wq, &lw.wk, &lw.wv}, st.xn, {st.q, st.k, st.v});
         FOR_EACH(t, st.batch * (m.n_heads + m.n_kv_heads)) st.rope_and_cache(lw, t);
-        FOR_EACH(t, st.attention_tasks()) st.attend(lw, t, scores, out);
+        FOR_EACH(t, st.attention_tasks()) st.attend(lw, t, buf);
         st.matmuls({&lw.wo}, st.att, {st.tmp});
         FOR_EACH(b, st.batch) st.add_and_norm(b, true, lw.ffn_norm);
         st.matmuls({&lw.w1, &lw.w3}, st.xn, {st.gate, st.up});
@@ -317,7 +363,7 @@ int DECODE_STEP(const ModelWeights* m, int64_t batch, const int64_t* tokens, con
         return llama_decode_step_avx512(m, batch, tokens, positions, rows, logits, threads);
 #endif
     if (batch < 1 || batch > m->max_batch || m->head_dim > 512 || m->head_dim % 2 ||
-        m->n_heads % m->n_kv_heads)
+        m->n_heads % m->n_kv_heads || (m->cache_dtype != DT_F32 && m->cache_dtype != DT_BF16))
         return -3;
     for (int64_t b = 0; b < batch; b++)
         if (positions[b] < 0 || positions[b] >= m->max_seq || tokens[b] < 0 || tokens[b] >= m->vocab) return -3;
