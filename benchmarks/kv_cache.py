@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, List
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH, SHORT_CONTEXT, N1, N2 = 16, 64, 4, 36
