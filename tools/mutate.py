@@ -166,7 +166,7 @@ MUTATIONS: List[Mutation] = [
     M("llama31-scaling-off", "llama/model/rotary.py",
       [("freqs = _llama31_scale(freqs, args)", "freqs = freqs")], MODEL, "use_scaled_rope ignored"),
     M("swiglu-gate-up-swapped", "llama/model/transformer.py",
-      [("self.w2(F.silu(self.w1(x)) * self.w3(x))", "self.w2(F.silu(self.w3(x)) * self.w1(x))")], MODEL,
+      [("gate, up = self.w1(x), self.w3(x)", "gate, up = self.w3(x), self.w1(x)")], MODEL,
       "silu on the up projection"),
     M("rmsnorm-eps", "llama/model/transformer.py", [("eps=self.eps)", "eps=1e-2)")], MODEL, "norm_eps unused"),
     M("cache-rows-ignored", "llama/model/cache.py",
@@ -451,6 +451,23 @@ MUTATIONS: List[Mutation] = [
     M("bf16-cache-setting-ignored", "llama/model/cache.py",
       [('    if chosen != "auto":', '    if False:')],
       ["tests/unit/test_kv_cache.py"], "LLAMA_KV_CACHE=bf16 keeps an fp32 cache"),
+    # ... and the fused bf16 elementwise passes of prefill (item 2).
+    M("fused-swiglu-silu-on-up", "llama/native/csrc/elementwise_avx512.cpp",
+      [("const uint16_t *g = gate + r * gate_stride, *u = up + r * up_stride;",
+        "const uint16_t *u = gate + r * gate_stride, *g = up + r * up_stride;")],
+      ["tests/unit/test_native_elementwise.py"], "SiLU of the up projection times the gate", needs="avx512"),
+    M("fused-norm-rounding-skipped", "llama/native/csrc/elementwise_avx512.cpp",
+      [("const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(hr[i]) * inv));",
+        "const float normed = bf16_to_f32(hr[i]) * inv;")],
+      ["tests/unit/test_native_elementwise.py"], "the normalised row is not rounded to bf16 before the weight, as PyTorch's is",
+      needs="avx512"),
+    M("fused-residual-dropped", "llama/native/csrc/elementwise_avx512.cpp",
+      [("out[i] = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(ar[i]));", "out[i] = xr[i];")],
+      ["tests/unit/test_native_elementwise.py"], "the attention's output never reaches the residual stream", needs="avx512"),
+    M("fused-norm-never-runs", "llama/model/transformer.py",
+      [("if elementwise.fused(x) and add.dtype == self.weight.dtype == x.dtype:",
+        "if False and elementwise.fused(x) and add.dtype == self.weight.dtype == x.dtype:")],
+      ["tests/unit/test_native_elementwise.py"], "a bf16 model keeps PyTorch's several passes"),
 ]
 
 

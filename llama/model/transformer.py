@@ -9,12 +9,13 @@ Shapes: B batch, S tokens in this call, L cached length, H query heads, K key/va
 heads (both local to this rank), D head dim.
 """
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..native import elementwise
 from ..native.attention import causal_attention
 from .args import ModelArgs
 from .attention import attend
@@ -31,8 +32,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if elementwise.fused(x) and self.weight.dtype == x.dtype:  # one native pass, the same roundings
+            return elementwise.add_rms_norm(x, None, self.weight, self.eps)[1]
         # Normalise in fp32 for stability, then return to the activation dtype.
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+    def add_and_norm(self, x: torch.Tensor, add: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(x + add, self(x + add)), in one native pass where it runs."""
+        if elementwise.fused(x) and add.dtype == self.weight.dtype == x.dtype:
+            return elementwise.add_rms_norm(x, add, self.weight, self.eps)
+        h = x + add
+        return h, self(h)
 
 
 class Attention(nn.Module):
@@ -99,8 +109,11 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
             gate, up = float_product(x, self.w13).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        if elementwise.fused(gate) and up.dtype == gate.dtype:  # one native pass, the same roundings
+            return self.w2(elementwise.swiglu(gate, up))
+        return self.w2(F.silu(gate) * up)
 
     def fuse(self) -> None:
         """Compute w1 and w3 in one product from now on (llama.model.parallel.fuse_weights)."""
@@ -119,8 +132,9 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_len: int,
                 rotation: torch.Tensor, mask: Optional[torch.Tensor],
                 rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), positions, kv_len, rotation, mask, rows)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h, normed = self.ffn_norm.add_and_norm(x, self.attention(self.attention_norm(x), positions, kv_len, rotation,
+                                                                 mask, rows))
+        return h + self.feed_forward(normed)
 
 
 class Transformer(nn.Module):

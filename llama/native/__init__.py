@@ -71,6 +71,8 @@ def _lib() -> Optional[ctypes.CDLL]:
         lib.llama_dequantize.argtypes = [i32, vp, i64, i64, vp, i32, i32, i32]
         lib.llama_interleave.argtypes = [i32, vp, i64, i64, vp, i32, i32]
         lib.llama_causal_attention.argtypes = [vp] * 4 + [i64] * 11 + [ctypes.c_float, i32]
+        lib.llama_add_rms_norm_bf16.argtypes = [vp, vp, vp, i64, i64, ctypes.c_float, vp, vp, i32]
+        lib.llama_swiglu_bf16.argtypes = [vp, vp, i64, i64, i64, i64, vp, i32]
         lib._typed = True
     return lib
 

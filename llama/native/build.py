@@ -31,7 +31,7 @@ from ..utils.locking import hold
 from ..utils.measurements import first_use_work
 from ..utils.ranks import is_main_rank, print0
 
-ABI_VERSION = 4  # csrc/api.cpp
+ABI_VERSION = 5  # csrc/api.cpp
 CSRC = Path(__file__).resolve().parent / "csrc"
 LIB_NAME = "libllama_native.so"
 
@@ -45,7 +45,8 @@ _X86_SOURCES = {"linear_avx2.cpp": ("linear_avx2.cpp", _AVX2), "linear_avx512.cp
                 "linear_avx512_bf16.cpp": ("linear_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
                 "linear_amx.cpp": ("linear_amx.cpp", _AVX512 + ["-mavx512bf16"]),
                 "attention_avx512_bf16.cpp": ("attention_avx512_bf16.cpp", _AVX512 + ["-mavx512bf16"]),
-                "decode_avx512.cpp": ("decode.cpp", _AVX512 + ["-DLLAMA_DECODE_AVX512"])}
+                "decode_avx512.cpp": ("decode.cpp", _AVX512 + ["-DLLAMA_DECODE_AVX512"]),
+                "elementwise_avx512.cpp": ("elementwise_avx512.cpp", _AVX512)}
 _AMX = ["-mamx-tile", "-mamx-bf16"]  # added to linear_amx.cpp where the compiler takes them
 
 _state: dict = {}  # "lib": the loaded library or None, "reason": why not, "build_s": seconds

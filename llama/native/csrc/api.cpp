@@ -1,6 +1,7 @@
 // The C ABI that llama/native loads with ctypes. All pointers are to contiguous memory
 // owned by the caller (torch tensors); every function returns 0 or a negative error code.
 #include "attention.h"
+#include "elementwise.h"
 #include "linear.h"
 #include "quant.h"
 
@@ -12,7 +13,7 @@ namespace {
 
 using namespace llama;
 
-constexpr int ABI_VERSION = 4;
+constexpr int ABI_VERSION = 5;
 
 enum Error : int { OK = 0, BAD_LAYOUT = -1, BAD_PATH = -2, BAD_SHAPE = -3, BAD_DTYPE = -4 };
 
@@ -189,6 +190,38 @@ int llama_interleave(int layout, const void* src, int64_t rows, int64_t k, void*
     if (rows < 0 || k < QK || k % QK != 0 || !rows_fit(layout, rows)) return BAD_SHAPE;
     const RowsJob j{layout, k, src, dst, DT_F32};
     parallel_ranges(&j, rows / GROUP_ROWS, inverse ? interleave_inverse : interleave_forward, threads);
+    return OK;
+}
+
+// The fused elementwise passes of a bf16 model (see elementwise.h), rows split across the
+// team. add may be null (then h is not written). AVX-512 CPUs.
+int llama_add_rms_norm_bf16(const void* x, const void* add, const void* weight, int64_t rows, int64_t dim, float eps,
+                            void* h, void* y, int threads) {
+    if (!cpu_has(AVX512)) return BAD_PATH;
+    if (rows < 0 || dim < 1) return BAD_SHAPE;
+    struct Job { const uint16_t *x, *add, *weight; int64_t dim; float eps; uint16_t *h, *y; };
+    const Job j{(const uint16_t*)x, (const uint16_t*)add, (const uint16_t*)weight, dim, eps, (uint16_t*)h, (uint16_t*)y};
+#ifdef LLAMA_X86
+    parallel_ranges(&j, rows, [](const void* ctx, int64_t begin, int64_t end) {
+        const Job& a = *(const Job*)ctx;
+        add_rms_norm_rows_avx512(a.x, a.add, a.weight, a.dim, a.eps, begin, end, a.h, a.y);
+    }, threads);
+#endif
+    return OK;
+}
+
+int llama_swiglu_bf16(const void* gate, const void* up, int64_t rows, int64_t hidden, int64_t gate_stride,
+                      int64_t up_stride, void* out, int threads) {
+    if (!cpu_has(AVX512)) return BAD_PATH;
+    if (rows < 0 || hidden < 1 || gate_stride < hidden || up_stride < hidden) return BAD_SHAPE;
+    struct Job { const uint16_t *gate, *up; int64_t hidden, gate_stride, up_stride; uint16_t* out; };
+    const Job j{(const uint16_t*)gate, (const uint16_t*)up, hidden, gate_stride, up_stride, (uint16_t*)out};
+#ifdef LLAMA_X86
+    parallel_ranges(&j, rows, [](const void* ctx, int64_t begin, int64_t end) {
+        const Job& a = *(const Job*)ctx;
+        swiglu_rows_avx512(a.gate, a.up, a.gate_stride, a.up_stride, a.hidden, begin, end, a.out);
+    }, threads);
+#endif
     return OK;
 }
 
