@@ -3,8 +3,9 @@
     python benchmarks/kv_cache.py [--context 1024] [--runs 3] [--engines ours-fp32,ours-bf16,hf-bf16]
 
 The demo model, batch 16, every row a prompt of --context random token ids (fixed seed),
-greedy decode. Decode tok/s is timed by difference (N2 minus N1 new tokens, so prefill cancels
-out), the median of --runs, at the long context and at a short one (64 tokens); the difference
+greedy decode. Decode tok/s is timed over the decode steps alone (ours: the engine's steps that
+prefill nothing; HF: from its first new token to its last, by a streamer), the median of
+--runs, at the long context and at a short one (64 tokens); the difference
 of the two step times is what the longer cache costs a step, which with the bytes of cache a
 step reads gives the rate the cache is read at (against the machine's read bandwidth, probed
 in the same run). Each engine runs in its own process.
@@ -29,10 +30,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH, SHORT_CONTEXT, N1, N2 = 16, 64, 4, 36
+BATCH, SHORT_CONTEXT, NEW_TOKENS = 16, 64, 33
 ACCURACY_STEPS = 64
 ENGINES = ("ours-fp32", "ours-bf16", "hf-bf16")
 
@@ -44,18 +45,16 @@ def prompts(context: int) -> List[List[int]]:
     return torch.randint(100, 40000, (BATCH, context), generator=g).tolist()
 
 
-def decode_tok_s(gen: Callable[[List[List[int]], int], None], rows: List[List[int]], runs: int) -> float:
-    """New tokens per second of a batch decode, prefill cancelled out (N2 - N1 tokens)."""
-    def best(n: int) -> float:
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            gen(rows, n)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    gen(rows, N1)  # warm-up
-    return BATCH * (N2 - N1) / (best(N2) - best(N1))
+def decode_tok_s(gen: Callable[[List[List[int]], int], Tuple[float, int]], rows: List[List[int]], runs: int) -> float:
+    """New tokens per second of a batch decode: gen(rows, n) -> (seconds, tokens) of its decode
+    steps alone (prefill, which would swamp a long context's decode in its noise, left out);
+    the median of `runs`."""
+    gen(rows, 2)  # warm-up
+    rates = []
+    for _ in range(runs):
+        seconds, tokens = gen(rows, NEW_TOKENS)
+        rates.append(tokens / seconds)
+    return statistics.median(rates)
 
 
 def run_ours(cache: str, context: int, runs: int) -> dict:
@@ -64,21 +63,36 @@ def run_ours(cache: str, context: int, runs: int) -> dict:
     from llama import Llama
     from llama.demo import ensure_demo
 
-    g = Llama.build(str(ensure_demo(quiet=True)), max_seq_len=context + N2 + 8, max_batch_size=BATCH,
+    g = Llama.build(str(ensure_demo(quiet=True)), max_seq_len=context + NEW_TOKENS + 8, max_batch_size=BATCH,
                     device="cpu", prefix_cache=False)
+    engine, step = g.engine, g.engine.step
+    decode = {"s": 0.0, "tokens": 0}
+
+    def timed_step():  # the engine's steps that prefill nothing: decode alone
+        prefills, useful = engine.stats.prefill_passes, engine.stats.decode_useful
+        start = time.perf_counter()
+        events = step()
+        if engine.stats.prefill_passes == prefills:
+            decode["s"] += time.perf_counter() - start
+            decode["tokens"] += engine.stats.decode_useful - useful
+        return events
+
+    engine.step = timed_step
 
     def gen(rows, n):
+        decode.update(s=0.0, tokens=0)
         g.generate(rows, n, temperature=0, stop_tokens=[])
+        return decode["s"], decode["tokens"]
 
     model = g.model
-    step = g.engine._native_step()
+    native = engine._native_step()
     per_token = 2 * model.params.n_layers * model.params.kv_heads * model.params.head_dim * \
         model.layers[0].attention.cache.k.element_size()
     return {"short_tok_s": decode_tok_s(gen, prompts(SHORT_CONTEXT), runs),
             "long_tok_s": decode_tok_s(gen, prompts(context), runs),
             "cache_bytes_per_token": per_token,
-            "decode_backend": "torch" if step is None else
-            ",".join(f"b{b}:{v}" for b, v in sorted(step.verdicts.items()))}
+            "decode_backend": "torch" if native is None else
+            ",".join(f"b{b}:{v}" for b, v in sorted(native.verdicts.items()))}
 
 
 def run_hf(context: int, runs: int) -> dict:
@@ -93,11 +107,23 @@ def run_hf(context: int, runs: int) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                               dtype=torch.bfloat16).eval()
 
+    class Clock:  # generate() hands a streamer the prompt, then each step's new tokens
+        def __init__(self):
+            self.times = []
+
+        def put(self, _):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
     @torch.inference_mode()
     def gen(rows, n):
-        inp = torch.tensor(rows)
+        inp, clock = torch.tensor(rows), Clock()
         model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0)
+                       do_sample=False, pad_token_id=0, streamer=clock)
+        # from the first new token (prefill done) to the last: the decode steps alone
+        return clock.times[-1] - clock.times[1], BATCH * (len(clock.times) - 2)
 
     return {"short_tok_s": decode_tok_s(gen, prompts(SHORT_CONTEXT), runs),
             "long_tok_s": decode_tok_s(gen, prompts(context), runs)}
@@ -194,7 +220,7 @@ def main() -> None:
         rate = ""
         if "cache_bytes_per_token" in r:  # the cache a long step reads, over what the longer cache costs it
             extra_s = BATCH / r["long_tok_s"] - BATCH / r["short_tok_s"]
-            read = r["cache_bytes_per_token"] * BATCH * (args.context + (N1 + N2) / 2)
+            read = r["cache_bytes_per_token"] * BATCH * (args.context + NEW_TOKENS / 2)
             r["cache_read_GBps"] = read / extra_s / 1e9 if extra_s > 0 else None
             rate = f"{r['cache_read_GBps']:.1f}" if r["cache_read_GBps"] else "-"
         print(f"{name:11}{r['short_tok_s']:>14.4g}{r['long_tok_s']:>16.4g}{rate:>17}{r['peak_rss_mb']:>10.4g}"
@@ -218,7 +244,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / f"kv-cache-{slug(m['cpu'])}.json").write_text(json.dumps(
         {"machine": m, "read_GBps": bw, "workload": {"batch": BATCH, "context": args.context,
-                                                      "short_context": SHORT_CONTEXT, "new_tokens": [N1, N2],
+                                                      "short_context": SHORT_CONTEXT, "new_tokens": NEW_TOKENS,
                                                       "runs": args.runs},
          "results": results, "accuracy": check}, indent=2) + "\n")
     if max(both["max_logit_diff_of_range"], native["max_logit_diff_of_range"]) > 2 * weights["max_logit_diff_of_range"]:
