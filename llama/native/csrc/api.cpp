@@ -200,7 +200,8 @@ int llama_add_rms_norm_bf16(const void* x, const void* add, const void* weight, 
     if (!cpu_has(AVX512)) return BAD_PATH;
     if (rows < 0 || dim < 1) return BAD_SHAPE;
     struct Job { const uint16_t *x, *add, *weight; int64_t dim; float eps; uint16_t *h, *y; };
-    const Job j{(const uint16_t*)x, (const uint16_t*)add, (const uint16_t*)weight, dim, eps, (uint16_t*)h, (uint16_t*)y};
+    const Job j{(const uint16_t*)x, (const uint16_t*)add, (const uint16_t*)weight, dim, eps,
+                (uint16_t*)h, (uint16_t*)y};
 #ifdef LLAMA_X86
     parallel_ranges(&j, rows, [](const void* ctx, int64_t begin, int64_t end) {
         const Job& a = *(const Job*)ctx;

@@ -211,7 +211,8 @@ int decode_attention_bf16(const DecodeAttentionArgs& a) {
                 for (int r = 0; r < 16; r++) part[r] = _mm512_setzero_ps();
                 for (int64_t d = 0; d < hd; d += 32) {
                     const __m512bh qd = as_bh(_mm512_loadu_si512(qb + g * hd + d));
-                    for (int r = 0; r < 16; r++) part[r] = _mm512_dpbf16_ps(part[r], qd, as_bh(_mm512_loadu_si512(row[r] + d)));
+                    for (int r = 0; r < 16; r++)
+                        part[r] = _mm512_dpbf16_ps(part[r], qd, as_bh(_mm512_loadu_si512(row[r] + d)));
                 }
                 _mm512_mask_storeu_ps(a.scores + g * a.score_stride + s0, (__mmask16)((1u << n) - 1),
                                       _mm512_mul_ps(sum16(part), scale));
@@ -220,15 +221,15 @@ int decode_attention_bf16(const DecodeAttentionArgs& a) {
     }
 
     // softmax in fp32; the probabilities rounded to bf16
+    auto lanes = [len](int64_t s) { return (__mmask16)((1u << std::min<int64_t>(16, len - s)) - 1); };
     for (int64_t g = 0; g < G; g++) {
         float* sg = a.scores + g * a.score_stride;
         __m512 top = _mm512_set1_ps(-INFINITY);
-        for (int64_t s = 0; s < len; s += 16)
-            top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, (__mmask16)((1u << std::min<int64_t>(16, len - s)) - 1), sg + s));
+        for (int64_t s = 0; s < len; s += 16) top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, lanes(s), sg + s));
         const __m512 high = _mm512_set1_ps(_mm512_reduce_max_ps(top));
         __m512 total = _mm512_setzero_ps();
         for (int64_t s = 0; s < len; s += 16) {
-            const __mmask16 k = (__mmask16)((1u << std::min<int64_t>(16, len - s)) - 1);
+            const __mmask16 k = lanes(s);
             const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sg + s), high));
             total = _mm512_add_ps(total, _mm512_maskz_mov_ps(k, e));
             _mm512_mask_storeu_ps(sg + s, k, e);
@@ -244,7 +245,8 @@ int decode_attention_bf16(const DecodeAttentionArgs& a) {
     for (int64_t s0 = 0; s0 < len; s0 += 16) {
         const int64_t end = std::min(s0 + 16, len);
         for (int64_t kvh = first_kv; kvh <= last_kv; kvh++) {
-            const int64_t g_begin = std::max<int64_t>(0, kvh * a.group - a.h0), g_end = std::min(G, (kvh + 1) * a.group - a.h0);
+            const int64_t g_begin = std::max<int64_t>(0, kvh * a.group - a.h0);
+            const int64_t g_end = std::min(G, (kvh + 1) * a.group - a.h0);
             for (int64_t g0 = g_begin; g0 < g_end; g0 += 4) {
                 const int nh = (int)std::min<int64_t>(4, g_end - g0);
                 for (int64_t d0 = 0; d0 < hd; d0 += 64) {
@@ -272,7 +274,8 @@ int decode_attention_bf16(const DecodeAttentionArgs& a) {
                         }
                     }
                     for (int h = 0; h < nh; h++)
-                        for (int j = 0; j < 2 * nc; j++) _mm512_storeu_ps(a.acc + (g0 + h) * hd + d0 + 16 * j, acc[h][j]);
+                        for (int j = 0; j < 2 * nc; j++)
+                            _mm512_storeu_ps(a.acc + (g0 + h) * hd + d0 + 16 * j, acc[h][j]);
                 }
             }
         }

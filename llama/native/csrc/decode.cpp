@@ -1,8 +1,8 @@
 // One decode step of a LLaMA transformer in a single native call (model-parallel size 1,
 // CPU): embedding, then per layer RMSNorm, q/k/v projections, interleaved-pair rotary
 // (Meta's layout), KV-cache write at each row's own position, attention over the cache
-// (kept in fp32 or bf16) in fp32 with grouped-query heads, wo and the residual, RMSNorm, SwiGLU, w2 and the
-// residual; then the final norm and the output projection.
+// (kept in fp32 or bf16) with grouped-query heads, wo and the residual, RMSNorm, SwiGLU, w2
+// and the residual; then the final norm and the output projection.
 //
 // It all runs in one OpenMP parallel region on torch's thread team: the matmuls split
 // their output columns across threads (each thread prepares the activations itself),
@@ -311,7 +311,7 @@ void step_all(Step& st, const int64_t* tokens, float* logits) {
         for (int64_t i = 0; i < m.dim; i++) st.h[b * m.dim + i] = load_param(m.tok_embeddings, m.param_dtype, tokens[b] * m.dim + i);
     // this thread's attention buffers
     const int64_t heads = st.heads_per_task;
-    float* scores = (float*)scratch(sizeof(float) * heads * ((m.max_seq + 15) / 16 * 16), SCRATCH_SLOTS - 2);
+    float* scores = (float*)scratch(sizeof(float) * heads * m.max_seq, SCRATCH_SLOTS - 2);
     float* out = (float*)scratch(sizeof(float) * 2 * heads * m.head_dim, SCRATCH_SLOTS - 6);
     uint16_t* half = (uint16_t*)scratch(sizeof(uint16_t) * heads * (m.head_dim + m.max_seq + 1), SCRATCH_SLOTS - 7);
     const AttentionScratch buf{scores, out, out + heads * m.head_dim, half};
