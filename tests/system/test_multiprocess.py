@@ -24,6 +24,7 @@ JOBS = ["mp2_from_2_shards", "mp2_from_1_shard", "mp2_from_vocab_split"]
 DEFAULT_DTYPE_JOB = "mp2_default_dtype"  # the 2-shard checkpoint with no dtype given (bf16 here)
 LOOKUP_JOB = "mp2_prompt_lookup"  # the 2-shard checkpoint, prompt-lookup speculative decoding on
 DRAFT_JOB = "mp2_draft_model"  # the same, drafted by a draft model (the model itself, sharded alike)
+BF16_CACHE_JOB = "mp2_bf16_kv_cache"  # the 2-shard checkpoint in bf16, LLAMA_KV_CACHE=bf16
 GGML_MODES = ("q8_0", "q4_0")  # quantized on the native CPU kernels, each rank its own slice
 TIMEOUT_S = 180
 LOGPROB_ATOL = 1e-4
@@ -90,6 +91,7 @@ def mp2_run(tmp_path_factory, tiny_ckpt, tiny_ckpt_mp2, vocab_split_ckpt, repeat
                  {"name": LOOKUP_JOB, "ckpt": str(repeating_ckpts[2]), "prompt_lookup_num_tokens": 4},
                  {"name": DRAFT_JOB, "ckpt": str(repeating_ckpts[2]), "draft_ckpt": str(repeating_ckpts[2]),
                   "num_assistant_tokens": 3},
+                 {"name": BF16_CACHE_JOB, "ckpt": str(tiny_ckpt_mp2), "dtype": "bf16", "kv_cache": "bf16"},
                  *({"name": f"mp2_{mode}", "ckpt": str(tiny_ckpt_mp2), "dtype": "bf16", "quantize": mode}
                    for mode in GGML_MODES)],
     }
@@ -336,6 +338,27 @@ def test_mp2_in_the_default_dtype(mp2_run, reference, generator):
         assert worst > 0  # really bf16
     for completion in r0["text_greedy"]:
         completion["generation"].encode("utf-8")  # valid text
+
+
+def test_mp2_with_a_bf16_kv_cache(mp2_run, reference):
+    """LLAMA_KV_CACHE=bf16 over two ranks: each keeps its heads' cache in bf16, the ranks agree
+    exactly, and each greedy token's logprob (from the second on, read through the bf16 cache)
+    is within the bf16 bound of the fp32 model's, as far as the greedy tokens agree."""
+    from helpers.precision import BF16_LOGPROB_BOUND
+
+    r0, r1 = _job(mp2_run, 0, BF16_CACHE_JOB), _job(mp2_run, 1, BF16_CACHE_JOB)
+    assert r0["cache_dtype"] == r1["cache_dtype"] == str(torch.bfloat16) and r0["model_parallel_size"] == 2
+    for key in ("tokens_greedy", "tokens_sampled", "text_greedy"):
+        assert r0[key] == r1[key], f"ranks disagree on {key}"
+    worst, decoded = 0.0, 0
+    ours, ref = r0["tokens_greedy"], reference["tokens_greedy"]
+    for tokens, logprobs, ref_tokens, ref_logprobs in zip(ours["tokens"], ours["logprobs"], ref["tokens"],
+                                                          ref["logprobs"], strict=True):
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b), len(tokens))
+        decoded += max(agree - 1, 0)  # tokens past the first: decode steps over the cache
+        worst = max([worst] + [abs(a - b) for a, b in zip(logprobs[:agree], ref_logprobs[:agree])])
+    assert decoded >= len(ours["tokens"]) * 3, "too few decode steps were compared"
+    assert 0 < worst < BF16_LOGPROB_BOUND
 
 
 @pytest.mark.parametrize("mode", GGML_MODES)

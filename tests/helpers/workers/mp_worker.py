@@ -4,7 +4,7 @@ Usage: python -m torch.distributed.run --nproc_per_node N tests/helpers/workers/
 
 SPEC holds the tokenizer path, the output folder, the prompts and a list of jobs, each
 naming a checkpoint folder and optionally a dtype ("default": none given, whatever
-LLAMA_DTYPE says) and a quantize mode. For every job this process builds a Llama (the model-parallel size is
+LLAMA_DTYPE says), a quantize mode and a KV-cache dtype (kv_cache: LLAMA_KV_CACHE). For every job this process builds a Llama (the model-parallel size is
 the world size unless the spec sets model_parallel_size), runs the same workloads the test
 runs in-process, and finally writes everything to OUT/rank{RANK}.json. Every rank writes
 its own file, since Llama.build silences stdout on ranks other than 0.
@@ -26,6 +26,9 @@ def run_job(job: dict, spec: dict) -> dict:
     start = time.time()
     dtype = job.get("dtype")  # "default": the engine's own choice, whatever LLAMA_DTYPE says
     saved = os.environ.pop("LLAMA_DTYPE", None) if dtype == "default" else None
+    saved_cache = os.environ.get("LLAMA_KV_CACHE")
+    if job.get("kv_cache"):  # LLAMA_KV_CACHE for this job's build
+        os.environ["LLAMA_KV_CACHE"] = job["kv_cache"]
     try:
         gen = Llama.build(job["ckpt"], spec["tokenizer"], max_seq_len=spec["max_seq_len"],
                           max_batch_size=spec["max_batch_size"], device="cpu",
@@ -36,6 +39,10 @@ def run_job(job: dict, spec: dict) -> dict:
     finally:
         if saved is not None:
             os.environ["LLAMA_DTYPE"] = saved
+        if saved_cache is None:
+            os.environ.pop("LLAMA_KV_CACHE", None)
+        else:
+            os.environ["LLAMA_KV_CACHE"] = saved_cache
     built_s = time.time() - start
     ctx = gen.ctx
     result = {
@@ -50,6 +57,7 @@ def run_job(job: dict, spec: dict) -> dict:
         "backend": ctx.backend,
         "device": str(gen.device),
         "dtype": str(gen.model.norm.weight.dtype),
+        "cache_dtype": str(gen.model.layers[0].attention.cache.k.dtype),
         "local_shapes": {name: list(p.shape) for name, p in gen.model.state_dict().items()
                          if name in ("output.weight", "tok_embeddings.weight",
                                      "layers.0.attention.wq.weight", "layers.0.attention.wo.weight")},
